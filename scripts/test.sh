@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Sets up (idempotently) and runs the whole test suite against a real ComfyUI:
+#   bash scripts/test.sh            # provisions ComfyUI 0.3.75 into .comfyui/ unless COMFYUI_PATH is set
+#   bash scripts/test.sh -k selectors   # extra arguments go to pytest
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+# The browser tests need Debian's chromium and chromedriver; install them when we can (CI runs as root).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[test] installing chromium + chromium-driver for the browser tests" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1 \
+      || echo "[test] could not install chromium; browser tests will fail" >&2
+  fi
+fi
+eval "$(bash scripts/setup.sh --dev)"
+export COMFYUI_PATH
+echo "[test] ComfyUI: $COMFYUI_PATH" >&2
+"$PYTHON" -m ruff check . >&2
+set +e
+"$PYTHON" -m pytest "$@"
+rc=$?
+set -e
+if [ "$rc" = 5 ]; then
+  echo "[test] pytest collected no tests: that is a failure here" >&2
+  exit 1
+fi
+exit "$rc"

@@ -1,0 +1,94 @@
+"""Test-only ComfyUI node pack: tiny real models, conditioning and latents without text encoders or VAEs.
+
+Loaded only by the tests' server fixture (and the demo, which says so); never shipped (see .comfyignore).
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import ComfyExtension, io
+
+from .tiny_models import FAMILIES, SPECS, build_model_patcher, make_conditioning, make_latent
+
+_FAMILY = io.Combo.Input("family", options=sorted(FAMILIES), tooltip="Tiny model family.")
+_SEED = io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed.")
+
+
+class TinyModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SCTest_TinyModel", category="SparseContextTest", description="A tiny real model (tests only).",
+            inputs=[_FAMILY, _SEED], outputs=[io.Model.Output()],
+        )
+
+    @classmethod
+    def execute(cls, family: str, seed: int) -> io.NodeOutput:
+        return io.NodeOutput(build_model_patcher(family, seed))
+
+
+class TinyConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SCTest_Conditioning", category="SparseContextTest", description="Seeded conditioning (tests only).",
+            inputs=[_FAMILY, _SEED, io.Int.Input("tokens", default=8, min=1, max=512, tooltip="Text tokens.")],
+            outputs=[io.Conditioning.Output()],
+        )
+
+    @classmethod
+    def execute(cls, family: str, seed: int, tokens: int) -> io.NodeOutput:
+        return io.NodeOutput(make_conditioning(family, seed, tokens))
+
+
+class TinyLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SCTest_Latent", category="SparseContextTest",
+            description="A seeded latent in the family's layout, as VAEEncode gives (tests only); empty=zeros.",
+            inputs=[
+                _FAMILY, _SEED,
+                io.Int.Input("width", default=64, min=16, max=1024, step=16, tooltip="Pixels."),
+                io.Int.Input("height", default=64, min=16, max=1024, step=16, tooltip="Pixels."),
+                io.Int.Input("batch_size", default=1, min=1, max=8, tooltip="Batch."),
+                io.Boolean.Input("empty", default=False, tooltip="Zeros, for sampling from noise."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, family: str, seed: int, width: int, height: int, batch_size: int, empty: bool) -> io.NodeOutput:
+        latent = make_latent(family, seed, width, height, batch_size)
+        return io.NodeOutput({"samples": torch.zeros_like(latent) if empty else latent})
+
+
+class LatentToImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SCTest_LatentToImage", category="SparseContextTest",
+            description="A fixed projection of a latent to an IMAGE, in place of a VAE (tests only).",
+            inputs=[io.Latent.Input("samples", tooltip="Latent.")], outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, samples: dict) -> io.NodeOutput:
+        x = samples["samples"]
+        if x.ndim == 5:
+            x = x[:, :, 0]
+        groups = torch.tensor_split(x.float(), 3, dim=1)
+        rgb = torch.stack([g.mean(dim=1) for g in groups], dim=-1)
+        return io.NodeOutput(torch.sigmoid(rgb))
+
+
+class TinyTestExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [TinyModel, TinyConditioning, TinyLatent, LatentToImage]
+
+
+async def comfy_entrypoint() -> TinyTestExtension:
+    return TinyTestExtension()
+
+
+__all__ = ["FAMILIES", "SPECS", "build_model_patcher", "make_conditioning", "make_latent", "comfy_entrypoint"]

@@ -1,0 +1,113 @@
+"""Tiny REAL ComfyUI models for CPU tests: ComfyUI's own classes at toy sizes, seeded weights.
+
+Each family is built the way ComfyUI builds a loaded checkpoint: ``supported_models.<Family>(config)``
+-> ``get_model`` -> ``ModelPatcher``; only the sizes are small and the weights are drawn from a seeded
+generator instead of being read from a file. Needs ComfyUI importable (``comfy`` on sys.path).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Families: the unet config of each, shaped like the real model (channels, patch size, rope axes,
+# reference method) but with a hidden size of 32-64 and one or two blocks.
+FAMILIES: dict[str, dict] = {
+    "flux1_kontext": dict(
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=16,
+        hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
+        axes_dim=[4, 6, 6], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+    ),
+    "flux2_klein": dict(
+        image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=16,
+        hidden_size=32, mlp_ratio=3.0, num_heads=2, depth=1, depth_single_blocks=1,
+        axes_dim=[4, 4, 4, 4], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=False,
+        global_modulation=True, mlp_silu_act=True, ops_bias=False, default_ref_method="index",
+        ref_index_scale=10,
+    ),
+    "qwen_image_edit": dict(
+        image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What a graph needs to feed a family: latent channels/downscale and conditioning sizes."""
+
+    latent_channels: int
+    downscale: int  # pixels per latent cell
+    context_dim: int
+    pooled_dim: int | None
+    video_latent: bool  # Qwen-Image uses 5-D (B, C, T, H, W) latents inside the model
+
+
+SPECS = {
+    "flux1_kontext": FamilySpec(16, 8, 16, 8, False),
+    "flux2_klein": FamilySpec(128, 16, 16, None, False),
+    "qwen_image_edit": FamilySpec(16, 8, 16, None, True),
+}
+
+
+def _model_config(family: str):
+    import comfy.supported_models as sm
+
+    cls = {"flux1_kontext": sm.Flux, "flux2_klein": sm.Flux2, "qwen_image_edit": sm.QwenImage}[family]
+    config = cls(dict(FAMILIES[family]))
+    config.set_inference_dtype(torch.float32, None)
+    return config
+
+
+@torch.no_grad()
+def init_weights(module: torch.nn.Module, seed: int, dtype: torch.dtype = torch.float32) -> None:
+    """Seeded weights with a scale that keeps activations O(1) through a few blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+        fan_in = p.shape[-1] if p.ndim > 1 else 1
+        if p.ndim == 1:
+            base = 1.0 if ("norm" in name or name.endswith("scale")) else 0.0
+            noise = 0.02 * torch.randn(p.shape, generator=gen)
+            p.copy_((base + noise).to(p.dtype))
+        else:
+            p.copy_((torch.randn(p.shape, generator=gen) / math.sqrt(fan_in)).to(p.dtype))
+
+
+def build_model_patcher(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ComfyUI ``ModelPatcher`` around a tiny real model of ``family``, on the CPU."""
+    import comfy.model_patcher
+
+    if family not in FAMILIES:
+        raise ValueError(f"unknown tiny model family {family!r}; choose from {sorted(FAMILIES)}")
+    config = _model_config(family)
+    model = config.get_model({}, "")
+    init_weights(model.diffusion_model, seed)
+    model.diffusion_model.to(dtype)
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+
+
+def make_conditioning(family: str, seed: int, tokens: int = 8, references: list[torch.Tensor] | None = None) -> list:
+    """ComfyUI CONDITIONING without a text encoder: seeded context (+ pooled vector for FLUX.1)."""
+    spec = SPECS[family]
+    gen = torch.Generator().manual_seed(seed)
+    context = torch.randn((1, tokens, spec.context_dim), generator=gen)
+    # FLUX.1 needs a pooled vector; FLUX.2's encode_adm reads the key but accepts None.
+    extra: dict = {"pooled_output": None}
+    if spec.pooled_dim is not None:
+        extra["pooled_output"] = torch.randn((1, spec.pooled_dim), generator=gen)
+    if references:
+        extra["reference_latents"] = list(references)
+    return [[context, extra]]
+
+
+def make_latent(family: str, seed: int, width: int, height: int, batch: int = 1) -> torch.Tensor:
+    """A seeded latent of the family's layout, as VAEEncode gives it: ``(B, C, H/d, W/d)``, or
+    ``(B, C, 1, H/d, W/d)`` for Qwen-Image, whose Wan VAE makes one-frame video latents."""
+    spec = SPECS[family]
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, spec.latent_channels, height // spec.downscale, width // spec.downscale)
+    latent = torch.randn(shape, generator=gen)
+    return latent.unsqueeze(2) if spec.video_latent else latent

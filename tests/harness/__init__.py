@@ -1,0 +1,1 @@
+"""Test harness: the real ComfyUI host, its server, and graph helpers. Loaded by conftest as ``sc_harness``."""
