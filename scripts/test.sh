@@ -16,9 +16,10 @@ fi
 eval "$(bash scripts/setup.sh --dev)"
 export COMFYUI_PATH
 echo "[test] ComfyUI: $COMFYUI_PATH" >&2
-"$PYTHON" -m ruff check . >&2
+# console scripts, not `python -m`: that would put the pack root (and its selectors/) on sys.path
+"$(dirname "$PYTHON")/ruff" check . >&2
 set +e
-"$PYTHON" -m pytest "$@"
+"$(dirname "$PYTHON")/pytest" "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then

@@ -1,0 +1,19 @@
+"""Sparse reference tokens inside the model: the patch (ComfyUI glue, imported lazily inside
+functions, so this package loads without ComfyUI) and its pure token math."""
+
+from .config import DEFAULT_RULES, SparseContextConfig
+from .patch import PATCH_KEY, RUN_KEY, SparseContextPatch, apply_sparse_context, model_family
+from .selection import BINDING_KEY, ReferenceSelection, SelectionBinding
+
+__all__ = [
+    "BINDING_KEY",
+    "DEFAULT_RULES",
+    "PATCH_KEY",
+    "RUN_KEY",
+    "ReferenceSelection",
+    "SelectionBinding",
+    "SparseContextConfig",
+    "SparseContextPatch",
+    "apply_sparse_context",
+    "model_family",
+]

@@ -1,0 +1,133 @@
+"""Pure token arithmetic for the model patch (no ComfyUI import).
+
+Shapes: a reference latent is (B, C, H, W) or (B, C, T, H, W); the model patchifies it into a token
+grid (h, w) = (ceil(H / p), ceil(W / p)) for patch size p (ComfyUI pads to the patch size), row-major.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..selectors import Budget, grid_scores, pick_tokens, random_scores, resize_scores, share_budget
+from .config import SparseContextConfig
+from .selection import ReferenceSelection
+
+
+def latent_token_grid(latent_shape: tuple[int, ...], patch_size: int) -> tuple[int, int]:
+    """Token grid (h, w) of a latent of shape (..., H, W) for ComfyUI's padded patchify."""
+    h, w = latent_shape[-2], latent_shape[-1]
+    return (h + patch_size - 1) // patch_size, (w + patch_size - 1) // patch_size
+
+
+def bucket_round(k: int, bucket: int, n: int) -> int:
+    """Round a kept count UP to a multiple of ``bucket``, never past ``n``; 0 stays 0."""
+    if k <= 0:
+        return 0
+    return min(n, -(-k // bucket) * bucket)
+
+
+def latent_detail_scores(latent: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Structure in a latent, per token: mean gradient magnitude over channels.
+
+    Args:
+        latent: (C, H, W) or (C, T, H, W) (the first frame is used).
+        grid: token grid (h, w).
+    Returns:
+        (h, w) float32 scores >= 0.
+    """
+    x = latent.detach().float()
+    if x.ndim == 4:
+        x = x[:, 0]
+    dy = torch.zeros_like(x)
+    dx = torch.zeros_like(x)
+    dy[:, 1:] = (x[:, 1:] - x[:, :-1]).abs()
+    dx[:, :, 1:] = (x[:, :, 1:] - x[:, :, :-1]).abs()
+    return resize_scores((dx + dy).mean(dim=0).cpu(), grid).clamp_min(0)
+
+
+def default_scores(rule: str, latent: torch.Tensor, grid: tuple[int, int], seed: int) -> torch.Tensor:
+    """Scores (h, w) of a patch-level default rule for a reference latent (C, [T,] H, W)."""
+    if rule == "grid":
+        return grid_scores(grid)[0]
+    if rule == "random":
+        return random_scores(1, grid, seed)[0]
+    if rule == "detail":
+        return latent_detail_scores(latent, grid)
+    raise ValueError(f"rule: unknown default rule {rule!r}")
+
+
+@dataclass(frozen=True)
+class ReferencePlan:
+    """Which tokens of one reference the model sees."""
+
+    grid: tuple[int, int]
+    indices: torch.Tensor  # (k,) int64, sorted, unique, row-major into h*w
+    rule: str
+
+    @property
+    def total(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def kept(self) -> int:
+        return int(self.indices.numel())
+
+
+def plan_references(
+    latents: list[torch.Tensor],
+    grids: list[tuple[int, int]],
+    selections: list[ReferenceSelection | None],
+    config: SparseContextConfig,
+) -> list[ReferencePlan]:
+    """Kept token indices for every reference of one forward.
+
+    Args:
+        latents: per reference, (C, [T,] H, W) (one batch row; indices are shared by the batch).
+        grids: per reference, its token grid (h, w).
+        selections: per reference, its bound selection or None (then ``config.rule``).
+        config: budget, shared total, bucket and seed.
+    """
+    scores, budgets, weights, rules = [], [], [], []
+    for i, (latent, grid, sel) in enumerate(zip(latents, grids, selections, strict=True)):
+        if sel is not None:
+            scores.append(resize_scores(sel.scores, grid).clamp_min(0))
+            budgets.append(sel.budget or config.budget)
+            weights.append(sel.weight)
+            rules.append(sel.rule)
+        else:
+            scores.append(default_scores(config.rule, latent, grid, config.seed + 7919 * i))
+            budgets.append(config.budget)
+            weights.append(1.0)
+            rules.append(config.rule)
+    sizes = [g[0] * g[1] for g in grids]
+    if config.total_tokens is not None:
+        counts = share_budget(scores, config.total_tokens, weights)
+    else:
+        counts = [b.token_count(s, n) for b, s, n in zip(budgets, scores, sizes, strict=True)]
+    plans = []
+    for i, (s, k, n, b) in enumerate(zip(scores, counts, sizes, budgets, strict=True)):
+        k = bucket_round(int(k), config.bucket, n)
+        idx = pick_tokens(s, k, coverage=b.coverage, seed=config.seed + 104729 * i)
+        plans.append(ReferencePlan(grids[i], idx, rules[i]))
+    return plans
+
+
+def attention_work_ratio(text_tokens: int, target_tokens: int, dense_refs: list[int], kept_refs: list[int]) -> float:
+    """Sparse / dense joint-attention work, which grows with the squared sequence length."""
+    dense = text_tokens + target_tokens + sum(dense_refs)
+    sparse = text_tokens + target_tokens + sum(kept_refs)
+    return (sparse / dense) ** 2 if dense else 1.0
+
+
+__all__ = [
+    "Budget",
+    "ReferencePlan",
+    "attention_work_ratio",
+    "bucket_round",
+    "default_scores",
+    "latent_detail_scores",
+    "latent_token_grid",
+    "plan_references",
+]

@@ -1,0 +1,41 @@
+"""An exactness oracle and probes for the model patch, through ComfyUI's own attention override."""
+
+from __future__ import annotations
+
+import torch
+
+
+class AttentionProbe:
+    """``transformer_options["optimized_attention_override"]``: records every joint sequence length and,
+    with ``key_keep`` (a (L,) bool over the joint [text, target, references] order), hides the other
+    keys with an additive -inf mask: the dense forward with dropped tokens masked out as keys."""
+
+    def __init__(self, key_keep: torch.Tensor | None = None):
+        self.key_keep = key_keep
+        self.lengths: list[int] = []
+
+    def __call__(self, func, *args, **kwargs):
+        q, k, v, heads = args[:4]
+        self.lengths.append(int(k.shape[2] if kwargs.get("skip_reshape") else k.shape[1]))
+        if self.key_keep is None:
+            return func(*args, **kwargs)
+        mask = args[4] if len(args) > 4 else kwargs.pop("mask", None)
+        add = torch.zeros(self.key_keep.shape[0], dtype=q.dtype, device=q.device)
+        add[~self.key_keep.to(q.device)] = float("-inf")
+        add = add.view(1, 1, 1, -1)
+        if mask is not None:
+            add = add + mask
+        return func(q, k, v, heads, mask=add, **kwargs)
+
+
+class IdsProbe(torch.nn.Module):
+    """Object patch for ``diffusion_model.pe_embedder`` (a module slot): records the ids it embeds."""
+
+    def __init__(self, original: torch.nn.Module):
+        super().__init__()
+        self.inner = original
+        self.ids: list[torch.Tensor] = []
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.append(ids.detach().clone())
+        return self.inner(ids)
