@@ -1,0 +1,159 @@
+"""Time each reference-token selector (score map + pick at ratio 0.25) on a 1024x1024 photograph.
+
+Usage: python -P benchmarks/bench_selectors.py [--device cpu|cuda] [--runs 15] [--size 1024] [--json PATH]
+
+The pack is imported as the package ``sparse_context`` straight from its folder; the repo root is
+never put on sys.path (its ``selectors/`` would shadow the stdlib module; ``python -P`` keeps the
+script's own folder off it as well).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import time
+
+
+def _load_pack():
+    if "sparse_context" in sys.modules:
+        return sys.modules["sparse_context"]
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "sparse_context", root / "__init__.py", submodule_search_locations=[str(root)]
+    )
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["sparse_context"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--size", type=int, default=1024)
+    ap.add_argument("--json", type=pathlib.Path, default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+    from skimage import data
+
+    _load_pack()
+    from sparse_context.selectors import (
+        DEFAULT_COVERAGE,
+        Budget,
+        combine_scores,
+        edge_scores,
+        grid_scores,
+        mask_scores,
+        random_scores,
+        saliency_scores,
+        select,
+        token_grid_shape,
+    )
+
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        print("cuda requested but not available", file=sys.stderr)
+        return 2
+    n = args.size
+    img = torch.from_numpy(data.astronaut()).float().div(255).permute(2, 0, 1)[None]
+    img = F.interpolate(img, size=(n, n), mode="bicubic", align_corners=False).clamp(0, 1)
+    img = img.permute(0, 2, 3, 1).contiguous().to(dev)
+    mask = torch.zeros(1, n, n, device=dev)
+    mask[:, n // 8 : n // 2, n // 4 : 3 * n // 4] = 1.0  # roughly the face and helmet
+    grid = token_grid_shape(n, n)
+
+    def ratio(coverage: float = 0.0) -> Budget:
+        return Budget(mode="ratio", ratio=0.25, coverage=coverage)
+
+    cases = {
+        "random": (lambda: random_scores(1, grid, 0, device=dev), ratio()),
+        "grid": (lambda: grid_scores(grid, device=dev), ratio()),
+        "edge": (lambda: edge_scores(img), ratio(DEFAULT_COVERAGE["edge"])),
+        "edge full-res canny": (lambda: edge_scores(img, px_per_token=None), ratio(DEFAULT_COVERAGE["edge"])),
+        "saliency": (lambda: saliency_scores(img), ratio(DEFAULT_COVERAGE["saliency"])),
+        "mask (dilate 1, feather 2)": (
+            lambda: mask_scores(mask, image=img, dilate_tokens=1, feather_tokens=2),
+            ratio(DEFAULT_COVERAGE["mask"]),
+        ),
+        "edge+saliency mix": (
+            lambda: combine_scores([edge_scores(img), saliency_scores(img)]),
+            ratio(DEFAULT_COVERAGE["edge"]),
+        ),
+        "edge, adaptive budget": (lambda: edge_scores(img), Budget(mode="adaptive", coverage=0.25)),
+    }
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    rows = []
+    for name, (score, budget) in cases.items():
+
+        def run(score=score, budget=budget):
+            s = score()
+            picks = select(s, budget)
+            sync()
+            return s, picks
+
+        run()  # warm-up (kernels, caches)
+        score_ms, total_ms = [], []
+        for _ in range(args.runs):
+            sync()
+            t0 = time.perf_counter()
+            s = score()
+            sync()
+            t1 = time.perf_counter()
+            picks = select(s, budget)
+            sync()
+            t2 = time.perf_counter()
+            score_ms.append((t1 - t0) * 1e3)
+            total_ms.append((t2 - t0) * 1e3)
+        rows.append(
+            {
+                "selector": name,
+                "score_ms": statistics.median(score_ms),
+                "pick_ms": statistics.median(total_ms) - statistics.median(score_ms),
+                "total_ms": statistics.median(total_ms),
+                "kept": int(picks[0].numel()),
+                "tokens": grid[0] * grid[1],
+            }
+        )
+
+    dev_name = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
+    )
+    print(f"selectors at {n}x{n} ({grid[0]}x{grid[1]} tokens), device {dev_name}, median of {args.runs} runs")
+    print(f"{'selector':<28} {'score ms':>9} {'pick ms':>8} {'total ms':>9} {'kept':>11}")
+    for r in rows:
+        kept = f"{r['kept']:5d}/{r['tokens']}"
+        print(f"{r['selector']:<28} {r['score_ms']:9.2f} {r['pick_ms']:8.2f} {r['total_ms']:9.2f} {kept:>11}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(
+            json.dumps(
+                {
+                    "size": n,
+                    "grid": list(grid),
+                    "device": dev_name,
+                    "runs": args.runs,
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Reference-token selectors: which tokens of a reference image to keep (pure torch, no ComfyUI).
+
+Shapes and conventions:
+
+* images: ComfyUI IMAGE, float (B, H, W, C) in [0, 1]; masks: ComfyUI MASK, (B, H, W) or (H, W) in [0, 1].
+* token grid of an H x W picture at ``stride`` px per token: :func:`token_grid_shape`
+  (``((H // (stride // 2)) + 1) // 2``, 64 x 64 for 1024 x 1024 at stride 16).
+* score maps: float (B, h_tok, w_tok) >= 0, higher = keep first; :func:`resize_scores` maps one
+  onto any other grid (area mean when shrinking, bilinear when growing).
+* selections: LongTensor (k,) of sorted unique flat row-major indices into h_tok * w_tok.
+
+Selectors (each returns scores): :func:`random_scores`, :func:`grid_scores`, :func:`edge_scores`,
+:func:`saliency_scores`, :func:`mask_scores`; :func:`combine_scores` mixes them. Budgets:
+:class:`Budget` (ratio / count / adaptive, with a stratified coverage floor), :func:`pick_tokens`,
+:func:`select`, :func:`share_budget`. Invalid input raises ``ValueError`` naming the argument.
+"""
+
+from .budget import Budget, pick_tokens, select, share_budget
+from .combine import combine_scores, normalize_scores
+from .coverage import grid_ranking, grid_scores, random_scores
+from .edges import edge_scores
+from .masks import mask_scores
+from .saliency import saliency_scores
+from .tokens import resize_scores, token_grid_shape
+
+# Recommended Budget.coverage per selector. Edge: a prototype's pure top-k Canny pick lost to random
+# on a recolouring edit (it needs shape interiors), so a quarter of its budget goes to even coverage.
+DEFAULT_COVERAGE: dict[str, float] = {
+    "random": 0.0,
+    "grid": 0.0,
+    "edge": 0.25,
+    "saliency": 0.1,
+    "mask": 0.1,
+}
+
+__all__ = [
+    "DEFAULT_COVERAGE",
+    "Budget",
+    "combine_scores",
+    "edge_scores",
+    "grid_ranking",
+    "grid_scores",
+    "mask_scores",
+    "normalize_scores",
+    "pick_tokens",
+    "random_scores",
+    "resize_scores",
+    "saliency_scores",
+    "select",
+    "share_budget",
+    "token_grid_shape",
+]
