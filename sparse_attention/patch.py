@@ -49,6 +49,10 @@ class SparseRun:
     def __init__(self, config: SparseContextConfig, sigma_window: tuple[float, float] | None = None):
         self.config = config
         self.sigma_window = sigma_window  # (start_sigma, end_sigma), sparse while end <= sigma <= start
+        # The one binding found in the run's conditionings, used by forwards that carry none (e.g. the
+        # negative prompt of a graph that bound selections on the positive only), so cond and uncond
+        # keep the same tokens of the same reference.
+        self.shared_binding: SelectionBinding | None = None
         self._plans: dict[tuple, list[ReferencePlan]] = {}
         self.device_indices: dict[tuple, torch.Tensor] = {}
         self.report: dict[str, Any] | None = None
@@ -187,10 +191,13 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     refs = list(refs)
     binding = named.get(BINDING_KEY)
+    if not isinstance(binding, SelectionBinding):
+        shared = run.shared_binding
+        binding = shared if shared is not None and len(shared.selections) <= len(refs) else None
     x = named.get("x")
     patch_size = int(getattr(executor.class_obj, "patch_size", 1))
     context = named.get("context")
-    plans = run.plans(refs, patch_size, binding if isinstance(binding, SelectionBinding) else None,
+    plans = run.plans(refs, patch_size, binding,
                       int(context.shape[1]) if context is not None else 0,
                       _count(latent_token_grid(tuple(x.shape), patch_size)) if x is not None else 0)
     device = refs[0].device
@@ -226,12 +233,24 @@ def sparse_outer_sample_wrapper(executor, *args, **kwargs):
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
         sampling = guider.model_patcher.get_model_object("model_sampling")
         run = patch.new_run(sampling)
+        run.shared_binding = _single_binding(getattr(guider, "original_conds", None))
         guider.model_options["transformer_options"][RUN_KEY] = run
         out = executor(*args, **kwargs)
         patch.last_report = run.report
         return out
     finally:
         guider.model_options = original_options
+
+
+def _single_binding(conds: dict | None) -> SelectionBinding | None:
+    """The binding of a sampling run's conditionings if there is exactly one distinct binding."""
+    found = set()
+    for entries in (conds or {}).values():
+        for entry in entries:
+            cond = entry.get("model_conds", {}).get(BINDING_KEY) if isinstance(entry, dict) else None
+            if isinstance(getattr(cond, "cond", None), SelectionBinding):
+                found.add(cond.cond)
+    return found.pop() if len(found) == 1 else None
 
 
 class SparseContextPatch:

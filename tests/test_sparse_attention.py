@@ -10,6 +10,7 @@ from sc_harness.oracle import AttentionProbe
 from sc_harness.sampling import sample, with_references
 from sparse_context.selectors import Budget
 from sparse_context.sparse_attention import (
+    BINDING_KEY,
     PATCH_KEY,
     ReferenceSelection,
     SelectionBinding,
@@ -272,3 +273,20 @@ def test_unsupported_reference_model_runs_dense_and_says_so(caplog):
         patched = apply_sparse_context(model, _config(0.5))
     assert "not a supported model" in caplog.text and "run dense" in caplog.text
     assert not patched.object_patches and PATCH_KEY not in patched.model_options["transformer_options"]
+
+
+def test_a_binding_on_the_positive_only_also_selects_the_negatives_tokens():
+    import comfy.conds
+
+    family = "flux1_kontext"
+    base = sc_testpack.build_model_patcher(family, seed=4)
+    sparse = apply_sparse_context(base, _config(0.5, rule="grid"))
+    ref = sc_testpack.make_latent(family, 8, 64, 64)
+    binding = SelectionBinding().with_selection(0, ReferenceSelection(torch.rand(4, 4), Budget(mode="count", count=4)))
+    positive = with_references(sc_testpack.make_conditioning(family, 1), [ref])
+    positive = [[positive[0][0], dict(positive[0][1], model_conds={BINDING_KEY: comfy.conds.CONDConstant(binding)})]]
+    negative = with_references(sc_testpack.make_conditioning(family, 2), [ref])
+    probe = AttentionProbe()
+    sparse.model_options["transformer_options"]["optimized_attention_override"] = probe
+    sample(sparse, positive, negative, torch.zeros((1, 16, 8, 8)), steps=2, cfg=3.0, seed=1)
+    assert set(probe.lengths) == {8 + 16 + 4}, sorted(set(probe.lengths))
