@@ -2,7 +2,23 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-NODES: list[type[io.ComfyNode]] = []
+from .apply_node import SparseContextApply
+from .budget_node import SparseContextBudget
+from .lora_loader import SparseContextLoraLoader
+from .preview_node import SparseContextPreview
+from .reference_nodes import REFERENCE_NODES
+from .selector_nodes import SELECTOR_NODES
+from .train import TRAINING_NODES
+
+NODES: list[type[io.ComfyNode]] = [
+    SparseContextApply,
+    *REFERENCE_NODES,
+    *SELECTOR_NODES,
+    SparseContextBudget,
+    SparseContextPreview,
+    SparseContextLoraLoader,
+    *TRAINING_NODES,
+]
 
 
 class SparseContextExtension(ComfyExtension):

@@ -6,11 +6,11 @@ grid (h, w) = (ceil(H / p), ceil(W / p)) for patch size p (ComfyUI pads to the p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from ..selectors import Budget, grid_scores, pick_tokens, random_scores, resize_scores, share_budget
+from ..selectors import DEFAULT_COVERAGE, Budget, grid_scores, pick_tokens, random_scores, resize_scores, share_budget
 from .config import SparseContextConfig
 from .selection import ReferenceSelection
 
@@ -93,7 +93,10 @@ def plan_references(
     for i, (latent, grid, sel) in enumerate(zip(latents, grids, selections, strict=True)):
         if sel is not None:
             scores.append(resize_scores(sel.scores, grid).clamp_min(0))
-            budgets.append(sel.budget or config.budget)
+            # Without a budget of its own, a selection still gets its rule's coverage floor (an edge map
+            # alone loses shape interiors; see selectors.DEFAULT_COVERAGE).
+            floor = max(config.budget.coverage, DEFAULT_COVERAGE.get(sel.rule, 0.0))
+            budgets.append(sel.budget or replace(config.budget, coverage=floor))
             weights.append(sel.weight)
             rules.append(sel.rule)
         else:

@@ -290,3 +290,19 @@ def test_a_binding_on_the_positive_only_also_selects_the_negatives_tokens():
     sparse.model_options["transformer_options"]["optimized_attention_override"] = probe
     sample(sparse, positive, negative, torch.zeros((1, 16, 8, 8)), steps=2, cfg=3.0, seed=1)
     assert set(probe.lengths) == {8 + 16 + 4}, sorted(set(probe.lengths))
+
+
+def test_a_selection_without_a_budget_keeps_its_rules_coverage_floor():
+    from sparse_context.selectors import DEFAULT_COVERAGE
+    from sparse_context.sparse_attention.token_math import plan_references
+
+    scores = torch.full((8, 8), 0.01)
+    scores[:2] = 1.0  # the edge mass in the top two rows: exactly the 16 tokens a 0.25 budget keeps
+    config = _config(0.25)
+    latent = torch.zeros(16, 16, 16)
+    (edge,) = plan_references([latent], [(8, 8)], [ReferenceSelection(scores, rule="edge")], config)
+    (custom,) = plan_references([latent], [(8, 8)], [ReferenceSelection(scores, rule="custom")], config)
+    assert DEFAULT_COVERAGE["edge"] > 0
+    assert edge.kept == custom.kept == 16
+    assert (custom.indices >= 16).sum() == 0  # no floor: top-k only
+    assert (edge.indices >= 16).sum() >= 2, "the edge rule's coverage floor must reach beyond the edges"

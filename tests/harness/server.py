@@ -166,4 +166,6 @@ class ComfyServer:
         raise AssertionError("the graph was expected to fail but succeeded")
 
     def output_path(self, image: dict) -> Path:
-        return self.tmp / ("output" if image.get("type") == "output" else "temp") / image.get("subfolder", "") / image["filename"]
+        """Where an image of a history entry lies (``--temp-directory`` gets a ``temp`` folder of its own)."""
+        base = self.tmp / "output" if image.get("type") == "output" else self.tmp / "temp" / "temp"
+        return base / image.get("subfolder", "") / image["filename"]

@@ -1,0 +1,245 @@
+"""Selector nodes: each scores a reference image's tokens and outputs a SPARSE_SELECTION.
+
+The score math lives in ``selectors/``; these adapters pick batch item 0, attach the budget and
+weight, and word errors for the user. Scores are computed at 16 px per token; the model patch maps
+them onto the reference's real token grid at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..selectors import (
+    combine_scores,
+    edge_scores,
+    grid_scores,
+    mask_scores,
+    random_scores,
+    saliency_scores,
+    token_grid_shape,
+)
+from ..sparse_attention import ReferenceSelection
+from .common import (
+    ITEM_NOTE,
+    STRIDE,
+    SparseNode,
+    SparseSelection,
+    budget_for,
+    budget_input,
+    fail,
+    first_item,
+    user_errors,
+    weight_input,
+)
+
+CATEGORY = "SparseContext/selectors"
+
+
+def _selection(scores: torch.Tensor, budget, rule: str, weight: float) -> io.NodeOutput:
+    return io.NodeOutput(ReferenceSelection(scores=scores, budget=budget_for(budget, rule), rule=rule, weight=weight))
+
+
+def _image_input(what: str) -> io.Input:
+    return io.Image.Input("image", tooltip=f"The reference image {what}. {ITEM_NOTE}")
+
+
+class SparseContextEdgeSelector(SparseNode):
+    NAME = "Sparse Edge Selector"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SparseContextEdgeSelector", display_name=cls.NAME, category=CATEGORY,
+            description="Keeps the reference tokens with the most Canny edges (outlines, text, texture) first, plus "
+                        "an even coverage floor so shape interiors survive. The paper's rule for editing. " + ITEM_NOTE,
+            inputs=[
+                _image_input("to score"),
+                io.Float.Input("low_threshold", default=0.1, min=0.01, max=4.0, step=0.01,
+                               tooltip="Canny low threshold (Sobel magnitude of the grey image in 0..1; about 4x the "
+                                       "contrast of a step). Lower = more faint edges."),
+                io.Float.Input("high_threshold", default=0.2, min=0.01, max=4.0, step=0.01,
+                               tooltip="Canny high threshold (>= low_threshold). Edges start at pixels above it."),
+                io.Int.Input("spread", default=1, min=0, max=8,
+                             tooltip="Tokens within this many tokens of an edge also score (half as much), so the "
+                                     "sides of an outline are kept too. 0 = edges only."),
+                budget_input(), weight_input(),
+            ],
+            outputs=[SparseSelection.Output(display_name="selection")],
+        )
+
+    @classmethod
+    def execute(cls, image, low_threshold: float, high_threshold: float, spread: int, budget=None,
+                weight: float = 1.0) -> io.NodeOutput:
+        with user_errors(cls.NAME):
+            scores = edge_scores(first_item(image, cls.NAME), STRIDE, low_threshold, high_threshold, spread=spread)
+            return _selection(scores[0], budget, "edge", weight)
+
+
+class SparseContextSaliencySelector(SparseNode):
+    NAME = "Sparse Saliency Selector"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SparseContextSaliencySelector", display_name=cls.NAME, category=CATEGORY,
+            description="Keeps the tokens that stand out (spectral-residual saliency: the subject, not the plain "
+                        "background) first. For subject-driven generation from several references. " + ITEM_NOTE,
+            inputs=[
+                _image_input("to score"),
+                io.Float.Input("blur_tokens", default=1.0, min=0.0, max=8.0, step=0.1,
+                               tooltip="Smoothing of the saliency map, in tokens. More = rounder, bigger regions."),
+                budget_input(), weight_input(),
+            ],
+            outputs=[SparseSelection.Output(display_name="selection")],
+        )
+
+    @classmethod
+    def execute(cls, image, blur_tokens: float, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        with user_errors(cls.NAME):
+            scores = saliency_scores(first_item(image, cls.NAME), STRIDE, blur_tokens=blur_tokens)
+            return _selection(scores[0], budget, "saliency", weight)
+
+
+class SparseContextMaskSelector(SparseNode):
+    NAME = "Sparse Mask Selector"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SparseContextMaskSelector", display_name=cls.NAME, category=CATEGORY,
+            description="Keeps the tokens a MASK covers first (e.g. the edit region painted in Load Image's mask "
+                        "editor), for spatially aligned edits. Scores come from batch item 0 of the mask.",
+            inputs=[
+                io.Mask.Input("mask", tooltip="The mask, at the reference image's size or aspect ratio (Load Image: "
+                                              "painted = 1). Batch item 0 is used."),
+                io.Float.Input("inside", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Score of fully masked tokens."),
+                io.Float.Input("outside", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Score of unmasked tokens. Swap inside/outside to keep the surroundings of "
+                                       "the mask instead."),
+                io.Int.Input("dilate_tokens", default=1, min=0, max=32,
+                             tooltip="Grow the mask by this many tokens (16 px each) before scoring."),
+                io.Int.Input("feather_tokens", default=2, min=0, max=32,
+                             tooltip="Linear falloff over this many tokens outside the (grown) mask."),
+                budget_input(), weight_input(),
+            ],
+            outputs=[SparseSelection.Output(display_name="selection")],
+        )
+
+    @classmethod
+    def execute(cls, mask, inside: float, outside: float, dilate_tokens: int, feather_tokens: int, budget=None,
+                weight: float = 1.0) -> io.NodeOutput:
+        with user_errors(cls.NAME):
+            m = first_item(mask, cls.NAME, "mask")
+            if isinstance(m, torch.Tensor) and not bool((m > 0).any()):
+                raise fail(cls.NAME, "mask: is empty (all zeros). Paint a mask on the reference (Load Image: right "
+                                     "click > Open in MaskEditor) or use another selector.")
+            scores = mask_scores(m, stride=STRIDE, inside=inside, outside=outside, dilate_tokens=dilate_tokens,
+                                 feather_tokens=feather_tokens)
+            return _selection(scores[0], budget, "mask", weight)
+
+
+def _grid_of(image, node: str) -> tuple[int, int]:
+    x = first_item(image, node)
+    if x.ndim != 4:
+        raise fail(node, f"image: expected an IMAGE (B, H, W, C), got shape {tuple(x.shape)}")
+    return token_grid_shape(int(x.shape[1]), int(x.shape[2]), STRIDE)
+
+
+class SparseContextRandomSelector(SparseNode):
+    NAME = "Sparse Random Selector"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SparseContextRandomSelector", display_name=cls.NAME, category=CATEGORY,
+            description="A seeded uniform random subset of the tokens (the training-time rule; a baseline to "
+                        "compare the other selectors with). The image only sets the token grid.",
+            inputs=[
+                _image_input("(only its size is used)"),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                             tooltip="Seed of the subset; the same seed gives the same tokens on every device."),
+                budget_input(), weight_input(),
+            ],
+            outputs=[SparseSelection.Output(display_name="selection")],
+        )
+
+    @classmethod
+    def execute(cls, image, seed: int, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        with user_errors(cls.NAME):
+            return _selection(random_scores(1, _grid_of(image, cls.NAME), seed)[0], budget, "random", weight)
+
+
+class SparseContextGridSelector(SparseNode):
+    NAME = "Sparse Grid Selector"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SparseContextGridSelector", display_name=cls.NAME, category=CATEGORY,
+            description="An even, stratified subset of the tokens (every region keeps some): content-blind, keeps "
+                        "the layout. The image only sets the token grid.",
+            inputs=[_image_input("(only its size is used)"), budget_input(), weight_input()],
+            outputs=[SparseSelection.Output(display_name="selection")],
+        )
+
+    @classmethod
+    def execute(cls, image, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        with user_errors(cls.NAME):
+            return _selection(grid_scores(_grid_of(image, cls.NAME))[0], budget, "grid", weight)
+
+
+class SparseContextCombineSelections(SparseNode):
+    NAME = "Combine Sparse Selections"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        def sel(name: str, optional: bool) -> io.Input:
+            return SparseSelection.Input(name, optional=optional, tooltip=f"Selection {name[-1]} to combine.")
+
+        def w(name: str) -> io.Input:
+            return io.Float.Input(name, default=1.0, min=0.0, max=10.0, step=0.05,
+                                  tooltip=f"Weight of selection {name[-1]} (each map is first scaled to max 1).")
+
+        return io.Schema(
+            node_id="SparseContextCombineSelections", display_name=cls.NAME, category=CATEGORY,
+            description="Combines selections of the same reference into one: mix = weighted mean of their score "
+                        "maps, max = the strongest weighted score per token (e.g. the whole mask region plus edges "
+                        "elsewhere). Budget: the budget input, else selection_a's.",
+            inputs=[
+                sel("selection_a", False), sel("selection_b", False), sel("selection_c", True),
+                sel("selection_d", True),
+                w("weight_a"), w("weight_b"), w("weight_c"), w("weight_d"),
+                io.Combo.Input("mode", options=["mix", "max"], default="max",
+                               tooltip="mix: weighted mean; max: per-token maximum of the weighted maps."),
+                budget_input(), weight_input(),
+            ],
+            outputs=[SparseSelection.Output(display_name="selection")],
+        )
+
+    @classmethod
+    def execute(cls, selection_a, selection_b, weight_a: float, weight_b: float, weight_c: float, weight_d: float,
+                mode: str, selection_c=None, selection_d=None, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        picked = [(n, s, w) for n, s, w in (("selection_a", selection_a, weight_a), ("selection_b", selection_b, weight_b),
+                                              ("selection_c", selection_c, weight_c), ("selection_d", selection_d, weight_d))
+                  if s is not None]
+        for name, s, _ in picked:
+            if not isinstance(s, ReferenceSelection):
+                raise fail(cls.NAME, f"{name}: expected a SPARSE_SELECTION, got {type(s).__name__}")
+        with user_errors(cls.NAME):
+            scores = combine_scores([s.scores for _, s, _ in picked], [w for _, _, w in picked], mode)
+            rule = "+".join(dict.fromkeys(s.rule for _, s, _ in picked))
+            chosen = budget if budget is not None else selection_a.budget
+            return io.NodeOutput(ReferenceSelection(scores=scores[0], budget=budget_for(chosen, rule.split("+")[0]),
+                                                    rule=rule, weight=weight))
+
+
+SELECTOR_NODES: list[type[io.ComfyNode]] = [
+    SparseContextEdgeSelector,
+    SparseContextSaliencySelector,
+    SparseContextMaskSelector,
+    SparseContextRandomSelector,
+    SparseContextGridSelector,
+    SparseContextCombineSelections,
+]

@@ -1,0 +1,178 @@
+"""UI-format (v0.4) workflows <-> API-format prompts, driven by a real server's ``/object_info``.
+
+* :class:`UIWorkflow` builds a tidy UI workflow (what the frontend loads and saves) node by node.
+* :func:`ui_to_api` converts a UI workflow to the API prompt ComfyUI queues, the way the frontend does:
+  widget values are matched to input names in ``input_order`` (plus the frontend-only
+  ``control_after_generate`` and image ``upload`` widgets), bypassed nodes pass their input through,
+  muted nodes and notes are dropped.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+FRONTEND_ONLY = {"Note", "MarkdownNote"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+MODE_NORMAL, MODE_MUTED, MODE_BYPASS = 0, 2, 4
+
+
+def _inputs(info: dict) -> list[tuple[str, Any, dict, bool]]:
+    """(name, type, options, optional) in the node's declared order."""
+    out = []
+    order = info.get("input_order") or {k: list(v) for k, v in info["input"].items() if k != "hidden"}
+    for section in ("required", "optional"):
+        spec = info["input"].get(section, {})
+        for name in order.get(section, []):
+            kind, *rest = spec[name]
+            out.append((name, kind, rest[0] if rest else {}, section == "optional"))
+    return out
+
+
+def is_widget(kind: Any, options: dict) -> bool:
+    if options.get("forceInput"):
+        return False
+    return isinstance(kind, list) or kind in WIDGET_TYPES
+
+
+def combo_options(kind: Any, options: dict) -> list | None:
+    if isinstance(kind, list):
+        return kind
+    if kind == "COMBO":
+        return list(options.get("options", []))
+    return None
+
+
+def widget_slots(info: dict) -> list[str | None]:
+    """Names of the values in ``widgets_values``, in order; None = a frontend-only widget value."""
+    slots: list[str | None] = []
+    for name, kind, options, _ in _inputs(info):
+        if not is_widget(kind, options):
+            continue
+        slots.append(name)
+        if kind in ("INT", "FLOAT") and options.get("control_after_generate"):
+            slots.append(None)  # "fixed" / "randomize" ...
+        if options.get("image_upload") or options.get("video_upload") or options.get("audio_upload"):
+            slots.append(None)  # the upload button's value
+    return slots
+
+
+def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:
+    return [(n, k if isinstance(k, str) else "COMBO", o) for n, k, opts, o in _inputs(info) if not is_widget(k, opts)]
+
+
+class UIWorkflow:
+    """A UI-format workflow built from node types known to ``object_info``, laid out in columns."""
+
+    COLUMN_WIDTH = 380
+    GAP = 40
+
+    def __init__(self, object_info: dict, origin: tuple[int, int] = (0, 0)):
+        self.info = object_info
+        self.nodes: list[dict] = []
+        self.links: list[list] = []
+        self.origin = origin
+        self.column_bottom: dict[int, float] = {}
+
+    def _size(self, node_type: str, widgets: list, height: float | None) -> list[float]:
+        if height is not None:
+            return [340, height]
+        info = self.info[node_type]
+        sockets = max(len(socket_inputs(info)), len(info["output"]))
+        tall = sum(120 for name, kind, opts, _ in _inputs(info) if kind == "STRING" and opts.get("multiline"))
+        return [340, 30 + 24 * sockets + 26 * len(widgets) + tall]
+
+    def add(self, node_type: str, column: int, widgets: list | None = None, *, title: str | None = None,
+            height: float | None = None, properties: dict | None = None, color: str | None = None,
+            mode: int = MODE_NORMAL) -> int:
+        """Add a node at the bottom of ``column``; returns its id. ``widgets`` = ``widgets_values``."""
+        widgets = list(widgets or [])
+        node_id = len(self.nodes) + 1
+        size = self._size(node_type, widgets, height) if node_type not in FRONTEND_ONLY else [340, height or 200]
+        x = self.origin[0] + column * self.COLUMN_WIDTH
+        y = self.column_bottom.get(column, self.origin[1])
+        self.column_bottom[column] = y + size[1] + self.GAP
+        node: dict[str, Any] = {
+            "id": node_id, "type": node_type, "pos": [x, y], "size": size, "flags": {}, "order": len(self.nodes),
+            "mode": mode, "inputs": [], "outputs": [], "properties": dict(properties or {}),
+            "widgets_values": widgets,
+        }
+        if node_type not in FRONTEND_ONLY:
+            info = self.info[node_type]
+            node["properties"].setdefault("Node name for S&R", node_type)
+            node["inputs"] = [{"name": n, "type": t, "link": None} for n, t, _ in socket_inputs(info)]
+            node["outputs"] = [{"name": name, "type": kind, "links": []}
+                               for name, kind in zip(info["output_name"], info["output"], strict=True)]
+            expected = len(widget_slots(info))
+            if len(widgets) != expected:
+                raise ValueError(f"{node_type}: expected {expected} widget values {widget_slots(info)}, got {widgets}")
+        if title:
+            node["title"] = title
+        if color:
+            node["color"], node["bgcolor"] = color, color
+        self.nodes.append(node)
+        return node_id
+
+    def skip(self, column: int, pixels: float) -> None:
+        self.column_bottom[column] = self.column_bottom.get(column, self.origin[1]) + pixels
+
+    def link(self, src: int, out: int | str, dst: int, name: str) -> None:
+        source, target = self.nodes[src - 1], self.nodes[dst - 1]
+        if isinstance(out, str):
+            out = [o["name"] for o in source["outputs"]].index(out)
+        slot = [i["name"] for i in target["inputs"]].index(name)
+        kind = source["outputs"][out]["type"]
+        link_id = len(self.links) + 1
+        self.links.append([link_id, src, out, dst, slot, kind])
+        source["outputs"][out]["links"].append(link_id)
+        target["inputs"][slot]["link"] = link_id
+
+    def to_json(self) -> dict:
+        nodes = copy.deepcopy(self.nodes)
+        for node in nodes:
+            for out in node["outputs"]:
+                out["links"] = out["links"] or None
+        return {
+            "id": "00000000-0000-4000-8000-000000000000", "revision": 0,
+            "last_node_id": len(nodes), "last_link_id": len(self.links),
+            "nodes": nodes, "links": copy.deepcopy(self.links), "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.6, "offset": [80, 80]}}, "version": 0.4,
+        }
+
+
+def ui_to_api(workflow: dict, object_info: dict) -> dict:
+    """The API prompt the frontend would queue for a UI workflow."""
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    links = {link[0]: link for link in workflow["links"]}
+
+    def source_of(node_id: int, slot_index: int):
+        """Follow a link back through bypassed nodes to the producing (node, output slot)."""
+        link = links[nodes[node_id]["inputs"][slot_index]["link"]]
+        src, out, kind = link[1], link[2], link[5]
+        seen = set()
+        while nodes[src]["mode"] == MODE_BYPASS and src not in seen:
+            seen.add(src)
+            match = [i for i, inp in enumerate(nodes[src]["inputs"]) if inp.get("link") is not None and inp["type"] == kind]
+            if not match:
+                return None
+            link = links[nodes[src]["inputs"][match[0]]["link"]]
+            src, out = link[1], link[2]
+        return str(src), out
+
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY or node["mode"] in (MODE_MUTED, MODE_BYPASS):
+            continue
+        info = object_info[node["type"]]
+        inputs: dict[str, Any] = {}
+        for name, value in zip(widget_slots(info), node.get("widgets_values") or [], strict=False):
+            if name is not None:
+                inputs[name] = value
+        for slot, inp in enumerate(node["inputs"]):
+            if inp.get("link") is not None:
+                src = source_of(node["id"], slot)
+                if src is not None:
+                    inputs[inp["name"]] = [src[0], src[1]]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
+                                   "_meta": {"title": node.get("title") or info.get("display_name") or node["type"]}}
+    return prompt
