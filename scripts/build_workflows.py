@@ -276,12 +276,49 @@ def dense_vs_sparse(g: Graph) -> None:
               + NODES_HELP, 700)
 
 
+TRAIN_NOTE = """# Train a drop-robust Sparse Context LoRA (FLUX.1 Kontext)
+Fine-tunes a LoRA while **randomly dropping reference tokens** (a keep ratio drawn per step between `keep_min` and `keep_max`, plus `dense_share` fully dense steps), through the same patch Apply Sparse Context uses, so the model learns to work from any subset of the reference.
+
+**Data**: one example = reference image (left) + the wanted result (target, same size) + the instruction prompt. This graph trains on ONE pair (a quick test / style lock-in); for real datasets save examples with **Save Sparse Context Training Example** and run `scripts/train_lora.py` (progress bar, checkpoints, resume).
+
+**Output**: the LoRA goes to `output/loras/sparse_context/` (ComfyUI lists it as a LoRA); the MODEL output already has it applied. Later, load it with **Load Sparse Context LoRA**, whose `keep_ratio` output can drive Apply Sparse Context.
+
+**Cost**: training holds activations for backward: use bf16 weights (not fp8) on a 40-80 GB GPU; ~1-3 s per step at 1024 px with one reference (estimate). 500 steps is a first useful run.
+"""
+
+
+def train_lora(g: Graph) -> None:
+    unet, clip, vae = kontext_loaders(g)
+    ref_img = g.core("LoadImage", 1, ["example.png", "image"], height=330, title="Reference image")
+    ref_scale = g.core("FluxKontextImageScale", 1)
+    tgt_img = g.core("LoadImage", 1, ["example.png", "image"], height=330, title="Target image (the wanted result)")
+    tgt_scale = g.core("FluxKontextImageScale", 1)
+    text = g.core("CLIPTextEncode", 2, ["Change the jacket to bright red leather, keep everything else the same."])
+    ref_enc = g.core("VAEEncode", 2)
+    tgt_enc = g.core("VAEEncode", 2)
+    ref = g.core("ReferenceLatent", 3)
+    zero = g.core("ConditioningZeroOut", 3)
+    train = g.sparse("SparseContextTrainLora", 4, [500, 0.0001, 16, 16.0, "attention_mlp", 0.1, 1.0, 0.1, 0.25, 0, "bf16",
+                                                   "sparse_context/drop_robust_lora"])
+    curve = g.core("PreviewImage", 4, height=330)
+    apply = g.sparse("SparseContextApply", 5, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True])
+    g.wire((clip, 0, text, "clip"), (ref_img, 0, ref_scale, "image"), (tgt_img, 0, tgt_scale, "image"),
+           (ref_scale, 0, ref_enc, "pixels"), (vae, 0, ref_enc, "vae"), (tgt_scale, 0, tgt_enc, "pixels"),
+           (vae, 0, tgt_enc, "vae"), (text, 0, ref, "conditioning"), (ref_enc, 0, ref, "latent"),
+           (text, 0, zero, "conditioning"), (unet, 0, train, "model"), (tgt_enc, 0, train, "latents"),
+           (ref, 0, train, "conditioning"), (train, 3, curve, "images"), (train, 0, apply, "model"))
+    n = dict(vae=vae, zero=zero, encode=ref_enc)
+    sample_kontext(g, n, apply, ref, 5, 0, "SparseContext_trained_lora")
+    g.note(0, TRAIN_NOTE, 520)
+
+
 WORKFLOWS = {
     "sparse_kontext_edit_edge": kontext_edge,
     "sparse_masked_edit": masked_edit,
     "sparse_flux2_klein_multi_reference": klein_multi,
     "sparse_qwen_image_edit_2509": qwen_2509,
     "sparse_dense_vs_sparse": dense_vs_sparse,
+    "sparse_train_lora": train_lora,
 }
 
 

@@ -1,0 +1,175 @@
+"""Train Sparse Context LoRA (and Save Training Example): the drop-robust fine-tune inside ComfyUI.
+
+The training node runs ``training.LoraTrainer`` for N steps on examples given as LATENT (targets) +
+CONDITIONING (text + ReferenceLatent references), writes the LoRA to ``<output>/loras/`` (which ComfyUI
+lists as a loras folder), and outputs the model with the LoRA applied by core's LoRA code, the file name,
+the recommended keep ratio and a loss curve. For long runs use ``scripts/train_lora.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import comfy.utils
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..training import (
+    PRESET_NAMES,
+    KeepRatioDistribution,
+    LoraConfig,
+    LoraTrainer,
+    TrainConfig,
+    apply_lora,
+    examples_from_comfy,
+    load_lora_file,
+    save_example,
+)
+from ..training.plot import loss_curve_image
+from .common import SparseNode, fail, user_errors
+
+SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) else value
+
+
+def _pair_examples(node: str, latents: list, conditionings: list) -> list:
+    """Examples from lists of LATENTs and CONDITIONINGs: pairwise, or one conditioning for all latents."""
+    if len(conditionings) not in (1, len(latents)):
+        raise fail(node, f"conditioning: {len(conditionings)} conditionings for {len(latents)} latents; give one "
+                         "conditioning, or one per latent")
+    examples = []
+    with user_errors(node):
+        for i, latent in enumerate(latents):
+            examples += examples_from_comfy(latent, conditionings[i if len(conditionings) > 1 else 0])
+    return examples
+
+
+class SparseContextTrainLora(SparseNode):
+    NAME = "Train Sparse Context LoRA"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SparseContextTrainLora", display_name=cls.NAME, category="SparseContext/training",
+            description="Fine-tunes a LoRA with random reference-token dropping (the drop-robust training of Sparse "
+                        "Context) on target latents + conditionings that carry reference latents, through the same "
+                        "patch inference uses. Writes the LoRA to output/loras and returns the patched model.",
+            is_input_list=True, is_output_node=True, is_experimental=True,
+            inputs=[
+                io.Model.Input("model", tooltip="Base model to fine-tune (FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit)."),
+                io.Latent.Input("latents", tooltip="Target latents (VAE Encode of the wanted results); a batch or a "
+                                                   "list, one example per row."),
+                io.Conditioning.Input("conditioning", tooltip="Text conditioning with the reference latents attached "
+                                                              "(ReferenceLatent); one for all latents, or one per latent."),
+                io.Int.Input("steps", default=500, min=1, max=100000, tooltip="Optimizer steps."),
+                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6,
+                               tooltip="AdamW learning rate."),
+                io.Int.Input("rank", default=16, min=1, max=256, tooltip="LoRA rank."),
+                io.Float.Input("alpha", default=16.0, min=0.01, max=1024.0, step=0.01,
+                               tooltip="LoRA alpha; the update is scaled by alpha / rank."),
+                io.Combo.Input("targets", options=list(PRESET_NAMES), default="attention_mlp",
+                               tooltip="Layers that get a LoRA: attention projections, + the MLPs, or only the image "
+                                       "stream (single blocks included)."),
+                io.Float.Input("keep_min", default=0.1, min=0.01, max=1.0, step=0.01,
+                               tooltip="Smallest keep ratio drawn per example (share of reference tokens kept)."),
+                io.Float.Input("keep_max", default=1.0, min=0.01, max=1.0, step=0.01,
+                               tooltip="Largest keep ratio drawn per example."),
+                io.Float.Input("dense_share", default=0.1, min=0.0, max=1.0, step=0.01,
+                               tooltip="Share of examples that keep every reference token."),
+                io.Float.Input("recommended_keep_ratio", default=0.25, min=0.01, max=1.0, step=0.01,
+                               tooltip="Keep ratio written into the LoRA's metadata for the loader to output."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
+                             tooltip="Seeds the LoRA init, example order, keep ratios, kept tokens, noise and sigmas."),
+                io.Combo.Input("save_dtype", options=list(SAVE_DTYPES), default="bf16",
+                               tooltip="dtype of the saved LoRA weights."),
+                io.String.Input("filename_prefix", default="sparse_context/drop_robust_lora",
+                                tooltip="File name prefix under output/loras (a counter and .safetensors are added)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied (core LoRA code)."),
+                io.String.Output(display_name="lora_name", tooltip="The saved file, relative to output/loras."),
+                io.Float.Output(display_name="keep_ratio", tooltip="The recommended keep ratio for Apply Sparse Context."),
+                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step (and its running mean)."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, model, latents, conditioning, steps, learning_rate, rank, alpha, targets, keep_min, keep_max,
+                dense_share, recommended_keep_ratio, seed, save_dtype, filename_prefix) -> io.NodeOutput:
+        model = _first(model)
+        params = {k: _first(v) for k, v in dict(
+            steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, targets=targets, keep_min=keep_min,
+            keep_max=keep_max, dense_share=dense_share, recommended_keep_ratio=recommended_keep_ratio, seed=seed,
+            save_dtype=save_dtype, filename_prefix=filename_prefix).items()}
+        problem = cls.validate_inputs(**params)
+        if problem is not True:
+            raise fail(cls.NAME, problem.split(": ", 1)[1])
+        if params["keep_min"] > params["keep_max"]:
+            raise fail(cls.NAME, f"keep_min: {params['keep_min']} is above keep_max {params['keep_max']}")
+        examples = _pair_examples(cls.NAME, list(latents), list(conditioning))
+        with user_errors(cls.NAME):
+            trainer = LoraTrainer(
+                model, LoraConfig(rank=int(params["rank"]), alpha=float(params["alpha"]), targets=params["targets"]),
+                TrainConfig(steps=int(params["steps"]), learning_rate=float(params["learning_rate"]),
+                            keep_ratios=KeepRatioDistribution(low=params["keep_min"], high=params["keep_max"],
+                                                              dense_share=params["dense_share"]),
+                            seed=int(params["seed"]), recommended_keep_ratio=float(params["recommended_keep_ratio"])))
+        bar = comfy.utils.ProgressBar(int(params["steps"]))
+        trainer.fit(examples, callback=lambda step, loss: bar.update_absolute(step))
+
+        loras_dir = os.path.join(folder_paths.get_output_directory(), "loras")
+        folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(params["filename_prefix"], loras_dir)
+        name = f"{filename}_{counter:05}_.safetensors"
+        path = trainer.save(os.path.join(folder, name), dtype=SAVE_DTYPES[params["save_dtype"]])
+        sd, meta = load_lora_file(path)  # the model output uses exactly what the loader will read
+        patched = apply_lora(model, sd, 1.0)
+        lora_name = os.path.join(subfolder, name) if subfolder else name
+        curve = loss_curve_image(trainer.losses)
+        text = (f"Saved output/loras/{lora_name} after {trainer.step} steps; loss {trainer.losses[0]:.4f} -> "
+                f"{trainer.losses[-1]:.4f}. {meta.summary()}")
+        return io.NodeOutput(patched, lora_name, float(meta.recommended_keep_ratio), curve,
+                             ui={"text": (text,), **ui.PreviewImage(curve, cls=cls).as_dict()})
+
+
+class SparseContextSaveTrainingExample(SparseNode):
+    NAME = "Save Sparse Context Training Example"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SparseContextSaveTrainingExample", display_name=cls.NAME, category="SparseContext/training",
+            description="Writes training examples for scripts/train_lora.py: one safetensors file per target latent "
+                        "row with its reference latents, text context and pooled vector (see training/examples.py).",
+            is_output_node=True, is_experimental=True,
+            inputs=[
+                io.Latent.Input("latent", tooltip="Target latent(s): VAE Encode of the wanted result."),
+                io.Conditioning.Input("conditioning", tooltip="Text conditioning with the reference latents attached "
+                                                              "(ReferenceLatent)."),
+                io.String.Input("filename_prefix", default="sparse_context_examples/example",
+                                tooltip="Prefix under the output folder; point train_lora.py --data at that folder."),
+                io.String.Input("prompt", default="", multiline=True,
+                                tooltip="Optional: the prompt text, stored in the file's metadata for reference."),
+            ],
+            outputs=[io.String.Output(display_name="paths", tooltip="The written files, one per line.")],
+        )
+
+    @classmethod
+    def execute(cls, latent, conditioning, filename_prefix: str, prompt: str = "") -> io.NodeOutput:
+        with user_errors(cls.NAME):
+            examples = examples_from_comfy(latent, conditioning)
+        out_dir = folder_paths.get_output_directory()
+        folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
+        paths = []
+        for i, example in enumerate(examples):
+            path = os.path.join(folder, f"{filename}_{counter + i:05}_.safetensors")
+            save_example(path, example, prompt=prompt or None)
+            paths.append(path)
+        text = "\n".join(paths)
+        return io.NodeOutput(text, ui={"text": (text,)})
+
+
+TRAINING_NODES = [SparseContextTrainLora, SparseContextSaveTrainingExample]

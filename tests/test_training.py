@@ -1,0 +1,376 @@
+"""The drop-robust fine-tune and its LoRA files, on tiny REAL ComfyUI models (CPU, seeded).
+
+Run: ``.venv/bin/pytest tests/test_training.py -q -x -s`` (``-s`` prints the measured losses).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+from sc_harness.host import REPO
+
+FAMILY = "flux1_kontext"
+API_WORKFLOW = REPO / "tests" / "workflows_api" / "sparse_train_lora.json"
+UI_WORKFLOW = REPO / "workflows" / "sparse_train_lora.json"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread is ~100x faster than two contending ones."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _training():
+    import sparse_context.training as training
+
+    return training
+
+
+def _task(n: int, first_seed: int) -> list:
+    """Synthetic reference task: the target is the reference with a fixed channel permutation."""
+    import sc_testpack
+
+    tr = _training()
+    context, extra = sc_testpack.make_conditioning(FAMILY, 5)[0]
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(0))
+    out = []
+    for i in range(n):
+        ref = sc_testpack.make_latent(FAMILY, first_seed + i, 64, 64) / 0.3611 + 0.1159  # ~unit scale after process_in
+        out.append(tr.TrainingExample(target=ref[:, perm].clone(), references=[ref], context=context,
+                                      pooled=extra["pooled_output"]))
+    return out
+
+
+def _trainer(model_seed: int = 0, dtype=torch.float32, **train):
+    import sc_testpack
+
+    tr = _training()
+    mp = sc_testpack.build_model_patcher(FAMILY, model_seed)
+    if dtype == torch.float64:
+        mp.model.diffusion_model.double()
+    config = tr.TrainConfig(compute_dtype=dtype, lora_dtype=dtype, **train)
+    return mp, tr.LoraTrainer(mp, tr.LoraConfig(rank=4, alpha=4.0), config)
+
+
+# -- gradients ----------------------------------------------------------------------------------------------
+def test_gradients_match_forward_mode_ad_with_sparse_references():
+    _, trainer = _trainer(dtype=torch.float64)
+    [example] = _task(1, 100)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a LoRA with both factors non-zero, so every factor has a gradient
+        for p in trainer.lora.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    params = list(trainer.lora.parameters())
+    with trainer.session():
+        loss = trainer.loss(example, keep_ratio=0.5, seed=3, sigma=0.4)
+        [ref] = trainer.last_report["references"]
+        assert ref["kept"] == ref["tokens"] // 2 == 8, trainer.last_report  # the inference patch dropped half
+        loss.backward()
+        grads = {id(p): p.grad.detach().clone() for p in params}
+
+        # forward-mode AD: one directional derivative per LoRA module (tangent only on that module's factors)
+        checked = 0
+        for name, delta in trainer.lora.deltas.items():
+            tangents = {n: torch.randn(getattr(delta, n).shape, generator=gen, dtype=torch.float64)
+                        for n in ("lora_down", "lora_up")}
+            expected = sum(float((grads[id(getattr(delta, n))] * t).sum()) for n, t in tangents.items())
+            saved = {n: delta._parameters.pop(n) for n in tangents}  # dual tensors in place of the parameters
+            try:
+                with torch.no_grad(), fwAD.dual_level():
+                    for n, t in tangents.items():
+                        setattr(delta, n, fwAD.make_dual(saved[n].detach(), t))
+                    jvp = float(fwAD.unpack_dual(trainer.loss(example, 0.5, seed=3, sigma=0.4)).tangent)
+            finally:
+                for n, p in saved.items():
+                    delattr(delta, n)
+                    delta._parameters[n] = p
+            print(f"{name}: backward {expected:+.10f}  forward-AD {jvp:+.10f}")
+            assert abs(jvp) > 1e-6, f"{name}: no signal to compare"
+            assert expected == pytest.approx(jvp, rel=1e-5, abs=1e-10), name  # RoPE runs in float32
+            checked += 1
+        assert checked == 10  # double block img/txt qkv, proj, mlp.0, mlp.2 + single block linear1, linear2
+
+        # why the trainer records the graph with cloned saved tensors: ComfyUI's blocks add residuals in place
+        with pytest.raises(RuntimeError, match="inplace"):
+            trainer.loss(example, 0.5, seed=3, sigma=0.4, clone_saved=False).backward()
+
+
+# -- a short training run --------------------------------------------------------------------------------------
+def test_training_with_dropping_lowers_the_sparse_loss_and_keeps_the_dense_loss():
+    tr = _training()
+    train, held_out = _task(16, 100), _task(6, 1000)
+    _, trainer = _trainer(model_seed=0, steps=200, learning_rate=1e-3, seed=1,
+                          keep_ratios=tr.KeepRatioDistribution(low=0.1, high=1.0, dense_share=0.1))
+    with trainer.session():
+        before_sparse, before_dense = trainer.evaluate(held_out, 0.25), trainer.evaluate(held_out, 1.0)
+        losses = trainer.fit(train, progress=False)
+        after_sparse, after_dense = trainer.evaluate(held_out, 0.25), trainer.evaluate(held_out, 1.0)
+    print(f"\nheld-out loss, keep 0.25: untuned {before_sparse:.4f} -> tuned {after_sparse:.4f}")
+    print(f"held-out loss, dense:     untuned {before_dense:.4f} -> tuned {after_dense:.4f}")
+    print(f"training loss: first 10 steps {sum(losses[:10]) / 10:.4f}, last 10 {sum(losses[-10:]) / 10:.4f}")
+    assert len(losses) == 200 and trainer.step == 200
+    assert after_sparse < 0.8 * before_sparse
+    assert after_dense <= before_dense * 1.02  # tolerance: the dense loss may not get more than 2 % worse
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    train = _task(3, 100)
+    _, straight = _trainer(steps=6, learning_rate=1e-3)
+    straight.fit(train, progress=False)
+    _, first = _trainer(steps=6, learning_rate=1e-3)
+    first.fit(train, steps=3, progress=False)
+    ckpt = first.save_checkpoint(tmp_path / "ckpt.safetensors")
+    _, resumed = _trainer(steps=6, learning_rate=1e-3)
+    resumed.load_checkpoint(ckpt)
+    assert resumed.step == 3
+    resumed.fit(train, progress=False)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-5)
+    a, b = straight.lora_state_dict(), resumed.lora_state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("family", ["flux2_klein", "qwen_image_edit"])
+def test_other_families_train_with_two_sparse_references(family, tmp_path):
+    import sc_testpack
+
+    tr = _training()
+    mp = sc_testpack.build_model_patcher(family, 0)
+    context, extra = sc_testpack.make_conditioning(family, 1)[0]
+    ref = sc_testpack.make_latent(family, 3, 64, 64)
+    example = tr.TrainingExample(ref.flip(1).clone(), [ref, sc_testpack.make_latent(family, 4, 32, 64)], context,
+                                 extra["pooled_output"])
+    trainer = tr.LoraTrainer(mp, tr.LoraConfig(rank=2, alpha=2.0, targets="attention"),
+                             tr.TrainConfig(steps=2, keep_ratios=tr.KeepRatioDistribution(kind="fixed", low=0.5,
+                                                                                          dense_share=0.0)))
+    losses = trainer.fit([example], progress=False)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert [r["kept"] for r in trainer.last_report["references"]] == [8, 4]  # half of 16 and of 8 tokens
+    sd, meta = tr.load_lora_file(trainer.save(tmp_path / "l.safetensors"))
+    assert meta.family == {"flux2_klein": "flux2", "qwen_image_edit": "qwen_image"}[family]
+    assert tr.match_lora(mp, sd).ok and len(tr.match_lora(mp, sd).matched) == len(trainer.lora.deltas) > 0
+
+
+# -- LoRA files -------------------------------------------------------------------------------------------------
+@pytest.fixture
+def loras_folder(tmp_path, monkeypatch):
+    import folder_paths
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras",
+                        ([str(folder)], folder_paths.supported_pt_extensions))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    return folder
+
+
+@pytest.fixture
+def trained(loras_folder):
+    """A tiny trained LoRA saved in the loras folder, and its trainer."""
+    mp, trainer = _trainer(steps=5, learning_rate=1e-2)
+    trainer.fit(_task(2, 100), progress=False)
+    path = trainer.save(loras_folder / "tiny_kontext.safetensors")
+    return mp, trainer, path
+
+
+def _patched_state(model_patcher) -> dict:
+    model_patcher.patch_model()
+    try:
+        return {k: v.detach().clone() for k, v in model_patcher.model.diffusion_model.state_dict().items()}
+    finally:
+        model_patcher.unpatch_model()
+
+
+def test_saved_lora_loads_with_the_pack_loader_and_core_alike(trained):
+    import comfy.lora
+    import sc_testpack
+    from sparse_context.nodes.lora_loader import SparseContextLoraLoader
+    from sparse_context.sparse_attention import RUN_KEY
+
+    import nodes as core_nodes
+
+    mp, trainer, path = trained
+    tr = _training()
+    sd, meta = tr.load_lora_file(path)
+    # metadata round trip
+    assert meta.is_sparse_context and meta.family == "flux1" and meta.rank == 4 and meta.alpha == 4.0
+    assert meta.steps == 5 and meta.recommended_keep_ratio == 0.25 and meta.pack_version == "0.1.0"
+    assert meta.keep_ratio_distribution == {"kind": "uniform", "low": 0.1, "high": 1.0, "dense_share": 0.1}
+    assert meta.targets == trainer.lora.patterns and meta.architecture["hidden_size"] == 32
+    # core's key map takes every key
+    key_map = comfy.lora.model_lora_keys_unet(mp.model, {})
+    loaded = comfy.lora.load_lora(sd, key_map, log_missing=False)
+    assert len(loaded) == len(trainer.lora.deltas) == 10
+    assert tr.match_lora(mp, sd).ok and not tr.match_lora(mp, sd).missing
+
+    out = SparseContextLoraLoader.execute(mp, "tiny_kontext.safetensors", 1.0)
+    pack_model, keep, info = out.args
+    assert keep == 0.25 and "10 layers matched, 0 missing" in info and "family flux1" in info
+    (core_model,) = core_nodes.LoraLoaderModelOnly().load_lora_model_only(mp, "tiny_kontext.safetensors", 1.0)
+    a, b, base = _patched_state(pack_model), _patched_state(core_model), _patched_state(mp)
+    changed = [k for k in a if not torch.equal(a[k], base[k])]
+    assert len(changed) == 10 and all(torch.equal(a[k], b[k]) for k in a)
+    for name, delta in trainer.lora.deltas.items():  # = W + alpha / rank * up @ down, as trained
+        key = f"{name}.weight"
+        assert torch.allclose(a[key], base[key] + delta.delta().detach(), atol=1e-6)
+
+    # the model the loader returns computes what the trainer's weight wrappers computed
+    import sc_harness.forward as fwd
+
+    inputs = fwd.forward_inputs(FAMILY, 7, (64, 64), [(64, 64)])
+    with trainer.session(), torch.no_grad():
+        options = dict(trainer._options)
+        options[RUN_KEY] = tr.sparse_run_for(1.0, 0)
+        trained_out = trainer._dm(**inputs, transformer_options=options)
+    loaded_out = fwd.run_forward(pack_model, inputs).out
+    base_out = fwd.run_forward(sc_testpack.build_model_patcher(FAMILY, 0), inputs).out
+    assert torch.allclose(trained_out, loaded_out, atol=1e-5)
+    assert not torch.allclose(base_out, loaded_out, atol=1e-5)
+
+
+def test_loader_refuses_pickle_corrupt_and_foreign_files(trained, loras_folder):
+    import sc_testpack
+    from sparse_context.nodes.common import SparseContextInputError
+    from sparse_context.nodes.lora_loader import SparseContextLoraLoader
+
+    mp, trainer, path = trained
+    sd = trainer.lora_state_dict()
+    torch.save(dict(sd), loras_folder / "pickled.pt")  # a plain dict, pickled
+    (loras_folder / "pickle_named.safetensors").write_bytes((loras_folder / "pickled.pt").read_bytes())
+    (loras_folder / "truncated.safetensors").write_bytes(path.read_bytes()[:200])
+    (loras_folder / "raw_pickle.safetensors").write_bytes(pickle.dumps({"a": 1}))
+
+    def error(name: str, model=mp) -> str:
+        with pytest.raises(SparseContextInputError) as info:
+            SparseContextLoraLoader.execute(model, name, 1.0)
+        message = str(info.value)
+        assert message.startswith("Load Sparse Context LoRA: lora_name:"), message
+        return message
+
+    assert "not a .safetensors file" in error("pickled.pt")
+    for name in ("pickle_named.safetensors", "truncated.safetensors", "raw_pickle.safetensors"):
+        assert "not a valid safetensors file" in error(name)
+    # a LoRA of the same layer names for another base model family: refused by its metadata...
+    assert "trained for FLUX.1 (dev / Kontext), but the model is FLUX.2 (dev / klein)" in error(
+        "tiny_kontext.safetensors", sc_testpack.build_model_patcher("flux2_klein", 0))
+    # ...and, without metadata, by its shapes (FLUX.2's MLPs are wider) or its keys (Qwen-Image's names)
+    from safetensors.torch import save_file
+
+    save_file(sd, str(loras_folder / "no_metadata.safetensors"))
+    assert "does not fit this model" in error("no_metadata.safetensors", sc_testpack.build_model_patcher("flux2_klein", 0))
+    assert "does not fit this model" in error("no_metadata.safetensors", sc_testpack.build_model_patcher("qwen_image_edit", 0))
+    # a generic LoRA (no metadata) on the right model: applied, keep ratio 1.0 (not trained with dropping)
+    _, keep, info = SparseContextLoraLoader.execute(mp, "no_metadata.safetensors", 1.0).args
+    assert keep == 1.0 and "no Sparse Context metadata" in info
+
+
+def test_training_example_files_round_trip(tmp_path):
+    tr = _training()
+    [example] = _task(1, 100)
+    example.guidance = 2.5
+    example.reference_method = "offset"
+    path = tr.save_example(tmp_path / "ex_0001.safetensors", example, prompt="recolour")
+    [back] = tr.load_example_folder(tmp_path)
+    assert torch.equal(back.target, example.target) and torch.equal(back.references[0], example.references[0])
+    assert torch.equal(back.context, example.context) and torch.equal(back.pooled, example.pooled)
+    assert back.guidance == 2.5 and back.reference_method == "offset" and back.meta == {"prompt": "recolour"}
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="not a readable safetensors training example"):
+        tr.load_example(path)
+
+
+# -- the shipped training workflow on the real server ------------------------------------------------------------------
+def swap_for_tiny(prompt: dict, steps: int = 4) -> dict:
+    """The shipped API prompt with its real loaders / encoders / VAE replaced by the test pack's tiny nodes."""
+    p = copy.deepcopy(prompt)
+    seeds = iter(range(200, 10_000))
+    for node_id, node in list(p.items()):
+        kind, inputs = node["class_type"], node["inputs"]
+        if kind == "UNETLoader":
+            p[node_id] = {"class_type": "SCTest_TinyModel", "inputs": {"family": FAMILY, "seed": 1}}
+        elif kind in ("DualCLIPLoader", "VAELoader", "LoadImage", "FluxKontextImageScale"):
+            del p[node_id]
+        elif kind == "CLIPTextEncode":
+            p[node_id] = {"class_type": "SCTest_Conditioning", "inputs": {"family": FAMILY, "seed": next(seeds), "tokens": 8}}
+        elif kind == "VAEEncode":
+            p[node_id] = {"class_type": "SCTest_Latent", "inputs": {"family": FAMILY, "seed": next(seeds), "width": 64,
+                                                                    "height": 64, "batch_size": 1, "empty": False}}
+        elif kind == "VAEDecode":
+            p[node_id] = {"class_type": "SCTest_LatentToImage", "inputs": {"samples": inputs["samples"]}}
+        elif kind == "KSampler":
+            inputs["steps"] = 2
+        elif kind == "SparseContextTrainLora":
+            inputs["steps"] = steps
+            inputs["filename_prefix"] = "sparse_context_test/tiny"
+        elif kind == "SparseContextApply":
+            inputs["bucket"] = 1
+    return p
+
+
+@pytest.mark.server
+def test_training_workflow_runs_on_the_server_and_its_lora_loads(server):
+    prompt = swap_for_tiny(json.loads(API_WORKFLOW.read_text(encoding="utf-8")))
+    assert {"SparseContextTrainLora", "SparseContextApply", "KSampler"} <= {n["class_type"] for n in prompt.values()}
+    entry = server.run(prompt, timeout=600)
+    loras = sorted((server.tmp / "output" / "loras" / "sparse_context_test").glob("tiny_*.safetensors"))
+    assert len(loras) == 1, f"no LoRA in the server's output folder: {list((server.tmp / 'output').rglob('*'))}"
+    tr = _training()
+    sd, meta = tr.load_lora_file(loras[0])
+    assert meta.family == "flux1" and meta.steps == 4 and all(v.dtype == torch.bfloat16 for k, v in sd.items()
+                                                                 if not k.endswith(".alpha"))
+    train_id = next(k for k, n in prompt.items() if n["class_type"] == "SparseContextTrainLora")
+    ui = entry["outputs"][train_id]
+    assert ui["images"] and "Saved output/loras/sparse_context_test/tiny_" in ui["text"][0]
+    assert not (Path(os.path.expanduser("~")) / "ComfyUI" / "models" / "loras" / loras[0].name).exists()
+
+    # the loader finds it in output/loras (a loras folder of ComfyUI) and its keep ratio drives Apply Sparse Context
+    use = {k: v for k, v in prompt.items()
+           if k != train_id and not any(val == [train_id, 3] for val in v["inputs"].values())}  # no loss curve
+    model_id = next(k for k, n in prompt.items() if n["class_type"] == "SCTest_TinyModel")
+    use["loader"] = {"class_type": "SparseContextLoraLoader",
+                     "inputs": {"model": [model_id, 0], "lora_name": f"sparse_context_test/{loras[0].name}",
+                                "strength": 1.0}}
+    apply_id = next(k for k, n in use.items() if n["class_type"] == "SparseContextApply")
+    assert use[apply_id]["inputs"]["model"] == [train_id, 0]
+    use[apply_id]["inputs"].update(model=["loader", 0], keep_ratio=["loader", 1], rule="random")
+    start = server.log_path.stat().st_size
+    server.run(use, timeout=300)
+    log = server.log_path.read_bytes()[start:].decode("utf-8", errors="replace")
+    assert "10 layers matched, 0 missing" in log
+    assert "SparseContext: kept reference tokens #1 4/16 (random)" in log  # keep 0.25 from the LoRA's metadata
+
+
+def test_shipped_workflow_files_match():
+    if not UI_WORKFLOW.exists():
+        pytest.skip("workflow not generated")
+    ui = json.loads(UI_WORKFLOW.read_text(encoding="utf-8"))
+    kinds = {n["type"] for n in ui["nodes"]}
+    assert {"SparseContextTrainLora", "SparseContextApply", "MarkdownNote", "UNETLoader"} <= kinds
+    api = json.loads(API_WORKFLOW.read_text(encoding="utf-8"))
+    assert {n["class_type"] for n in api.values()} == kinds - {"MarkdownNote"}
+
+
+def test_save_training_example_node_writes_files_the_cli_reads(tmp_path, monkeypatch):
+    import folder_paths
+    import sc_testpack
+    from sparse_context.nodes.train import SparseContextSaveTrainingExample
+
+    tr = _training()
+    monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
+    ref = sc_testpack.make_latent(FAMILY, 3, 64, 64)
+    cond = sc_testpack.make_conditioning(FAMILY, 1, references=[ref])
+    target = {"samples": torch.cat([ref.flip(1), ref])}  # two target rows = two examples
+    (text,) = SparseContextSaveTrainingExample.execute(target, cond, "examples/pair", "make it blue").args
+    examples = tr.load_example_folder(tmp_path / "examples")
+    assert len(text.splitlines()) == len(examples) == 2
+    assert torch.equal(examples[0].target, ref.flip(1)) and torch.equal(examples[1].references[0], ref)
+    assert examples[0].meta == {"prompt": "make it blue"}

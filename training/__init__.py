@@ -1,0 +1,46 @@
+"""Drop-robust fine-tuning for Sparse Context: a LoRA trained with random reference-token dropping.
+
+Modules (each usable on its own):
+
+* ``dropping``: ``KeepRatioDistribution``, the per-example keep ratio (pure torch);
+* ``lora``: ``LoraConfig``, target presets, ``LoraDelta`` (a ComfyUI weight wrapper), ``attach_lora``;
+* ``lora_file``: safetensors LoRA files in core's key format with metadata; safe loading, key matching;
+* ``examples``: ``TrainingExample`` and its one-safetensors-file-per-example format;
+* ``autograd``: ``clone_saved_tensors``, exact backprop through ComfyUI's in-place residual blocks;
+* ``trainer``: ``TrainConfig``, ``LoraTrainer`` (``loss``, ``train_step``, ``evaluate``, ``fit``, ``save``,
+  checkpoints).
+
+Needs ComfyUI importable for everything that touches a model (imports are lazy where possible).
+"""
+
+from .dropping import DENSE_ONLY, KeepRatioDistribution
+from .examples import TrainingExample, examples_from_comfy, load_example, load_example_folder, save_example
+from .lora import PRESET_NAMES, TARGET_PRESETS, LoraConfig, LoraDelta, LoraSet, attach_lora
+from .lora_file import LoraMatch, LoraMetadata, apply_lora, load_lora_file, match_lora, read_header, save_lora
+from .trainer import LoraTrainer, TrainConfig, sparse_run_for
+
+__all__ = [
+    "DENSE_ONLY",
+    "PRESET_NAMES",
+    "TARGET_PRESETS",
+    "KeepRatioDistribution",
+    "LoraConfig",
+    "LoraDelta",
+    "LoraMatch",
+    "LoraMetadata",
+    "LoraSet",
+    "LoraTrainer",
+    "TrainConfig",
+    "TrainingExample",
+    "apply_lora",
+    "attach_lora",
+    "examples_from_comfy",
+    "load_example",
+    "load_example_folder",
+    "load_lora_file",
+    "match_lora",
+    "read_header",
+    "save_example",
+    "save_lora",
+    "sparse_run_for",
+]
