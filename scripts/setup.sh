@@ -21,7 +21,8 @@ fi
 py="$venv/bin/python"
 pipi() { "$py" -m pip install -q --disable-pip-version-check -c "$constraints" "$@" >&2; }
 
-if ! "$py" -c "import torch, torchvision" 2>/dev/null; then
+# Run Python checks from / : from the repo root, the pack's selectors/ would shadow the stdlib module.
+if ! (cd / && "$py" -c "import torch, torchvision") 2>/dev/null; then
   log "installing torch + torchvision (pinned by $constraints)"
   pipi torch torchvision
 fi
@@ -50,15 +51,17 @@ fi
 [ -f "$COMFYUI_PATH/main.py" ] || { log "COMFYUI_PATH=$COMFYUI_PATH has no main.py"; exit 2; }
 
 stamp="$venv/.sparsecontext-setup"
-want="$(cat "$COMFYUI_PATH/requirements.txt" "$repo/requirements.txt" "$repo/requirements-dev.txt" "$constraints" | sha1sum | cut -c1-16) $COMFYUI_PATH $dev"
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+want="$(cat "$COMFYUI_PATH/requirements.txt" "$repo/requirements.txt" "$repo/requirements-dev.txt" "$constraints" | sha1sum | cut -c1-16) $COMFYUI_PATH"
+have="$(cat "$stamp" 2>/dev/null || true)"
+# Up to date when the requirement files and ComfyUI are the same and the dev tools are there if asked for.
+if [ "${have% *}" != "$want" ] || [ "${have##* }" -lt "$dev" ]; then
   log "installing ComfyUI's and the pack's requirements"
   # torch lines come from the constraints; torchaudio and spandrel are optional for ComfyUI.
   grep -viE '^\s*(torch|torchvision|torchaudio|spandrel)\s*($|[<>=~!])' "$COMFYUI_PATH/requirements.txt" > "$venv/comfy-reqs.txt"
   echo "requests" >> "$venv/comfy-reqs.txt"  # imported by ComfyUI's frontend manager, missing from 0.3.75's list
   pipi -r "$venv/comfy-reqs.txt" -r "$repo/requirements.txt"
   [ "$dev" = 1 ] && pipi -r "$repo/requirements-dev.txt"
-  echo "$want" > "$stamp"
+  echo "$want $dev" > "$stamp"
 fi
 echo "PYTHON=$py"
 echo "COMFYUI_PATH=$COMFYUI_PATH"

@@ -1,9 +1,6 @@
 """Budgets, picking, sharing one budget across references: exact counts, properties, bad inputs."""
 
-import importlib.util
 import math
-import pathlib
-import sys
 
 import numpy as np
 import pytest
@@ -11,23 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from skimage import data
-
-
-def _load_pack():
-    if "sparse_context" in sys.modules:
-        return sys.modules["sparse_context"]
-    root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location(
-        "sparse_context", root / "__init__.py", submodule_search_locations=[str(root)]
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["sparse_context"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-_load_pack()
-from sparse_context.selectors import (  # noqa: E402
+from sparse_context.selectors import (
     Budget,
     edge_scores,
     grid_ranking,

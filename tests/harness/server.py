@@ -35,13 +35,14 @@ def _free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, extra_args: tuple[str, ...] = (), with_testpack: bool = True):
+    def __init__(self, extra_args: tuple[str, ...] = (), with_testpack: bool = True, cpu: bool = True):
         self.comfy = comfyui_path()
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.tmp = Path(tempfile.mkdtemp(prefix="sc-comfy-"))
         self.extra_args = extra_args
         self.with_testpack = with_testpack
+        self.cpu = cpu  # False lets ComfyUI pick the GPU (the demo with a real model)
         self.proc: subprocess.Popen | None = None
         self.log_path = self.tmp / "server.log"
 
@@ -59,7 +60,7 @@ class ComfyServer:
         extra = self.tmp / "extra_model_paths.yaml"
         extra.write_text(f"sparse_context_tests:\n  custom_nodes: {nodes}\n", encoding="utf-8")
         cmd = [
-            sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+            sys.executable, "main.py", *(["--cpu"] if self.cpu else []), "--listen", "127.0.0.1", "--port", str(self.port),
             "--extra-model-paths-config", str(extra),
             "--disable-all-custom-nodes", "--whitelist-custom-nodes", *packs,
             "--input-directory", str(self.tmp / "input"), "--output-directory", str(self.tmp / "output"),
