@@ -1,0 +1,418 @@
+"""Whole-forward time of a FLUX.2-shaped ComfyUI model with dense vs sparse references.
+
+Usage (run from anywhere; ``-P`` keeps the script's folder off sys.path):
+    .venv/bin/python -P benchmarks/bench.py --quick --json docs/bench_cpu.json      # ~2 min, 2 CPU cores
+    .venv/bin/python -P benchmarks/bench.py                                        # "mid" model, CPU
+    python -P benchmarks/bench.py --device cuda --json bench_gpu.json   # klein9b size, bf16: 74 s on an H200
+
+The model is ComfyUI's own ``comfy.ldm.flux.model.Flux`` built through ``supported_models.Flux2`` (as a
+loaded checkpoint is), with seeded random weights created directly on the target device and dtype.
+Attention is PyTorch SDPA (``--use-pytorch-cross-attention``). Per number of references R and keep
+ratio, one cell records the median forward time (warmup, then N timed repeats, interleaved across
+the cell's variants so drift on a shared machine hits all of them alike) of:
+    dense   the unpatched model with R full references;
+    sparse  the model patched by ``apply_sparse_context`` (rule "grid", bucket=1 so the kept count is
+            exactly round(keep * tokens));
+    ideal   the unpatched model with each reference cropped to the kept token count (the best a token
+            dropper can do; at keep 1.0 it is the dense run);
+    noref   the unpatched model without references (the ceiling of any reference speed-up).
+Peak memory: CUDA ``max_memory_allocated``; CPU the process's resident high-water mark (VmHWM, reset
+through /proc/self/clear_refs) during one forward. ``act`` = that peak minus the memory before the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PINNED_COMFYUI = ROOT / ".comfyui" / "ComfyUI-0.3.75"
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """A FLUX.2-shaped size: hidden = heads * sum(axes_dim); 128 latent channels, patch 1."""
+
+    hidden: int
+    heads: int
+    depth: int  # double-stream blocks
+    single: int  # single-stream blocks
+    context_dim: int  # text-encoder width fed to txt_in
+    text_tokens: int
+    grid: int  # target and each reference: grid x grid tokens (1 token = 16x16 pixels)
+
+
+CONFIGS = {
+    # CPU sizes. "small" is what --quick runs on a 2-core machine.
+    "small": ModelSize(hidden=256, heads=4, depth=1, single=2, context_dim=256, text_tokens=64, grid=32),
+    "mid": ModelSize(hidden=512, heads=8, depth=2, single=4, context_dim=512, text_tokens=128, grid=32),
+    # FLUX.2 [klein] 9B: 8 double + 24 single blocks, hidden 4096 = 32 heads x 128, Qwen3-8B text width
+    # 12288 (sizes from InvokeAI's public FLUX.2 presets); 1024x1024 target and references = 64x64 tokens.
+    "klein9b": ModelSize(hidden=4096, heads=32, depth=8, single=24, context_dim=12288, text_tokens=512, grid=64),
+}
+KEEPS = (1.0, 0.5, 0.25, 0.1)
+REFS = (1, 2, 4)
+
+
+def _load_package(name: str, folder: pathlib.Path):
+    """Import a folder as a package by name (never by putting the repo root on sys.path)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def import_comfy(device: str) -> pathlib.Path:
+    """Put ComfyUI ($COMFYUI_PATH or the pinned copy) on sys.path with SDPA attention, then import it."""
+    path = pathlib.Path(os.environ.get("COMFYUI_PATH") or PINNED_COMFYUI).resolve()
+    if not (path / "comfy").is_dir():
+        raise SystemExit(f"no ComfyUI at {path}: run `bash scripts/setup.sh` or set COMFYUI_PATH")
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    import comfy.cli_args
+
+    comfy.cli_args.args.use_pytorch_cross_attention = True  # = --use-pytorch-cross-attention
+    comfy.cli_args.args.cpu = device == "cpu"
+    comfy.cli_args.args.disable_api_nodes = True
+    import comfy.model_management  # noqa: F401  (initialised with the flags above)
+
+    return path
+
+
+def build_model(size: ModelSize, device, dtype, seed: int = 0):
+    """A ComfyUI ModelPatcher around a FLUX.2-shaped ``Flux`` with seeded weights made on ``device``."""
+    import comfy.model_patcher
+    import comfy.supported_models as sm
+    import torch
+
+    head_dim = size.hidden // size.heads
+    axes = [head_dim // 4] * 4
+    config = sm.Flux2(dict(
+        image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=size.context_dim,
+        hidden_size=size.hidden, mlp_ratio=3.0, num_heads=size.heads, depth=size.depth,
+        depth_single_blocks=size.single, axes_dim=axes, theta=2000, patch_size=1, qkv_bias=False,
+        guidance_embed=False, global_modulation=True, mlp_silu_act=True, ops_bias=False,
+        default_ref_method="index", ref_index_scale=10,
+    ))
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, "", device=device)  # disable_weight_init ops: empty tensors, no CPU copy
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.diffusion_model.named_parameters(), key=lambda kv: kv[0]):
+            if p.ndim == 1:  # norms/scales around 1, the rest around 0
+                base = 1.0 if ("norm" in name or name.endswith("scale")) else 0.0
+                p.copy_(base + 0.02 * torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype))
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, device=device, dtype=p.dtype) / math.sqrt(p.shape[-1]))
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=device)
+
+
+def crop_to(latent, k: int):
+    """A reference latent (B, C, h, w) cut to exactly ``k`` tokens: the most square r x (k / r) block."""
+    if k == latent.shape[-2] * latent.shape[-1]:
+        return latent
+    r = max(d for d in range(1, int(math.isqrt(k)) + 1) if k % d == 0)
+    c = k // r
+    if r <= latent.shape[-2] and c <= latent.shape[-1]:
+        return latent[..., :r, :c]
+    return latent.flatten(-2)[..., :k].unsqueeze(-2)  # (B, C, 1, k): same tokens, one row
+
+
+class Timer:
+    def __init__(self, device):
+        import torch
+
+        self.torch = torch
+        self.cuda = device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            self.torch.cuda.synchronize()
+
+    def __call__(self, fn) -> float:
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return time.perf_counter() - t0
+
+
+def _status_mb() -> dict[str, float]:
+    out = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(("VmHWM:", "VmRSS:")):
+                key, value = line.split(":")
+                out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+def peak_memory_mb(fn, device) -> tuple[float | None, float | None]:
+    """(peak, peak minus before) in MiB over one call of ``fn``; (None, None) where not measurable."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        return peak / 2**20, (peak - before) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = _status_mb()["VmRSS"]
+        fn()
+        peak = _status_mb()["VmHWM"]
+        return peak, peak - before
+    except OSError:  # not Linux, or /proc not writable
+        fn()
+        return None, None
+
+
+class Bench:
+    """Forward calls of one base model, dense or patched, on fixed seeded inputs."""
+
+    def __init__(self, size: ModelSize, device, dtype, seed: int = 0):
+        import torch
+
+        self.size, self.device, self.dtype = size, device, dtype
+        self.base = build_model(size, device, dtype, seed)
+        gen = torch.Generator(device=device).manual_seed(seed + 1)
+        g = size.grid
+
+        def rnd(*shape):
+            return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+        self.x = rnd(1, 128, g, g)
+        self.refs = [rnd(1, 128, g, g) for _ in range(max(REFS))]
+        self.context = rnd(1, size.text_tokens, size.context_dim)
+        self.timestep = torch.full((1,), 0.6, device=device, dtype=dtype)
+        self.timer = Timer(device)
+        self._patched: dict[float, object] = {}
+
+    def patched(self, keep: float):
+        from sparse_context.selectors import Budget
+        from sparse_context.sparse_attention import SparseContextConfig, apply_sparse_context
+
+        if keep not in self._patched:
+            cfg = SparseContextConfig(budget=Budget(mode="ratio", ratio=keep), rule="grid", bucket=1)
+            self._patched[keep] = apply_sparse_context(self.base, cfg)
+        return self._patched[keep]
+
+    def call(self, model, refs: list) -> tuple[float, object]:
+        """One timed forward; returns (seconds, the patch's last direct-run report or None)."""
+        import torch
+        from sparse_context.sparse_attention import PATCH_KEY
+        from sparse_context.sparse_attention.direct import patched_diffusion_model
+
+        with patched_diffusion_model(model) as (dm, options), torch.no_grad():
+            def fwd():
+                dm(x=self.x, timestep=self.timestep, context=self.context, y=None, guidance=None,
+                   ref_latents=refs or None, transformer_options=dict(options))
+            seconds = self.timer(fwd)
+        patch = model.model_options.get("transformer_options", {}).get(PATCH_KEY)
+        report = patch.direct_run().report if patch is not None else None
+        return seconds, report
+
+    def memory(self, model, refs: list) -> tuple[float | None, float | None]:
+        import torch
+        from sparse_context.sparse_attention.direct import patched_diffusion_model
+
+        with patched_diffusion_model(model) as (dm, options), torch.no_grad():
+            return peak_memory_mb(lambda: dm(x=self.x, timestep=self.timestep, context=self.context, y=None,
+                                             guidance=None, ref_latents=refs or None,
+                                             transformer_options=dict(options)), self.device)
+
+
+def kept_count(keep: float, n: int) -> int:
+    from sparse_context.selectors import Budget
+
+    return Budget(mode="ratio", ratio=keep).token_count(n_tokens=n)
+
+
+def measure_group(bench: Bench, variants: dict[str, tuple], warmup: int, repeats: int) -> dict[str, dict]:
+    """Warm each variant up, then time them round-robin ``repeats`` times; median seconds + memory."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    reports: dict[str, object] = {}
+    for model, refs in variants.values():
+        for _ in range(warmup):
+            bench.call(model, refs)
+    for _ in range(repeats):
+        for name, (model, refs) in variants.items():
+            seconds, reports[name] = bench.call(model, refs)
+            times[name].append(seconds)
+    out = {}
+    for name, (model, refs) in variants.items():
+        peak, act = bench.memory(model, refs)
+        out[name] = {"s": statistics.median(times[name]), "all_s": times[name], "peak_mb": peak, "act_mb": act,
+                     "report": reports.get(name)}
+    return out
+
+
+def run(args) -> dict:
+    import torch
+
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    size = CONFIGS[args.config]
+    bench = Bench(size, device, dtype, args.seed)
+    n_ref = size.grid * size.grid
+    n_target = n_ref
+    refs_list = [r for r in REFS if r <= args.max_refs]
+    print(f"model {args.config}: hidden {size.hidden}, {size.heads} heads, {size.depth}+{size.single} blocks, "
+          f"text {size.text_tokens}, target {size.grid}x{size.grid}, references {size.grid}x{size.grid} "
+          f"({n_ref} tokens each); {device} {args.dtype}; warmup {args.warmup}, median of {args.repeats}", flush=True)
+
+    noref = measure_group(bench, {"noref": (bench.base, [])}, args.warmup, args.repeats)["noref"]
+    print(f"  no references: {noref['s'] * 1000:.1f} ms", flush=True)
+    records = []
+    for r in refs_list:
+        refs = bench.refs[:r]
+        variants: dict[str, tuple] = {"dense": (bench.base, refs)}
+        for keep in args.keeps:
+            variants[f"sparse@{keep}"] = (bench.patched(keep), refs)
+            k = kept_count(keep, n_ref)
+            if k != n_ref:
+                variants[f"ideal@{keep}"] = (bench.base, [crop_to(x, k) for x in refs])
+        res = measure_group(bench, variants, args.warmup, args.repeats)
+        dense = res["dense"]
+        for keep in args.keeps:
+            sparse = res[f"sparse@{keep}"]
+            ideal = res.get(f"ideal@{keep}", dense)
+            k = kept_count(keep, n_ref)
+            report = sparse["report"] or {}
+            kept = [ref["kept"] for ref in report.get("references", [])]
+            if kept and kept != [k] * r:
+                raise RuntimeError(f"the patch kept {kept} tokens, expected {k} per reference (bucket=1)")
+            rec = {
+                "model": args.config, "device": str(device), "dtype": args.dtype, "refs": r, "keep": keep,
+                "kept_tokens_per_ref": k, "ref_tokens": n_ref, "target_tokens": n_target,
+                "text_tokens": size.text_tokens,
+                "seq_dense": size.text_tokens + n_target + r * n_ref, "seq_sparse": size.text_tokens + n_target + r * k,
+                "dense_s": dense["s"], "sparse_s": sparse["s"], "ideal_s": ideal["s"], "noref_s": noref["s"],
+                "speedup": dense["s"] / sparse["s"], "ideal_speedup": dense["s"] / ideal["s"],
+                "sparse_over_ideal": sparse["s"] / ideal["s"],
+                "peak_mem_mb": {"dense": dense["peak_mb"], "sparse": sparse["peak_mb"], "ideal": ideal["peak_mb"],
+                                "noref": noref["peak_mb"]},
+                "act_mem_mb": {"dense": dense["act_mb"], "sparse": sparse["act_mb"], "ideal": ideal["act_mb"],
+                               "noref": noref["act_mb"]},
+                "attention_work_ratio": report.get("attention_work_ratio"),
+                "times_s": {"dense": dense["all_s"], "sparse": sparse["all_s"], "ideal": ideal["all_s"]},
+            }
+            records.append(rec)
+            print(f"  refs {r} keep {keep:<4}: dense {rec['dense_s'] * 1000:8.1f} ms  sparse {rec['sparse_s'] * 1000:8.1f} ms"
+                  f"  ideal {rec['ideal_s'] * 1000:8.1f} ms  speed-up {rec['speedup']:.2f}x"
+                  f"  sparse/ideal {rec['sparse_over_ideal']:.3f}", flush=True)
+        if args.json:  # partial results survive a run cut short (e.g. a lent GPU's time limit)
+            write_json(args.json, {"meta": dict(meta(args, size, device), partial=True), "records": records})
+    return {"meta": meta(args, size, device), "records": records}
+
+
+def write_json(path: pathlib.Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+
+def meta(args, size: ModelSize, device) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {
+        "config": args.config, "size": asdict(size), "device": str(device), "dtype": args.dtype,
+        "warmup": args.warmup, "repeats": args.repeats, "bucket": 1, "rule": "grid", "attention": "pytorch sdpa",
+        "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu": cpu, "cpu_count": os.cpu_count(),
+        "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        from comfyui_version import __version__ as comfy_version
+
+        info["comfyui"] = comfy_version
+    except ImportError:
+        pass
+    return info
+
+
+def table(result: dict) -> str:
+    """A markdown table of the records."""
+    head = ("| refs | keep | kept/ref | seq dense -> sparse | dense ms | sparse ms | ideal ms | no-ref ms "
+            "| speed-up | sparse/ideal | peak MiB dense -> sparse |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in result["records"]:
+        pd, ps = r["peak_mem_mb"]["dense"], r["peak_mem_mb"]["sparse"]
+        mem = f"{pd:.0f} -> {ps:.0f}" if pd is not None and ps is not None else "n/a"
+        lines.append(
+            f"| {r['refs']} | {r['keep']} | {r['kept_tokens_per_ref']} | {r['seq_dense']} -> {r['seq_sparse']} "
+            f"| {r['dense_s'] * 1000:.1f} | {r['sparse_s'] * 1000:.1f} | {r['ideal_s'] * 1000:.1f} "
+            f"| {r['noref_s'] * 1000:.1f} | {r['speedup']:.2f}x | {r['sparse_over_ideal']:.3f} | {mem} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--config", choices=sorted(CONFIGS), default=None,
+                    help="model size (default: small with --quick, klein9b on cuda, else mid)")
+    ap.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None, help="default: bf16 on cuda, fp32 on cpu")
+    ap.add_argument("--quick", action="store_true", help="small model, fewer repeats (~2 min on 2 CPU cores)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed forwards per variant (default 1)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed forwards per variant (median; default 7, quick 5)")
+    ap.add_argument("--max-refs", type=int, default=4, help="largest reference count of the grid (1, 2, 4)")
+    ap.add_argument("--keeps", type=float, nargs="+", default=list(KEEPS), help="keep ratios")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=pathlib.Path, default=None, help="write the records here")
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    args.config = args.config or ("small" if args.quick else "klein9b" if cuda else "mid")
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.warmup = 1 if args.warmup is None else args.warmup
+    args.repeats = args.repeats or (5 if args.quick else 7)
+
+    import torch
+
+    if cuda and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device available", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import_comfy(args.device)
+    _load_package("sparse_context", ROOT)
+    t0 = time.perf_counter()
+    result = run(args)
+    result["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
+    print()
+    print(table(result))
+    print(f"\n(wall {result['meta']['wall_s']} s; {result['meta']['cpu']}"
+          f"{'; ' + result['meta']['gpu'] if 'gpu' in result['meta'] else ''})")
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
