@@ -83,8 +83,9 @@ class SparseContextSaliencySelector(SparseNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SparseContextSaliencySelector", display_name=cls.NAME, category=CATEGORY,
-            description="Keeps the tokens that stand out (spectral-residual saliency: the subject, not the plain "
-                        "background) first. For subject-driven generation from several references. " + ITEM_NOTE,
+            description="Keeps the tokens that stand out (colour contrast + spectral-residual saliency: the subject, "
+                        "not the plain background) first. For subject-driven generation from several references. "
+                        + ITEM_NOTE,
             inputs=[
                 _image_input("to score"),
                 io.Float.Input("blur_tokens", default=1.0, min=0.0, max=8.0, step=0.1,
