@@ -9,7 +9,8 @@
 #   bash scripts/demo.sh --help
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-eval "$(bash "$repo/scripts/setup.sh")"
+env_vars="$(bash "$repo/scripts/setup.sh")"  # fails the script if setup fails
+eval "$env_vars"
 export COMFYUI_PATH
 # Run by path: Python puts scripts/ (not the pack root, whose selectors/ would shadow the stdlib) on sys.path.
 exec "$PYTHON" "$repo/scripts/demo.py" "$@"

@@ -6,6 +6,9 @@
 # Prints nothing on stdout but the two exports a caller can eval: PYTHON=... and COMFYUI_PATH=...
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# Every Python below runs from / : from the repo root, `python -m ...` would import the pack's
+# selectors/ in place of the stdlib module of that name (venv and pip import it).
+cd /
 dev=0
 [ "${1:-}" = "--dev" ] && dev=1
 venv="${SPARSECONTEXT_VENV:-$repo/.venv}"
@@ -21,8 +24,7 @@ fi
 py="$venv/bin/python"
 pipi() { "$py" -m pip install -q --disable-pip-version-check -c "$constraints" "$@" >&2; }
 
-# Run Python checks from / : from the repo root, the pack's selectors/ would shadow the stdlib module.
-if ! (cd / && "$py" -c "import torch, torchvision") 2>/dev/null; then
+if ! "$py" -c "import torch, torchvision" 2>/dev/null; then
   log "installing torch + torchvision (pinned by $constraints)"
   pipi torch torchvision
 fi

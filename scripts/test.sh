@@ -13,7 +13,8 @@ if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null
       || echo "[test] could not install chromium; browser tests will fail" >&2
   fi
 fi
-eval "$(bash scripts/setup.sh --dev)"
+env_vars="$(bash scripts/setup.sh --dev)"  # fails the script if setup fails
+eval "$env_vars"
 export COMFYUI_PATH
 echo "[test] ComfyUI: $COMFYUI_PATH" >&2
 # console scripts, not `python -m`: that would put the pack root (and its selectors/) on sys.path
