@@ -23,7 +23,6 @@ through /proc/self/clear_refs) during one forward. ``act`` = that peak minus the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -33,6 +32,9 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))  # for packload only
+from packload import load_pack  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PINNED_COMFYUI = ROOT / ".comfyui" / "ComfyUI-0.3.75"
@@ -63,15 +65,6 @@ KEEPS = (1.0, 0.5, 0.25, 0.1)
 REFS = (1, 2, 4)
 
 
-def _load_package(name: str, folder: pathlib.Path):
-    """Import a folder as a package by name (never by putting the repo root on sys.path)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def import_comfy(device: str) -> pathlib.Path:
@@ -400,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     import_comfy(args.device)
-    _load_package("sparse_context", ROOT)
+    load_pack()
     t0 = time.perf_counter()
     result = run(args)
     result["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -10,7 +10,6 @@ script's own folder off it as well).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import platform
@@ -18,18 +17,8 @@ import statistics
 import sys
 import time
 
-
-def _load_pack():
-    if "sparse_context" in sys.modules:
-        return sys.modules["sparse_context"]
-    root = pathlib.Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location(
-        "sparse_context", root / "__init__.py", submodule_search_locations=[str(root)]
-    )
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["sparse_context"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))  # for packload only
+from packload import load_pack  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
     from skimage import data
 
-    _load_pack()
+    load_pack()
     from sparse_context.selectors import (
         DEFAULT_COVERAGE,
         Budget,

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
+
+from packload import load_harness  # scripts/ is on sys.path when this file runs
 
 REPO = Path(__file__).resolve().parents[1]
 HF = "https://huggingface.co"
@@ -335,13 +336,7 @@ def build(object_info: dict) -> dict[str, tuple[dict, dict]]:
 
 
 def main() -> None:
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != REPO]  # the pack's selectors/ shadows stdlib
-    harness = REPO / "tests" / "harness"
-    spec = importlib.util.spec_from_file_location("sc_harness", harness / "__init__.py",
-                                                  submodule_search_locations=[str(harness)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sc_harness"] = module
-    spec.loader.exec_module(module)
+    load_harness()
     from sc_harness.server import ComfyServer
 
     with ComfyServer(with_testpack=False) as server:

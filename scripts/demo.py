@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import shutil
@@ -35,21 +34,12 @@ import time
 import uuid
 from pathlib import Path
 
+from packload import load_harness  # scripts/ is on sys.path when this file runs
+
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY_OF_CONFIG = {"Flux": "flux1_kontext", "Flux2": "flux2_klein", "QwenImage": "qwen_image_edit"}
 
 
-def load_harness():
-    """The tests' harness as the package ``sc_harness`` (as conftest loads it; repo root stays off sys.path)."""
-    if "sc_harness" in sys.modules:
-        return sys.modules["sc_harness"]
-    folder = ROOT / "tests" / "harness"
-    spec = importlib.util.spec_from_file_location("sc_harness", folder / "__init__.py",
-                                                  submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sc_harness"] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- reference images ----------------------------------------------------------------------------

@@ -22,7 +22,8 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-pipi() { "$py" -m pip install -q --disable-pip-version-check -c "$constraints" "$@" >&2; }
+# (the grep drops pip's notes about this machine's unused local index folders; pipefail keeps pip's status)
+pipi() { "$py" -m pip install -q --disable-pip-version-check -c "$constraints" "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; } >&2; }
 
 if ! "$py" -c "import torch, torchvision" 2>/dev/null; then
   log "installing torch + torchvision (pinned by $constraints)"

@@ -17,11 +17,12 @@ Resume: the same command with ``--resume latest`` (or a checkpoint path). ComfyU
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 import sys
 from pathlib import Path
+
+from packload import load_pack  # scripts/ is on sys.path when this file runs
 
 REPO = Path(__file__).resolve().parents[1]
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -36,13 +37,8 @@ def find_comfyui(given: str | None) -> Path:
 
 
 def import_pack():
-    """The pack as the package ``sparse_context`` (never its root on sys.path: its selectors/ shadows stdlib)."""
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (REPO, REPO / "scripts")]
-    spec = importlib.util.spec_from_file_location("sparse_context", REPO / "__init__.py",
-                                                  submodule_search_locations=[str(REPO)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["sparse_context"] = module
-    spec.loader.exec_module(module)
+    """The pack's trainer (the pack is imported as the package ``sparse_context``, see packload)."""
+    load_pack()
     import sparse_context.training as training
 
     return training

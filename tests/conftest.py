@@ -3,30 +3,20 @@ sys.path: its ``selectors/`` would shadow the stdlib module), next to the real C
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))  # packload (the repo root itself never goes on sys.path)
+from packload import load_harness, load_pack, load_package  # noqa: E402
 
-
-def load_package(name: str, folder: Path):
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-harness = load_package("sc_harness", ROOT / "tests" / "harness")
+load_harness()
 from sc_harness.host import import_comfy_on_cpu  # noqa: E402
 
 import_comfy_on_cpu()
-pack = load_package("sparse_context", ROOT)
+pack = load_pack()
 testpack = load_package("sc_testpack", ROOT / "tests" / "comfy_testpack")
 
 
