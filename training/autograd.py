@@ -2,7 +2,7 @@
 
 A plain ``loss.backward()`` fails ("modified by an inplace operation"), and non-reentrant
 ``torch.utils.checkpoint`` silently gives wrong gradients there. Recording the graph while every tensor
-autograd saves is cloned at save time gives exact gradients (checked against finite differences in
+autograd saves is cloned at save time gives exact gradients (checked against forward-mode AD in
 float64 by ``tests/test_training.py``) at the cost of one copy per saved activation.
 """
 
