@@ -1,0 +1,97 @@
+"""The miniature model: a tiny FLUX.1-Kontext-shaped ComfyUI ``Flux``, saved and loaded as safetensors.
+
+Self-contained (no relative imports) so a demo can load this file on its own; needs ComfyUI importable.
+``load_trained_model(path)`` returns a ComfyUI ModelPatcher (base, or base + the drop-robust LoRA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+#: ``comfy.supported_models.Flux`` unet config of the miniature model (FLUX.1 Kontext layout at toy
+#: size: 16 latent channels, patch 2, 3 RoPE axes, pooled vector; no guidance embedding).
+FLUX_KWARGS: dict = dict(
+    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=16,
+    hidden_size=64, mlp_ratio=2.0, num_heads=4, depth=2, depth_single_blocks=2,
+    axes_dim=[4, 6, 6], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=False,
+)
+BASE_FILE, LORA_FILE, CONFIG_FILE = "miniature_flux.safetensors", "miniature_flux_lora.safetensors", "miniature_flux.json"
+
+
+def build_model(flux_kwargs: dict | None = None, seed: int = 0):
+    """A fresh ModelPatcher around ``Flux(**flux_kwargs)`` on the CPU, float32, seeded init.
+
+    Init: linear weights N(0, 1/fan_in), biases 0, norm scales 1; the adaLN modulations and the final
+    projection start at zero (adaLN-Zero), so every block starts as the identity.
+    """
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux(dict(flux_kwargs or FLUX_KWARGS))
+    config.set_inference_dtype(torch.float32, None)
+    model = config.get_model({}, "")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.diffusion_model.named_parameters()):
+            if p.ndim == 1:
+                p.fill_(1.0 if name.endswith("scale") else 0.0)
+            elif "modulation" in name or name.startswith("final_layer"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+    model.eval()
+    cpu = torch.device("cpu")
+    return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
+
+
+def save_model(model_patcher, folder: str | Path, flux_kwargs: dict | None = None, metadata: dict | None = None) -> Path:
+    """Write the diffusion model's weights (safetensors) and its config JSON into ``folder``."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model_patcher.model.diffusion_model.state_dict().items()}
+    save_file(sd, str(folder / BASE_FILE), metadata={"format": "sparse_context_miniature", "prefix": ""})
+    info = {"flux_kwargs": flux_kwargs or FLUX_KWARGS, "model_config": "comfy.supported_models.Flux",
+            "weights": BASE_FILE, "lora": LORA_FILE,
+            "latent": "encoding.py: RGB+luma folded 2x2 -> 16 ch at 1/2 res, scaled so process_latent_in gives 2*px-1",
+            **(metadata or {})}
+    (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return folder / BASE_FILE
+
+
+def load_trained_model(path: str | Path, lora: bool | str | Path = True, strength: float = 1.0):
+    """The trained miniature model as a ComfyUI ModelPatcher.
+
+    Args:
+        path: the results folder (with ``miniature_flux.safetensors`` and ``miniature_flux.json``) or
+            the base safetensors file itself (its JSON next to it).
+        lora: True = apply the drop-robust LoRA found next to it (``miniature_flux_lora.safetensors``,
+            standard ``diffusion_model.<layer>.lora_A/lora_B/alpha`` keys, loaded by ComfyUI's own
+            ``load_lora_for_models``); False = base only; a path = that LoRA file.
+        strength: LoRA strength.
+    """
+    import comfy.sd
+    import comfy.utils
+
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    weights = path if path.is_file() else folder / BASE_FILE
+    config_file = folder / CONFIG_FILE
+    if not weights.is_file() or not config_file.is_file():
+        raise FileNotFoundError(f"load_trained_model: expected {BASE_FILE} and {CONFIG_FILE} in {folder}")
+    info = json.loads(config_file.read_text(encoding="utf-8"))
+    model = build_model(info["flux_kwargs"])
+    sd = comfy.utils.load_torch_file(str(weights), safe_load=True)
+    model.model.diffusion_model.load_state_dict(sd, strict=True)
+    if lora:
+        lora_path = folder / info.get("lora", LORA_FILE) if lora is True else Path(lora)
+        if not lora_path.is_file():
+            raise FileNotFoundError(f"load_trained_model: no LoRA file at {lora_path}")
+        model, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(lora_path), safe_load=True),
+                                                 strength, 0)
+    return model

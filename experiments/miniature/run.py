@@ -1,0 +1,265 @@
+"""The miniature replication, end to end, in one seeded command:
+
+    cd /work/main && .venv/bin/python experiments/miniature/run.py           # full run (< 30 min, 2 CPU cores)
+    cd /work/main && .venv/bin/python experiments/miniature/run.py --smoke   # pipeline check (seconds)
+
+1. trains a tiny FLUX.1-Kontext-shaped ComfyUI ``Flux`` from scratch on three generated tasks
+   (``tasks.py``: recolouring edit, subject placement, multi-reference composition);
+2. fine-tunes it with the pack's drop-robust LoRA trainer (``sparse_context.training.LoraTrainer``:
+   random reference-token dropping through the pack's own patch);
+3. evaluates base and base + LoRA on held-out items through ``apply_sparse_context`` with selections from
+   the pack's selectors, for every keep ratio x selector, sampling with ComfyUI's own sampler;
+4. writes ``results/miniature.json``, ``results/miniature.png``, the model (``miniature_flux*.safetensors``
+   + ``miniature_flux.json``) and, for a full run, copies the JSON and PNG to ``docs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+
+FULL = dict(base_steps=2000, batch=8, lr=2e-3, lora_steps=400, lora_accum=4, lora_lr=2e-3, lora_rank=8,
+            pool=400, n_eval=16, sample_steps=4, ratios=(1.0, 0.5, 0.25, 0.1), selectors=None)
+SMOKE = dict(base_steps=4, batch=2, lr=2e-3, lora_steps=2, lora_accum=1, lora_lr=2e-3, lora_rank=4,
+             pool=2, n_eval=1, sample_steps=2, ratios=(1.0, 0.25), selectors=("random", "saliency", "edge+mask"))
+SEED = 0
+EVAL_SEED = 10**8  # held out: training batches use seeds < 10**7, the LoRA's example pool 5 * 10**7 + i
+
+
+def _bootstrap():
+    spec = importlib.util.spec_from_file_location("sc_miniature_bootstrap", HERE / "bootstrap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.bootstrap()
+
+
+def eval_items(task: str, n: int) -> list:
+    """Held-out one-item batches; multi-reference items cycle through 2, 3 and 4 references."""
+    from sc_miniature import tasks
+
+    t = tasks.TASKS.index(task)
+    return [tasks.make_batch(task, 1, EVAL_SEED + 7919 * t + i, n_refs=2 + i % 3 if task == "multi" else None)
+            for i in range(n)]
+
+
+def lora_examples(n_per_task: int) -> list:
+    """The LoRA's training examples (``sparse_context.training.TrainingExample``, latents as VAEEncode gives them)."""
+    from sc_miniature import encoding, tasks
+    from sparse_context.training import TrainingExample
+
+    out = []
+    for t, task in enumerate(tasks.TASKS):
+        for i in range(n_per_task):
+            b = tasks.make_batch(task, 1, 5 * 10**7 + 100_003 * t + i)
+            out.append(TrainingExample(encoding.encode(b.target), [encoding.encode(r) for r in b.refs], b.context,
+                                       b.pooled, reference_method="offset", meta={"task": task}))
+    return out
+
+
+def evaluate_all(models: dict, cfg: dict, log) -> list[dict]:
+    """Every (task, model, keep ratio, selector) through the patch; returns one row per configuration."""
+    import torch
+    from sc_miniature import evaluate, tasks
+    from sparse_context.selectors import Budget
+    from sparse_context.sparse_attention import PATCH_KEY, SparseContextConfig, apply_sparse_context
+
+    selectors = evaluate._selectors()
+    names = list(cfg["selectors"] or selectors)
+    rows = []
+    for task in tasks.TASKS:
+        items = eval_items(task, cfg["n_eval"])
+        for model_name, model in models.items():
+            configs = [(1.0, "dense", model)]
+            for ratio in cfg["ratios"]:
+                if ratio < 1.0:
+                    # bucket 1: exact kept counts (the default 64 would round 10 % of 256 tokens up to 25 %)
+                    patched = apply_sparse_context(model, SparseContextConfig(budget=Budget(mode="ratio", ratio=ratio),
+                                                                              rule="grid", bucket=1, seed=SEED))
+                    configs += [(ratio, name, patched) for name in names]
+            t0 = time.time()
+            dense_items: list[dict] = []
+            for ratio, name, m in configs:
+                per_item, seconds, report = [], [], None
+                for i, item in enumerate(items):
+                    binding = None if name == "dense" else evaluate.binding_for(item, selectors[name], ratio, seed=i)
+                    pred, sec = evaluate.generate(m, item, binding, cfg["sample_steps"], seed=1000 + i)
+                    per_item.append(evaluate.metrics(pred, item))
+                    seconds.append(sec / cfg["sample_steps"])
+                    if name != "dense" and report is None:
+                        report = m.model_options["transformer_options"][PATCH_KEY].last_report
+                row = {"task": task, "model": model_name, "selector": name, "keep_ratio": ratio, "n": len(items)}
+                for k in per_item[0]:
+                    vals = torch.tensor([r[k] for r in per_item], dtype=torch.float64)
+                    row[k] = round(float(vals.mean()), 4)
+                    row[f"{k}_sem"] = round(float(vals.std() / len(vals) ** 0.5), 4) if len(vals) > 1 else 0.0
+                if name == "dense":
+                    dense_items = per_item
+                else:  # paired with the dense output of the same items and noise: a much tighter estimate
+                    for k in ("psnr", "ssim"):
+                        diff = torch.tensor([a[k] - b[k] for a, b in zip(per_item, dense_items, strict=True)],
+                                            dtype=torch.float64)
+                        row[f"{k}_minus_dense"] = round(float(diff.mean()), 4)
+                        row[f"{k}_minus_dense_sem"] = round(float(diff.std() / len(diff) ** 0.5), 4) if len(diff) > 1 else 0.0
+                row["sec_per_step"] = round(float(torch.tensor(seconds).median()), 5)
+                if report is not None:
+                    row["kept_tokens_first_item"] = [r["kept"] for r in report["references"]]
+                    row["tokens_first_item"] = [r["tokens"] for r in report["references"]]
+                    row["attention_work_ratio_first_item"] = round(report["attention_work_ratio"], 4)
+                rows.append(row)
+            log(f"  evaluated {task} / {model_name}: {len(configs)} configurations x {len(items)} items "
+                f"({time.time() - t0:.0f} s)")
+    return rows
+
+
+def summarize(rows: list[dict], ratios: tuple) -> dict:
+    """Per task and model: dense, the default selector vs random, the best selector per ratio, target checks."""
+    from sc_miniature.evaluate import DEFAULT_SELECTOR
+
+    def get(task, model, sel, ratio):
+        return next((r for r in rows if (r["task"], r["model"], r["selector"], r["keep_ratio"]) == (task, model, sel, ratio)), None)
+
+    out: dict = {}
+    for task in sorted({r["task"] for r in rows}):
+        out[task] = {}
+        for model in sorted({r["model"] for r in rows}):
+            dense = get(task, model, "dense", 1.0)
+            d = {"dense_psnr": dense["psnr"], "dense_ssim": dense["ssim"], "default_selector": DEFAULT_SELECTOR[task]}
+            for ratio in ratios:
+                if ratio >= 1.0:
+                    continue
+                cands = [r for r in rows if (r["task"], r["model"], r["keep_ratio"]) == (task, model, ratio)]
+                best = max(cands, key=lambda r: r["psnr"])
+                default, rnd = get(task, model, DEFAULT_SELECTOR[task], ratio), get(task, model, "random", ratio)
+                d[f"keep_{ratio}"] = {
+                    "best_selector": best["selector"], "best_psnr": best["psnr"],
+                    "default_psnr": default["psnr"] if default else None,
+                    "default_ssim": default["ssim"] if default else None,
+                    "random_psnr": rnd["psnr"] if rnd else None,
+                    "default_minus_dense_psnr": round(default["psnr"] - dense["psnr"], 3) if default else None,
+                    "default_minus_dense_ssim": round(default["ssim"] - dense["ssim"], 4) if default else None,
+                    "default_minus_random_psnr": round(default["psnr"] - rnd["psnr"], 3) if default and rnd else None,
+                }
+            out[task][model] = d
+    checks = {}
+    if "edit" in out and "base" in out["edit"]:
+        checks["edit_dense_psnr_at_least_25dB"] = out["edit"]["base"]["dense_psnr"] >= 25.0
+    for task, models in out.items():
+        lora = models.get("lora", {}).get("keep_0.25")
+        if lora and lora["default_psnr"] is not None:
+            checks[f"{task}_lora_default_keep0.25_within_0.5dB_of_dense"] = lora["default_minus_dense_psnr"] >= -0.5
+            checks[f"{task}_lora_default_keep0.25_within_0.01_ssim_of_dense"] = lora["default_minus_dense_ssim"] >= -0.01
+        for ratio in (0.25, 0.1):
+            for model, d in models.items():
+                k = d.get(f"keep_{ratio}")
+                if k and k["default_minus_random_psnr"] is not None:
+                    checks[f"{task}_{model}_default_not_worse_than_random_keep{ratio}"] = k["default_minus_random_psnr"] >= 0.0
+    return {"per_task": out, "checks": checks}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a few steps of everything (CI)")
+    parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    cfg = dict(SMOKE if args.smoke else FULL)
+    t_start = time.time()
+
+    def log(msg: str) -> None:
+        print(f"[{time.time() - t_start:7.1f} s] {msg}", flush=True)
+
+    _bootstrap()
+    import torch
+    from sc_miniature import evaluate, model, plot, tasks, train
+    from sparse_context.training import KeepRatioDistribution, LoraConfig, LoraTrainer, TrainConfig
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(SEED)
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    # 1. base model from scratch
+    base = model.build_model(seed=SEED)
+    params = list(base.model.diffusion_model.parameters())
+    n_params = sum(p.numel() for p in params)
+    log(f"base model: {n_params} parameters; training {cfg['base_steps']} steps x batch {cfg['batch']}")
+    for p in params:
+        p.requires_grad_(True)
+    base_losses = train.train(base, params, cfg["base_steps"], batch=cfg["batch"], lr=cfg["lr"], seed=SEED,
+                              log=log, log_every=max(1, cfg["base_steps"] // 10))
+    for p in params:
+        p.requires_grad_(False)
+    t_base = time.time() - t_start
+    model.save_model(base, out, metadata={"trained_steps": cfg["base_steps"], "tasks": list(tasks.TASKS)})
+
+    # 2. drop-robust LoRA with the pack's trainer
+    keep = KeepRatioDistribution(kind="uniform", low=0.05, high=1.0, dense_share=0.15)
+    lora_cfg = LoraConfig(rank=cfg["lora_rank"], alpha=float(cfg["lora_rank"]), targets="attention_mlp")
+    train_cfg = TrainConfig(steps=cfg["lora_steps"], learning_rate=cfg["lora_lr"], warmup_steps=20,
+                            grad_accumulation=cfg["lora_accum"], keep_ratios=keep, timestep_sampling="shifted",
+                            seed=SEED, recommended_keep_ratio=0.25)
+    examples = lora_examples(cfg["pool"])
+    log(f"LoRA: {len(examples)} examples, {cfg['lora_steps']} steps x {cfg['lora_accum']} examples, {keep.describe()}")
+    trainer = LoraTrainer(base, lora_cfg, train_cfg)
+    lora_losses = trainer.fit(examples, progress=False,
+                              callback=lambda s, loss: log(f"  LoRA step {s}/{cfg['lora_steps']} loss {loss:.4f}")
+                              if s % max(1, cfg["lora_steps"] // 10) == 0 else None)
+    trainer.save(out / model.LORA_FILE)
+    t_lora = time.time() - t_start - t_base
+
+    # 3. evaluation through the patch (models loaded back from the saved files, as the demo does)
+    models = {"base": model.load_trained_model(out, lora=False), "lora": model.load_trained_model(out, lora=True)}
+    rows = evaluate_all(models, cfg, log)
+    t_eval = time.time() - t_start - t_base - t_lora
+    summary = summarize(rows, cfg["ratios"])
+
+    def thin(xs: list[float], n: int = 200) -> list[float]:
+        step = max(1, len(xs) // n)
+        return [round(sum(xs[i:i + step]) / len(xs[i:i + step]), 5) for i in range(0, len(xs), step)]
+
+    result = {
+        "schema": "sparse_context.miniature/1",
+        "smoke": args.smoke,
+        "command": "cd /work/main && .venv/bin/python experiments/miniature/run.py " + " ".join(
+            sys.argv[1:] if argv is None else argv),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "model": {"class": "comfy.ldm.flux.model.Flux via comfy.supported_models.Flux", "flux_kwargs": model.FLUX_KWARGS,
+                  "parameters": n_params, "reference_method": "offset", "image_px": tasks.SIZE,
+                  "px_per_token": evaluate.STRIDE, "files": [model.BASE_FILE, model.LORA_FILE, model.CONFIG_FILE]},
+        "lora": {"trainer": "sparse_context.training.LoraTrainer", "rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
+                 "targets": lora_cfg.targets, "keep_ratios": json.loads(keep.to_json()),
+                 "steps": cfg["lora_steps"], "examples_per_step": cfg["lora_accum"], "timestep_sampling": "shifted"},
+        "sampling": {"how": "ComfyUI comfy.sample.sample (sc_harness.sampling.sample), one item at a time",
+                     "sampler": "euler", "scheduler": "simple", "steps": cfg["sample_steps"], "cfg": 1.0},
+        "selectors": {name: {"coverage": s.coverage} for name, s in evaluate._selectors().items()},
+        "default_selector": evaluate.DEFAULT_SELECTOR,
+        "timing_s": {"train_base": round(t_base, 1), "train_lora": round(t_lora, 1), "evaluate": round(t_eval, 1),
+                     "total": round(time.time() - t_start, 1)},
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+                    "torch": torch.__version__, "python": platform.python_version()},
+        "losses": {"base": thin(base_losses), "lora": thin(lora_losses)},
+        "results": rows,
+        "summary": summary,
+    }
+    (out / "miniature.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+    plot.make_figure(result, out / "miniature.png")
+    if not args.smoke and out.resolve() == (HERE / "results").resolve():
+        shutil.copyfile(out / "miniature.json", ROOT / "docs" / "miniature.json")
+        shutil.copyfile(out / "miniature.png", ROOT / "docs" / "miniature.png")
+    log(f"done: {out / 'miniature.json'}; checks: {summary['checks']}")
+    return result
+
+
+if __name__ == "__main__":
+    if sys.path and Path(sys.path[0]).resolve() == HERE:
+        sys.path.pop(0)  # this folder is loaded as the package ``sc_miniature``, never as top-level modules
+    main()

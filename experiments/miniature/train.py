@@ -1,0 +1,68 @@
+"""Flow-matching training of the miniature model through ComfyUI's own Flux forward.
+
+Targets follow ComfyUI's CONST (rectified flow) sampling: ``x_t = sigma * noise + (1 - sigma) * x0``,
+the model predicts ``noise - x0`` at timestep ``sigma``. The graph is recorded under
+``saved_tensors_hooks(pack=clone)`` because ComfyUI's Flux blocks add residuals in place (a plain
+backward fails and checkpointing gives wrong gradients; see docs/notes).
+
+This trains the BASE model from scratch (all weights, batches of one task at a time). The drop-robust
+LoRA fine-tune is the pack's own ``training.LoraTrainer`` (see ``run.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+
+from . import encoding, tasks
+
+
+def model_latents(model, images: torch.Tensor) -> torch.Tensor:
+    """IMAGE (B, H, W, 3) -> the latent as the diffusion model sees it (after ``process_latent_in``)."""
+    return model.model.process_latent_in(encoding.encode(images))
+
+
+def train(model, params: list[torch.nn.Parameter], steps: int, *, batch: int = 8, lr: float = 2e-3, seed: int = 0,
+          task_list: tuple[str, ...] = tasks.TASKS, warmup: int = 50,
+          log: Callable[[str], None] = print, log_every: int = 100) -> list[float]:
+    """Train ``params`` of ``model`` (a ComfyUI ModelPatcher) for ``steps`` AdamW steps (cosine decay after
+    ``warmup``); tasks take turns, one task per batch. Returns the loss per step."""
+    from sparse_context.sparse_attention.direct import patched_diffusion_model
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+    losses: list[float] = []
+    t0 = time.time()
+    with patched_diffusion_model(model) as (dm, base_options):
+        dm.train()
+        for step in range(steps):
+            task = task_list[step % len(task_list)]
+            b = tasks.make_batch(task, batch, seed=seed * 1_000_003 + step)
+            x0 = model_latents(model, b.target)
+            refs = [model_latents(model, r) for r in b.refs]
+            noise = torch.randn(x0.shape, generator=gen)
+            sigma = torch.rand(batch, generator=gen).sqrt()  # density 2*sigma: sampling starts at sigma 1
+            s = sigma.view(-1, 1, 1, 1)
+            x_t = s * noise + (1 - s) * x0
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+                pred = dm(x_t, sigma, b.context, y=b.pooled, ref_latents=refs, ref_latents_method="offset",
+                          transformer_options=dict(base_options))
+            loss = torch.nn.functional.mse_loss(pred, noise - x0)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            if log_every and ((step + 1) % log_every == 0 or step == steps - 1):
+                recent = losses[-log_every:]
+                log(f"  step {step + 1}/{steps}  loss {sum(recent) / len(recent):.4f}  ({time.time() - t0:.0f} s)")
+        dm.eval()
+    for p in params:
+        p.grad = None
+    return losses
