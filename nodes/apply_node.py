@@ -116,7 +116,8 @@ class SparseContextApply(SparseNode):
                                      "references of a step, split by score mass and weight."),
                 io.Int.Input("bucket", default=64, min=1, max=4096,
                              tooltip="Kept counts are rounded up to a multiple of this (fewer distinct shapes for "
-                                     "torch.compile and attention kernels). 1 = exact."),
+                                     "torch.compile and attention kernels), at most 1/16 of a reference's tokens. "
+                                     "1 = exact."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Sampling progress where sparse references start (dense before)."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,

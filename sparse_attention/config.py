@@ -21,7 +21,7 @@ class SparseContextConfig:
         total_tokens: if set, ONE budget shared by all references of a forward, in proportion to their
             score mass and weights (overrides per-reference budgets' counts).
         bucket: kept counts are rounded UP to a multiple of this (fewer distinct shapes for
-            torch.compile and attention kernels); 1 = exact.
+            torch.compile and attention kernels), at most 1/16 of a reference's tokens; 1 = exact.
         start_percent, end_percent: sampling-progress window in which references are sparse; dense
             outside it.
         seed: seed of the random rule and of deterministic tie-breaking.

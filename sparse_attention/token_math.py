@@ -22,10 +22,15 @@ def latent_token_grid(latent_shape: tuple[int, ...], patch_size: int) -> tuple[i
 
 
 def bucket_round(k: int, bucket: int, n: int) -> int:
-    """Round a kept count UP to a multiple of ``bucket``, never past ``n``; 0 stays 0."""
+    """Round a kept count UP to a multiple of the bucket, never past ``n``; 0 stays 0.
+
+    The bucket is capped at 1/16 of the reference's ``n`` tokens, so rounding never adds more than
+    ~6 % of a small reference (a 64-token bucket on a 256-token reference would turn keep 0.1 into 0.25).
+    """
     if k <= 0:
         return 0
-    return min(n, -(-k // bucket) * bucket)
+    step = max(1, min(bucket, n // 16))
+    return min(n, -(-k // step) * step)
 
 
 def latent_detail_scores(latent: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

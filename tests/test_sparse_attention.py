@@ -188,12 +188,16 @@ def test_keep_ratio_zero_equals_running_without_the_reference():
     assert (out_zero - out_none).abs().max().item() < 1e-6
 
 
-def test_bucket_rounds_kept_counts_up():
+def test_bucket_rounds_kept_counts_up_by_at_most_a_sixteenth_of_the_reference():
+    from sparse_context.sparse_attention.token_math import bucket_round
+
     family = "flux1_kontext"
     base = sc_testpack.build_model_patcher(family, seed=8)
-    inputs = forward_inputs(family, 4, (64, 64), [(256, 256)])  # 16x16 = 256 tokens
-    sparse = apply_sparse_context(base, _config(0.3, bucket=64))
-    assert run_forward(sparse, inputs).plans[0].kept == 128  # round(0.3 * 256) = 77 -> next multiple of 64
+    inputs = forward_inputs(family, 4, (64, 64), [(512, 512), (256, 256)])  # 32x32 and 16x16 tokens
+    plans = run_forward(apply_sparse_context(base, _config(0.3, bucket=64)), inputs).plans
+    assert plans[0].kept == 320  # round(0.3 * 1024) = 307 -> next multiple of 64
+    assert plans[1].kept == 80  # round(0.3 * 256) = 77 -> next multiple of 16 (= 256 / 16), not 128
+    assert [bucket_round(k, 64, 4096) for k in (0, 1, 64, 65, 4096)] == [0, 64, 64, 128, 4096]
 
 
 def test_step_window_runs_dense_outside_it():
