@@ -1,9 +1,14 @@
 """SparseContext demo: one multi-reference graph, sampled dense and sparse on a real headless ComfyUI.
 
 Run it with ``bash scripts/demo.sh`` (sets everything up first); options:
-    --refs 4 --size 512 --steps 6 --keep 0.25      the graph (references of size x size pixels)
-    --out demo_output                               where images, keep maps and timings.json go
-    --model tiny                                    (default) the test pack's seeded FLUX.2-klein-shaped model
+    --out demo_output                               where images, keep maps, comparison.png, timings.json go
+    --model miniature                               (default) the trained miniature model of experiments/miniature
+                                                    (base + its drop-robust LoRA) on one of its own tasks:
+    --task multi --example 0 --refs 4 --repeats 10  which task example, how many references, timing repeats
+    --threads N                                     CPU threads for ComfyUI (miniature default 1)
+    --no-lora                                       the base model only (dense and sparse alike)
+    --steps N --keep 0.25 --bucket N                sampling steps (default: the experiment's), keep ratio, bucket
+    --model tiny --size 512                         the test pack's seeded FLUX.2-klein-shaped model (noise images)
     --model small.safetensors                       a small trained model, its JSON config beside it
                                                     (``SCTest_SafetensorsModel``; e.g. experiments/miniature)
     --model flux-2-klein-9b.safetensors --clip qwen_3_8b.safetensors --vae flux2-vae.safetensors
@@ -11,12 +16,18 @@ Run it with ``bash scripts/demo.sh`` (sets everything up first); options:
                                                     to your ComfyUI; a GPU is used if that ComfyUI has one)
     --images a.png b.png ...                        your own references (default: drawn synthetic scenes)
 
-The graph mirrors ``workflows/sparse_flux2_klein_multi_reference.json``: each reference image is scaled,
+The graph mirrors ``workflows/sparse_flux2_klein_multi_reference.json``: each reference image is
 encoded, scored by Sparse Saliency Selector and added with Sparse Reference Latent; Apply Sparse Context
-patches the model; KSampler samples. Dense = the same graph with the unpatched model. Tiny/small models
-have no text encoder or VAE, so the test pack's nodes stand in for them (seeded conditioning, a fixed
-image->latent projection, a fixed latent->image projection): the pictures are not meaningful, the
-timings and keep maps are. Per-step times come from ComfyUI's websocket progress events.
+patches the model; KSampler samples. Dense = the same graph with the unpatched model, same seed.
+
+The default miniature model (a 0.37M-parameter FLUX.1-Kontext-shaped ComfyUI ``Flux`` trained by
+``experiments/miniature/run.py``) was trained on generated tasks, so its pictures are a real result: the
+test pack's nodes give it a task example (references, ground-truth target, one-hot "text"), its
+invertible pixel "VAE" and its safetensors weights (+ LoRA through core's LoraLoaderModelOnly); the demo
+prints the PSNR of dense and sparse against the target next to the timings and writes
+``comparison.png`` (references | keep maps | dense | sparse | target). The seeded tiny model and other
+small models have no meaningful pictures (their timings and keep maps are real). Per-step times come
+from ComfyUI's websocket progress events.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
 import signal
@@ -38,8 +50,15 @@ from packload import load_harness  # scripts/ is on sys.path when this file runs
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY_OF_CONFIG = {"Flux": "flux1_kontext", "Flux2": "flux2_klein", "QwenImage": "qwen_image_edit"}
-
-
+MINIATURE = ROOT / "experiments" / "miniature" / "results"
+MINIATURE_WEIGHTS, MINIATURE_LORA = "miniature_flux.safetensors", "miniature_flux_lora.safetensors"
+MINIATURE_PX_PER_TOKEN = 4  # experiments/miniature/encoding.py: 2x2 folding x Flux patch 2
+SELECTOR_ZOOM = 16 // MINIATURE_PX_PER_TOKEN  # the selector nodes score 16 px tokens: enlarge the image to match
+#: Selector node per name in ``miniature.json``'s ``default_selector`` (needs only the reference image).
+SELECTOR_NODES = {"saliency": ("SparseContextSaliencySelector", {"blur_tokens": 1.0}),
+                  "edge": ("SparseContextEdgeSelector", {"low_threshold": 0.1, "high_threshold": 0.2, "spread": 1}),
+                  "grid": ("SparseContextGridSelector", {}),
+                  "random": ("SparseContextRandomSelector", {"seed": 0})}
 
 
 # -- reference images ----------------------------------------------------------------------------
@@ -94,7 +113,8 @@ class Graph:
         return [node_id, 0]
 
 
-def build_prompt(opts, images: list[str], mode: str, sparse: bool, steps: int, has_encoder: bool) -> dict:
+def build_prompt(opts, images: list[str], mode: str, sparse: bool, steps: int, has_encoder: bool,
+                 seed: int | None = None) -> dict:
     """The multi-reference graph (dense or sparse) for ``mode`` tiny / small / real."""
     g = Graph()
     fam = opts.family
@@ -135,13 +155,112 @@ def build_prompt(opts, images: list[str], mode: str, sparse: bool, steps: int, h
                       bucket=opts.bucket, start_percent=0.0, end_percent=1.0, seed=0, enabled=True)
     tag = "sparse" if sparse else "dense"
     sampled = g.add(f"sampler_{tag}", "KSampler", model=model, positive=cond, negative=cond, latent_image=empty,
-                    seed=opts.seed, steps=steps, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+                    seed=opts.seed if seed is None else seed, steps=steps, cfg=1.0, sampler_name="euler",
+                    scheduler="simple", denoise=1.0)
     if mode == "real":
         picture = g.add(f"decode_{tag}", "VAEDecode", samples=sampled, vae=vae)
     else:
         picture = g.add(f"decode_{tag}", "SCTest_LatentToImage", samples=sampled)
     g.add(f"save_{tag}", "SaveImage", images=picture, filename_prefix=f"sc_demo_{tag}")
     return g.nodes
+
+
+def miniature_settings(task: str) -> tuple[int, str]:
+    """(sampling steps, selector name) the experiment used for ``task`` (results/miniature.json), else (4, saliency)."""
+    try:
+        info = json.loads((MINIATURE / "miniature.json").read_text(encoding="utf-8"))
+        steps = int(info.get("sampling", {}).get("steps", 4))
+        selector = str(info.get("default_selector", {}).get(task, "saliency"))
+    except (OSError, ValueError):
+        return 4, "saliency"
+    return steps, selector
+
+
+def build_miniature_prompt(opts, sparse: bool, steps: int, seed: int, save_inputs: bool) -> dict:
+    """The trained miniature model on one task example: references -> encode + select -> Sparse
+    Reference Latent -> (Apply Sparse Context) -> KSampler -> decode, plus the target (ground truth)."""
+    g = Graph()
+    model = g.add("model", "SCTest_SafetensorsModel", path=str(opts.weights))
+    if opts.lora:  # in both runs, so dense and sparse differ only by the token dropping
+        model = g.add("lora", "LoraLoaderModelOnly", model=model, lora_name=MINIATURE_LORA, strength_model=1.0)
+    task = g.add("task", "SCTest_MiniatureTask", task=opts.task, seed=opts.example, references=opts.refs)
+    refs, target, cond = [task[0], 0], [task[0], 1], [task[0], 2]
+    node, widgets = SELECTOR_NODES[opts.selector]
+    for i in range(1, opts.refs + 1):
+        image = g.add(f"ref_{i}", "ImageFromBatch", image=refs, batch_index=i - 1, length=1)
+        latent = g.add(f"encode_{i}", "SCTest_MiniatureEncode", image=image)
+        # One miniature token is 4x4 px; the selector nodes score 16x16 px tokens (real models): an exact
+        # 4x nearest enlargement gives them one score per miniature token, the same grid the patch uses.
+        big = g.add(f"zoom_{i}", "ImageScaleBy", image=image, upscale_method="nearest-exact", scale_by=SELECTOR_ZOOM)
+        selection = g.add(f"select_{i}", node, image=big, weight=1.0, **widgets)
+        cond = g.add(f"reference_{i}", "SparseContextReferenceLatent", conditioning=cond, latent=latent,
+                     selection=selection)
+        if save_inputs:
+            keep_map = g.add(f"keepmap_{i}", "SparseContextPreview", image=big, selection=selection, bucket=opts.bucket)
+            g.add(f"save_keepmap_{i}", "SaveImage", images=keep_map, filename_prefix=f"sc_demo_keepmap_{i}")
+            g.add(f"save_ref_{i}", "SaveImage", images=big, filename_prefix=f"sc_demo_reference_{i}")
+    if save_inputs:
+        g.add("save_target", "SaveImage", images=target, filename_prefix="sc_demo_target")
+    empty = g.add("empty", "SCTest_MiniatureEmptyLatent", width=opts.size, height=opts.size, batch_size=1)
+    if sparse:
+        model = g.add("sparse", "SparseContextApply", model=model, keep_ratio=opts.keep, rule="grid", total_tokens=0,
+                      bucket=opts.bucket, start_percent=0.0, end_percent=1.0, seed=0, enabled=True)
+    tag = "sparse" if sparse else "dense"
+    sampled = g.add(f"sampler_{tag}", "KSampler", model=model, positive=cond, negative=cond, latent_image=empty,
+                    seed=seed, steps=steps, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+    picture = g.add(f"decode_{tag}", "SCTest_MiniatureDecode", samples=sampled)
+    g.add(f"save_{tag}", "SaveImage", images=picture, filename_prefix=f"sc_demo_{tag}")
+    return g.nodes
+
+
+# -- quality: PSNR against the target, and the side-by-side picture ----------------------------------
+def psnr(image: Path, target: Path) -> float:
+    """PSNR (dB, data range 1) of two saved 8-bit PNGs of the same size."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(image).convert("RGB"), dtype=np.float64) / 255
+    b = np.asarray(Image.open(target).convert("RGB"), dtype=np.float64) / 255
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: {image.name} is {a.shape}, {target.name} is {b.shape}")
+    mse = float(((a - b) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def comparison_png(out: Path, refs: list[Path], keep_maps: list[Path], labels: dict[str, str], title: str,
+                   tile: int = 160) -> Path:
+    """``comparison.png``: a title line, then references | keep maps | dense | sparse | target, each tile
+    ``tile`` px (nearest scaling, so single pixels stay visible), a caption under each."""
+    from PIL import Image, ImageDraw
+
+    tiles = [(p, f"reference {i}") for i, p in enumerate(refs, 1)]
+    tiles += [(p, f"keep map {i}") for i, p in enumerate(keep_maps, 1)]
+    tiles += [(out / f"{k}.png", labels[k]) for k in ("dense", "sparse", "target")]
+    gap, caption = 6, 18
+    width = len(tiles) * (tile + gap) + gap
+    lines = _wrap(title, width - 2 * gap, ImageDraw.Draw(Image.new("RGB", (1, 1))))
+    head = 4 + 14 * len(lines)
+    sheet = Image.new("RGB", (width, head + tile + caption + 2 * gap), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((gap, 4), "\n".join(lines), fill=(0, 0, 0), spacing=3)
+    for n, (path, text) in enumerate(tiles):
+        x = gap + n * (tile + gap)
+        sheet.paste(Image.open(path).convert("RGB").resize((tile, tile), Image.NEAREST), (x, head + gap))
+        draw.text((x + 2, head + gap + tile + 3), text, fill=(0, 0, 0))
+    path = out / "comparison.png"
+    sheet.save(path)
+    return path
+
+
+def _wrap(text: str, width: float, draw) -> list[str]:
+    """``text`` broken at spaces into lines at most ``width`` pixels wide (PIL's default font)."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines
 
 
 # -- running and timing ------------------------------------------------------------------------
@@ -214,39 +333,85 @@ def collect_images(server, prompt_id: str, out: Path, rename: dict[str, str]) ->
     return copied
 
 
-def summarize(name: str, run: dict) -> dict:
-    steps = run["step_s"]
-    later = steps[1:] or steps  # step 1 also pays for loading the model and planning the tokens
-    return {"run": name, "steps": len(steps), "step_s": steps, "first_step_s": steps[0],
-            "median_step_s": statistics.median(later), "sampling_s": run["sampling_s"], "prompt_s": run["prompt_s"]}
+def summarize(name: str, runs: list[dict]) -> dict:
+    """Per-step times of ``runs`` (repeats of one mode); the median pools steps 2.. of every run (step 1
+    also pays for loading the model and planning the tokens)."""
+    later = [s for run in runs for s in (run["step_s"][1:] or run["step_s"])]
+    first = runs[0]
+    return {"run": name, "steps": len(first["step_s"]), "step_s": first["step_s"],
+            "runs_step_s": [run["step_s"] for run in runs], "first_step_s": first["step_s"][0],
+            "median_step_s": statistics.median(later), "sampling_s": first["sampling_s"],
+            "prompt_s": first["prompt_s"]}
 
 
 # -- main --------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "demo_output", help="output folder (default demo_output/)")
-    ap.add_argument("--refs", type=int, default=4, help="number of reference images")
-    ap.add_argument("--size", type=int, default=512, help="target and reference size in pixels (multiple of 16)")
-    ap.add_argument("--steps", type=int, default=8, help="sampling steps per run")
+    ap.add_argument("--refs", type=int, default=4, help="number of reference images (miniature: 2-4)")
+    ap.add_argument("--size", type=int, default=512, help="tiny/real: target and reference size in pixels (multiple "
+                                                          "of 16); the miniature's sizes are fixed by its task")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="sampling steps per run (default: the experiment's for the miniature, else 8)")
     ap.add_argument("--keep", type=float, default=0.25, help="keep_ratio of Apply Sparse Context")
-    ap.add_argument("--bucket", type=int, default=64, help="bucket of Apply Sparse Context")
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--bucket", type=int, default=None,
+                    help="bucket of Apply Sparse Context (default 8 for the miniature's 64-token references, else 64)")
+    ap.add_argument("--seed", type=int, default=42, help="sampling seed (the same for dense and sparse)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="CPU threads for ComfyUI's torch (OMP_NUM_THREADS); fewer than the cores if others share them")
+                    help="CPU threads for ComfyUI's torch (OMP_NUM_THREADS; miniature default 1); fewer than the "
+                         "cores if others share them")
     ap.add_argument("--text-tokens", type=int, default=64, help="tiny/small models: length of the seeded text")
-    ap.add_argument("--model", default="tiny", help="tiny | a small .safetensors (+ JSON) | a real FLUX.2 .safetensors")
+    ap.add_argument("--model", default="miniature",
+                    help="miniature (default) | tiny | a small .safetensors (+ JSON) | a real FLUX.2 .safetensors")
+    ap.add_argument("--task", default="multi", choices=["multi", "subject", "edit"], help="miniature: which task")
+    ap.add_argument("--example", type=int, default=0, help="miniature: which task example (its generator's seed)")
+    ap.add_argument("--no-lora", dest="lora", action="store_false",
+                    help="miniature: base model only (default: base + the drop-robust LoRA, in both runs)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed runs per mode, alternating dense/sparse (miniature default 10: its steps are ~10 ms); "
+                         "images and PSNR come from the first, later repeats use seed+1, seed+2, ...")
     ap.add_argument("--clip", default=None, help="real model: its text encoder file (e.g. qwen_3_8b_fp8mixed.safetensors)")
     ap.add_argument("--vae", default=None, help="real model: its VAE file (flux2-vae.safetensors)")
     ap.add_argument("--prompt", default="The person from image 1 wears the jacket from image 2 and holds the cup from "
                                         "image 3, in the street of image 4.", help="real model: the prompt")
-    ap.add_argument("--images", nargs="+", type=Path, default=None, help="your own reference images")
+    ap.add_argument("--images", nargs="+", type=Path, default=None, help="tiny/real: your own reference images")
     opts = ap.parse_args(argv)
-    if opts.size % 16 or opts.size < 64:
-        ap.error("--size: a multiple of 16, at least 64")
-    if not 1 <= opts.refs <= 8:
-        ap.error("--refs: 1 to 8")
     opts.mode, opts.family = "tiny", "flux2_klein"
-    if opts.model != "tiny":
+    if opts.model == "miniature" or (opts.model != "tiny" and Path(opts.model).expanduser().resolve()
+                                     == (MINIATURE / MINIATURE_WEIGHTS).resolve()):
+        opts.mode, opts.family = "miniature", "flux1_kontext"
+        opts.weights = (MINIATURE / MINIATURE_WEIGHTS).resolve()
+        if not opts.weights.is_file() or not opts.weights.with_suffix(".json").is_file():
+            ap.error(f"--model miniature: no {MINIATURE_WEIGHTS} + JSON in {MINIATURE}; run experiments/miniature/run.py")
+        if opts.lora and not (MINIATURE / MINIATURE_LORA).is_file():
+            ap.error(f"--model miniature: no {MINIATURE_LORA} in {MINIATURE} (or pass --no-lora)")
+        if opts.images is not None:
+            ap.error("--images: the miniature model works on its own tasks' images (use --task / --example)")
+        if opts.task == "multi" and not 2 <= opts.refs <= 4:
+            ap.error("--refs: 2 to 4 for the miniature's multi-reference task")
+        if opts.task != "multi":
+            opts.refs = 1
+        steps, opts.selector = miniature_settings(opts.task)
+        if opts.selector not in SELECTOR_NODES:  # e.g. edge+mask for edits: this demo has no mask input
+            print(f"[demo] note: the experiment's selector for {opts.task} is {opts.selector!r}; this demo uses "
+                  "saliency (it needs only the image)", file=sys.stderr)
+            opts.selector = "saliency"
+        opts.steps = opts.steps or steps
+        opts.bucket = opts.bucket or 8
+        opts.repeats = opts.repeats or 10
+        # 1 thread (as the experiment measured): at ~10 ms per step, two OpenMP threads on a shared 2-core
+        # machine measured 0.8 s per step (waiting on each other), which times contention, not the model.
+        opts.threads = opts.threads or 1
+        opts.size = 64  # tasks.SIZE: the target picture
+    else:
+        opts.steps, opts.bucket, opts.repeats = opts.steps or 8, opts.bucket or 64, opts.repeats or 1
+        if opts.size % 16 or opts.size < 64:
+            ap.error("--size: a multiple of 16, at least 64")
+        if not 1 <= opts.refs <= 8:
+            ap.error("--refs: 1 to 8")
+    if opts.steps < 2 or opts.repeats < 1:
+        ap.error("--steps: at least 2 (step 1 also pays for loading); --repeats: at least 1")
+    if opts.mode == "tiny" and opts.model != "tiny":
         path = Path(opts.model).expanduser()
         if not path.is_file():
             ap.error(f"--model: no file {path}")
@@ -292,45 +457,72 @@ def main(argv: list[str] | None = None) -> int:
     extra = ["--use-pytorch-cross-attention", "--preview-method", "none"]
     scratch = Path(tempfile.mkdtemp(prefix="sc-demo-"))
     server_kwargs: dict = {}
+    paths = {}
     if opts.mode == "real":  # the real files come in through their own extra_model_paths.yaml
         paths = {"diffusion_models": opts.model, "text_encoders": opts.clip, "vae": opts.vae}
+        server_kwargs["cpu"] = False
+    elif opts.mode == "miniature":  # core's LoraLoaderModelOnly finds the miniature's LoRA in its results folder
+        paths = {"loras": str(MINIATURE / MINIATURE_LORA)}
+    if paths:
         yaml = scratch / "demo_models.yaml"
         yaml.write_text("sc_demo_models:\n" + "".join(
             f"  {kind}: {Path(p).expanduser().resolve().parent}\n" for kind, p in paths.items()), encoding="utf-8")
         extra += ["--extra-model-paths-config", str(yaml)]
-        server_kwargs["cpu"] = False
     server = ComfyServer(extra_args=tuple(extra), **server_kwargs)
     print(f"[demo] starting ComfyUI ({server.comfy}) headless on {server.url} ...", flush=True)
     t0 = time.perf_counter()
     try:
         server.start()
-        has_encoder = "SCTest_ImageToLatent" in server.object_info() if opts.mode != "real" else True
-        if not has_encoder:
-            print("[demo] note: the test pack has no SCTest_ImageToLatent; references are seeded latents",
-                  file=sys.stderr)
-        sources = opts.images or draw_scenes(opts.refs, opts.size, scratch)
-        names = []
-        for i, src in enumerate(sources, start=1):
-            name = f"sc_demo_ref_{i}{src.suffix.lower()}"
-            shutil.copyfile(src, server.tmp / "input" / name)
-            shutil.copyfile(src, out / f"reference_{i}{src.suffix.lower()}")
-            names.append(name)
-        desc = {"tiny": "the test pack's seeded tiny FLUX.2-klein-shaped model",
-                "small": f"{opts.model} ({opts.family} layout)", "real": f"{opts.model} (real loaders)"}[opts.mode]
-        print(f"[demo] model: {desc}; {opts.refs} references of {opts.size}x{opts.size} px, "
-              f"target {opts.size}x{opts.size}, {opts.steps} steps, keep {opts.keep}", flush=True)
+        if opts.mode == "miniature":
+            missing = {"SCTest_MiniatureTask", "LoraLoaderModelOnly"} - set(server.object_info())
+            if missing:
+                raise RuntimeError(f"ComfyUI lacks the nodes {sorted(missing)}:\n{server.log(60)}")
+            lora = "base + drop-robust LoRA (core LoraLoaderModelOnly) in both runs" if opts.lora else "base only"
+            print(f"[demo] model: the trained miniature model {opts.weights.relative_to(ROOT)} ({lora}); task "
+                  f"{opts.task!r} example {opts.example}: {opts.refs} reference(s) -> a {opts.size}x{opts.size} px "
+                  f"target; {opts.selector} selector, keep {opts.keep}, bucket {opts.bucket}, {opts.steps} euler "
+                  f"steps, seed {opts.seed}, {opts.repeats} timed run(s) each, {opts.threads} CPU thread(s)", flush=True)
 
-        # Warm-up: runs everything the two timed runs share (images, selections, keep maps) once.
-        warm = run_prompt(server, build_prompt(opts, names, opts.mode, False, 1, has_encoder), "sampler_dense")
-        keep_maps = collect_images(server, warm["prompt_id"], out,
-                                   {f"sc_demo_keepmap_{i}": f"keepmap_{i}" for i in range(1, opts.refs + 1)})
-        results = {}
-        for tag, sparse in (("dense", False), ("sparse", True)):
-            print(f"[demo] sampling {tag} ...", flush=True)
-            run = run_prompt(server, build_prompt(opts, names, opts.mode, sparse, opts.steps, has_encoder),
-                             f"sampler_{tag}")
-            collect_images(server, run["prompt_id"], out, {f"sc_demo_{tag}": tag})
-            results[tag] = summarize(tag, run)
+            def prompt_for(sparse: bool, steps: int, seed: int, save_inputs: bool = False) -> dict:
+                return build_miniature_prompt(opts, sparse, steps, seed, save_inputs)
+        else:
+            has_encoder = "SCTest_ImageToLatent" in server.object_info() if opts.mode != "real" else True
+            if not has_encoder:
+                print("[demo] note: the test pack has no SCTest_ImageToLatent; references are seeded latents",
+                      file=sys.stderr)
+            sources = opts.images or draw_scenes(opts.refs, opts.size, scratch)
+            names = []
+            for i, src in enumerate(sources, start=1):
+                name = f"sc_demo_ref_{i}{src.suffix.lower()}"
+                shutil.copyfile(src, server.tmp / "input" / name)
+                shutil.copyfile(src, out / f"reference_{i}{src.suffix.lower()}")
+                names.append(name)
+            desc = {"tiny": "the test pack's seeded tiny FLUX.2-klein-shaped model (pictures are noise)",
+                    "small": f"{opts.model} ({opts.family} layout)", "real": f"{opts.model} (real loaders)"}[opts.mode]
+            print(f"[demo] model: {desc}; {opts.refs} references of {opts.size}x{opts.size} px, "
+                  f"target {opts.size}x{opts.size}, {opts.steps} steps, keep {opts.keep}", flush=True)
+
+            def prompt_for(sparse: bool, steps: int, seed: int, save_inputs: bool = False) -> dict:
+                return build_prompt(opts, names, opts.mode, sparse, steps, has_encoder, seed)
+
+        # Warm-up: runs everything the timed runs share (model, images, selections, keep maps) once.
+        warm = run_prompt(server, prompt_for(False, 1, opts.seed, save_inputs=True), "sampler_dense")
+        inputs = {f"sc_demo_keepmap_{i}": f"keepmap_{i}" for i in range(1, opts.refs + 1)}
+        if opts.mode == "miniature":
+            inputs |= {f"sc_demo_reference_{i}": f"reference_{i}" for i in range(1, opts.refs + 1)}
+            inputs["sc_demo_target"] = "target"
+        saved = collect_images(server, warm["prompt_id"], out, inputs)
+        keep_maps = sorted(p for p in saved if p.stem.startswith("keepmap_"))
+        runs: dict[str, list[dict]] = {"dense": [], "sparse": []}
+        for r in range(opts.repeats):
+            for tag, sparse in (("dense", False), ("sparse", True)):
+                print(f"[demo] sampling {tag}" + (f" (run {r + 1}/{opts.repeats})" if opts.repeats > 1 else "")
+                      + " ...", flush=True)
+                run = run_prompt(server, prompt_for(sparse, opts.steps, opts.seed + r), f"sampler_{tag}")
+                if r == 0:
+                    collect_images(server, run["prompt_id"], out, {f"sc_demo_{tag}": tag})
+                runs[tag].append(run)
+        results = {tag: summarize(tag, rs) for tag, rs in runs.items()}
         report = _report_from_log(server.log(400))
     except KeyboardInterrupt:
         print("\n[demo] interrupted; stopping ComfyUI", file=sys.stderr)
@@ -341,22 +533,45 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(server.tmp, ignore_errors=True)
 
     dense, sparse = results["dense"], results["sparse"]
-    print("\nper-step time (s)     " + " ".join(f"{'step ' + str(i + 1):>8}" for i in range(len(dense["step_s"]))))
+    print("\nper-step time (s)     " + " ".join(f"{'step ' + str(i + 1):>8}" for i in range(opts.steps)))
     for r in (dense, sparse):
-        print(f"  {r['run']:<20}" + " ".join(f"{s:8.3f}" for s in r["step_s"]))
+        for k, steps in enumerate(r["runs_step_s"]):
+            name = r["run"] + (f" #{k + 1}" if opts.repeats > 1 else "")
+            print(f"  {name:<20}" + " ".join(f"{s:8.3f}" for s in steps))
     speedup = dense["median_step_s"] / sparse["median_step_s"]
-    print(f"\nmedian step (steps 2..{opts.steps}): dense {dense['median_step_s']:.3f} s, sparse "
-          f"{sparse['median_step_s']:.3f} s -> speed-up {speedup:.2f}x")
-    print(f"sampling wall time: dense {dense['sampling_s']:.2f} s, sparse {sparse['sampling_s']:.2f} s "
+    print(f"\nmedian step (steps 2..{opts.steps}" + (f", {opts.repeats} runs each" if opts.repeats > 1 else "")
+          + f"): dense {dense['median_step_s']:.4f} s, sparse {sparse['median_step_s']:.4f} s -> speed-up "
+          f"{speedup:.2f}x")
+    print(f"sampling wall time (first run): dense {dense['sampling_s']:.2f} s, sparse {sparse['sampling_s']:.2f} s "
           f"-> {dense['sampling_s'] / sparse['sampling_s']:.2f}x")
     if report:
         print(f"patch report: {report}")
-    summary = {"model": opts.model, "mode": opts.mode, "family": opts.family, "refs": opts.refs, "size": opts.size,
-               "steps": opts.steps, "keep": opts.keep, "bucket": opts.bucket, "dense": dense, "sparse": sparse,
+    quality = {}
+    if opts.mode == "miniature":
+        target = out / "target.png"
+        quality = {tag: round(psnr(out / f"{tag}.png", target), 2) for tag in ("dense", "sparse")}
+        print(f"quality vs the target (ground truth): PSNR dense {quality['dense']:.2f} dB, sparse "
+              f"{quality['sparse']:.2f} dB ({quality['sparse'] - quality['dense']:+.2f} dB)")
+        labels = {"dense": f"dense {quality['dense']:.1f} dB", "sparse": f"sparse {quality['sparse']:.1f} dB",
+                  "target": "target (truth)"}
+        refs = [out / f"reference_{i}.png" for i in range(1, opts.refs + 1)]
+        title = (f"SparseContext on the trained miniature model ({opts.task}, {opts.refs} references, keep "
+                 f"{opts.keep}, {opts.steps} steps, seed {opts.seed}): median step dense "
+                 f"{1000 * dense['median_step_s']:.1f} ms, sparse {1000 * sparse['median_step_s']:.1f} ms "
+                 f"({speedup:.2f}x, {opts.threads} CPU thread(s)); PSNR vs target dense {quality['dense']:.2f} dB, "
+                 f"sparse {quality['sparse']:.2f} dB")
+        comparison_png(out, refs, keep_maps, labels, title)
+    summary = {"model": str(opts.weights) if opts.mode == "miniature" else opts.model, "mode": opts.mode,
+               "family": opts.family, "refs": opts.refs, "size": opts.size, "steps": opts.steps, "keep": opts.keep,
+               "bucket": opts.bucket, "seed": opts.seed, "repeats": opts.repeats, "dense": dense, "sparse": sparse,
                "speedup_median_step": speedup, "patch_report": report, "keep_maps": [p.name for p in keep_maps],
                "wall_s": round(time.perf_counter() - t0, 1)}
+    if opts.mode == "miniature":
+        summary |= {"task": opts.task, "example": opts.example, "lora": opts.lora, "selector": opts.selector,
+                    "psnr_vs_target_db": quality}
     (out / "timings.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    print(f"\n[demo] wrote {out}/: dense.png, sparse.png, keepmap_1..{opts.refs}.png, reference_*.png, timings.json "
+    written = "dense.png, sparse.png, " + ("target.png, comparison.png, " if opts.mode == "miniature" else "")
+    print(f"\n[demo] wrote {out}/: {written}keepmap_1..{opts.refs}.png, reference_*.png, timings.json "
           f"({summary['wall_s']} s in all; ComfyUI stopped)")
     return 0
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The SparseContext demo in one command: sets up a venv and a pinned ComfyUI (unless COMFYUI_PATH is
-# given), starts ComfyUI headless with the pack, samples a 4-reference graph dense and sparse, prints
-# per-step timings and the speed-up, writes images + keep maps to demo_output/, and stops ComfyUI.
-#   bash scripts/demo.sh                    # seeded tiny FLUX.2-klein-shaped model, ~1-2 min on 2 CPU cores
-#   bash scripts/demo.sh --refs 2 --keep 0.1 --out /tmp/demo
+# given), starts ComfyUI headless with the pack, samples a 4-reference graph dense and sparse (same seed),
+# prints per-step timings, the speed-up and the PSNR of both against the ground truth, writes images, keep
+# maps and comparison.png to demo_output/, and stops ComfyUI.
+#   bash scripts/demo.sh                    # the trained miniature model (experiments/miniature), ~10-30 s on 2 CPU cores
+#   bash scripts/demo.sh --task subject --example 3 --no-lora --out /tmp/demo
+#   bash scripts/demo.sh --model tiny --refs 2 --keep 0.1     # the seeded tiny FLUX.2-klein-shaped model (noise images)
 #   COMFYUI_PATH=~/ComfyUI bash scripts/demo.sh --model ~/ComfyUI/models/diffusion_models/flux-2-klein-9b.safetensors \
 #       --clip ~/ComfyUI/models/text_encoders/qwen_3_8b_fp8mixed.safetensors --vae ~/ComfyUI/models/vae/flux2-vae.safetensors
 #   bash scripts/demo.sh --help

@@ -1,14 +1,18 @@
-"""Test-pack nodes for the demo (``scripts/demo.py``): a VAE stand-in for the tiny models, and the seam
-through which a trained small model (safetensors + JSON config) replaces the seeded tiny one.
+"""Test-pack nodes for the demo (``scripts/demo.py``): a VAE stand-in for the tiny models, the seam
+through which a trained small model (safetensors + JSON config) replaces the seeded tiny one, and the
+trained miniature model's task generator and pixel "VAE" (``experiments/miniature``).
 
 Tests and demo only; never shipped (the test pack is in .comfyignore).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -117,4 +121,126 @@ class SafetensorsModel(io.ComfyNode):
             raise ValueError(f"SCTest_SafetensorsModel: {err}") from err
 
 
-DEMO_NODES: list[type[io.ComfyNode]] = [ImageToLatent, SafetensorsModel]
+# -- the trained miniature model (experiments/miniature): its tasks and its invertible pixel "VAE" --------
+MINIATURE_DIR = Path(__file__).resolve().parents[2] / "experiments" / "miniature"
+MINIATURE_PACKAGE = "sc_miniature"  # the name experiments/miniature/bootstrap.py gives it too
+
+
+def miniature() -> ModuleType:
+    """``experiments/miniature`` imported as the package ``sc_miniature`` by file path (never via sys.path:
+    the repo root holds the pack's ``selectors/``, which would shadow the stdlib module)."""
+    if MINIATURE_PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(MINIATURE_PACKAGE, MINIATURE_DIR / "__init__.py",
+                                                      submodule_search_locations=[str(MINIATURE_DIR)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[MINIATURE_PACKAGE] = module
+        spec.loader.exec_module(module)
+    package = sys.modules[MINIATURE_PACKAGE]
+    for sub in ("encoding", "tasks"):  # torch-only modules
+        if not hasattr(package, sub):
+            __import__(f"{MINIATURE_PACKAGE}.{sub}")
+    return package
+
+
+class MiniatureTask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SCTest_MiniatureTask", category="SparseContextTest",
+            description="One seeded example of the miniature experiment's tasks (experiments/miniature/tasks.py): "
+                        "its reference images, the ground-truth target and the one-hot 'text' conditioning the "
+                        "trained miniature model expects (tests and demo only).",
+            inputs=[
+                io.Combo.Input("task", options=["multi", "subject", "edit"], default="multi",
+                               tooltip="multi: 2-4 references placed by a layout; subject: one object moved to a "
+                                       "quadrant; edit: recolour the shapes of one colour."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Which example (tasks.make_batch seed)."),
+                io.Int.Input("references", default=4, min=1, max=4,
+                             tooltip="multi only: number of reference images, 2 to 4 (subject and edit have one; "
+                                     "ignored there)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="references",
+                                tooltip="The reference images as one batch (N, H, W, 3); split with ImageFromBatch."),
+                io.Image.Output(display_name="target", tooltip="The ground truth the edit should produce (64x64)."),
+                io.Conditioning.Output(display_name="conditioning",
+                                       tooltip="One-hot text tokens (1, 4, 16) + pooled vector (1, 8), no references."),
+                io.Int.Output(display_name="count", tooltip="Number of references."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, task: str, seed: int, references: int) -> io.NodeOutput:
+        tasks = miniature().tasks
+        if task not in tasks.TASKS:
+            raise ValueError(f"SCTest_MiniatureTask: task: expected one of {tasks.TASKS}, got {task!r}")
+        if task == "multi" and not 2 <= references <= 4:
+            raise ValueError(f"SCTest_MiniatureTask: references: the multi task has 2 to 4, got {references}")
+        batch = tasks.make_batch(task, 1, seed, n_refs=references if task == "multi" else None)
+        refs = torch.cat(batch.refs, 0)  # (N, H, W, 3): all references of a task share one size
+        cond = [[batch.context, {"pooled_output": batch.pooled}]]
+        return io.NodeOutput(refs, batch.target, cond, len(batch.refs))
+
+
+class MiniatureEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SCTest_MiniatureEncode", category="SparseContextTest",
+            description="The miniature model's 'VAE' encoder (experiments/miniature/encoding.py): RGB + luma folded "
+                        "2x2 into a 16-channel latent at half resolution; one model token = 4x4 pixels.",
+            inputs=[io.Image.Input("image", tooltip="Image (B, H, W, 3) with even H and W.")],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, image: torch.Tensor) -> io.NodeOutput:
+        if image.ndim != 4 or image.shape[1] % 2 or image.shape[2] % 2:
+            raise ValueError(f"SCTest_MiniatureEncode: image: expected (B, H, W, C) with even H and W, "
+                             f"got {tuple(image.shape)}")
+        return io.NodeOutput({"samples": miniature().encoding.encode(image[..., :3])})
+
+
+class MiniatureDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SCTest_MiniatureDecode", category="SparseContextTest",
+            description="The miniature model's 'VAE' decoder: the exact inverse of SCTest_MiniatureEncode "
+                        "(16-channel latent at half resolution -> IMAGE).",
+            inputs=[io.Latent.Input("samples", tooltip="A 16-channel latent (B, 16, h, w).")],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, samples: dict) -> io.NodeOutput:
+        x = samples["samples"]
+        if x.ndim != 4 or x.shape[1] != 16:
+            raise ValueError(f"SCTest_MiniatureDecode: samples: expected a (B, 16, h, w) latent, got {tuple(x.shape)}")
+        return io.NodeOutput(miniature().encoding.decode(x))
+
+
+class MiniatureEmptyLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SCTest_MiniatureEmptyLatent", category="SparseContextTest",
+            description="An all-zero latent in the miniature model's layout (16 channels at half resolution), to "
+                        "sample from noise (what the experiment's evaluation starts from).",
+            inputs=[
+                io.Int.Input("width", default=64, min=4, max=1024, step=4, tooltip="Pixels (multiple of 4)."),
+                io.Int.Input("height", default=64, min=4, max=1024, step=4, tooltip="Pixels (multiple of 4)."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Batch."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(cls, width: int, height: int, batch_size: int) -> io.NodeOutput:
+        if width % 4 or height % 4:
+            raise ValueError(f"SCTest_MiniatureEmptyLatent: width/height: multiples of 4 (one token), got {width}x{height}")
+        return io.NodeOutput({"samples": torch.zeros(batch_size, 16, height // 2, width // 2)})
+
+
+DEMO_NODES: list[type[io.ComfyNode]] = [ImageToLatent, SafetensorsModel, MiniatureTask, MiniatureEncode,
+                                        MiniatureDecode, MiniatureEmptyLatent]
