@@ -310,3 +310,27 @@ def test_a_selection_without_a_budget_keeps_its_rules_coverage_floor():
     assert edge.kept == custom.kept == 16
     assert (custom.indices >= 16).sum() == 0  # no floor: top-k only
     assert (edge.indices >= 16).sum() >= 2, "the edge rule's coverage floor must reach beyond the edges"
+
+
+def test_composes_with_core_easycache_wrappers():
+    """Core EasyCache adds OUTER_SAMPLE / CALC_COND_BATCH / DIFFUSION_MODEL wrappers of its own."""
+    from comfy_extras.nodes_easycache import EasyCacheNode
+
+    family = "flux1_kontext"
+    base = sc_testpack.build_model_patcher(family, seed=3)
+    ref = sc_testpack.make_latent(family, 8, 64, 64)
+    positive = with_references(sc_testpack.make_conditioning(family, 1), [ref])
+    negative = with_references(sc_testpack.make_conditioning(family, 2), [ref])
+    empty = torch.zeros((1, 16, 8, 8))
+    for cached_first in (True, False):
+        model = base
+        if cached_first:
+            model = EasyCacheNode.execute(model, 0.2, 0.0, 1.0, False).result[0]
+        model = apply_sparse_context(model, _config(0.25))
+        if not cached_first:
+            model = EasyCacheNode.execute(model, 0.2, 0.0, 1.0, False).result[0]
+        probe = AttentionProbe()
+        model.model_options["transformer_options"]["optimized_attention_override"] = probe
+        out = sample(model, positive, negative, empty, steps=6, cfg=2.0, seed=1)
+        assert torch.isfinite(out).all()
+        assert probe.lengths and set(probe.lengths) == {8 + 16 + 4}, sorted(set(probe.lengths))
