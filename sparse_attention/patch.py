@@ -58,6 +58,7 @@ class SparseRun:
         self.report: dict[str, Any] | None = None
         self.sparse_calls = 0
         self.dense_calls = 0
+        self.warned_missed = False
 
     def in_window(self, transformer_options: dict) -> bool:
         if self.sigma_window is None:
@@ -143,18 +144,20 @@ class _ActiveForward:
         self.plans = plans
         self.indices = indices
         self._calls = 0
+        self.thinned: set[int] = set()
 
     def position_of(self, x: torch.Tensor) -> int | None:
         self._calls += 1
-        for i, ref in enumerate(self.refs):
-            if x is ref:
-                return i
-        # Fallback for versions that convert references before patchifying: call 1 is the target, the
-        # calls after it come in reference order; accept only when the shape matches that reference.
-        i = self._calls - 2
-        if 0 <= i < len(self.refs) and tuple(x.shape) == tuple(self.refs[i].shape):
-            return i
-        return None
+        found = next((i for i, ref in enumerate(self.refs) if x is ref), None)
+        if found is None:
+            # Fallback for versions that convert references before patchifying: call 1 is the target,
+            # the calls after it come in reference order; accept only when the shape matches.
+            i = self._calls - 2
+            if 0 <= i < len(self.refs) and tuple(x.shape) == tuple(self.refs[i].shape):
+                found = i
+        if found is not None:
+            self.thinned.add(found)
+        return found
 
 
 _SIGNATURES: dict[Any, inspect.Signature] = {}
@@ -208,12 +211,18 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
         if idx is None:
             idx = run.device_indices[key] = plan.indices.to(device)
         indices.append(idx)
-    subsetter.active = _ActiveForward(refs, plans, indices)
+    active = subsetter.active = _ActiveForward(refs, plans, indices)
     run.sparse_calls += 1
     try:
-        return executor(*args, **kwargs)
+        out = executor(*args, **kwargs)
     finally:
         subsetter.active = None
+    missed = [i + 1 for i in range(len(refs)) if i not in active.thinned]
+    if missed and not run.warned_missed:
+        run.warned_missed = True
+        log.warning("SparseContext: reference(s) %s did not reach the model as expected (another patch or this "
+                    "ComfyUI version changed them); they ran dense.", missed)
+    return out
 
 
 def _count(grid: tuple[int, int]) -> int:

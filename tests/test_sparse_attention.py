@@ -334,3 +334,25 @@ def test_composes_with_core_easycache_wrappers():
         out = sample(model, positive, negative, empty, steps=6, cfg=2.0, seed=1)
         assert torch.isfinite(out).all()
         assert probe.lengths and set(probe.lengths) == {8 + 16 + 4}, sorted(set(probe.lengths))
+
+
+def test_a_reference_changed_behind_the_patch_runs_dense_and_is_reported(caplog):
+    """Another wrapper inside ours swaps the references for resized copies: they run dense, with a warning."""
+    import comfy.patcher_extension
+    import torch.nn.functional as F
+
+    def resize_refs(executor, *args, **kwargs):
+        args = list(args)
+        args[5] = [F.interpolate(r, scale_factor=2.0) for r in args[5]]  # Flux._forward's ref_latents
+        return executor(*args, **kwargs)
+
+    family = "flux1_kontext"
+    base = sc_testpack.build_model_patcher(family, seed=3)
+    model = apply_sparse_context(base, _config(0.25))
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test_resize", resize_refs)
+    inputs = forward_inputs(family, 4, (64, 64), [(64, 64)])
+    probe = AttentionProbe()
+    with caplog.at_level("WARNING", logger="SparseContext"):
+        run_forward(model, inputs, probe=probe)
+    assert set(probe.lengths) == {8 + 16 + 64}  # the resized reference (8x8 tokens) ran dense
+    assert "did not reach the model as expected" in caplog.text
