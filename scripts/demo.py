@@ -4,10 +4,13 @@ Run it with ``bash scripts/demo.sh`` (sets everything up first); options:
     --out demo_output                               where images, keep maps, comparison.png, timings.json go
     --model miniature                               (default) the trained miniature model of experiments/miniature
                                                     (base + its drop-robust LoRA) on one of its own tasks:
-    --task multi --example 0 --refs 4 --repeats 10  which task example, how many references, timing repeats
+    --task edit --example 0 --repeats 10            which task (edit, the default: the task the model learned;
+                                                    multi --refs 2..4: several references), example, repeats
+    --selector grid                                 selector node (default: the experiment's for the task)
     --threads N                                     CPU threads for ComfyUI (miniature default 1)
     --no-lora                                       the base model only (dense and sparse alike)
-    --steps N --keep 0.25 --bucket N                sampling steps (default: the experiment's), keep ratio, bucket
+    --steps N --keep 0.5 --bucket N                 sampling steps (default: the experiment's), keep ratio
+                                                    (default 0.5 for the miniature, 0.25 otherwise), bucket
     --model tiny --size 512                         the test pack's seeded FLUX.2-klein-shaped model (noise images)
     --model small.safetensors                       a small trained model, its JSON config beside it
                                                     (``SCTest_SafetensorsModel``; e.g. experiments/miniature)
@@ -129,6 +132,9 @@ def build_prompt(opts, images: list[str], mode: str, sparse: bool, steps: int, h
         else:
             model = g.add("model", "SCTest_TinyModel", family=fam, seed=1)
         cond = g.add("text", "SCTest_Conditioning", family=fam, seed=3, tokens=opts.text_tokens)
+    # the keep ratio travels in each selection too, so the keep maps show exactly what the patch keeps
+    budget = g.add("budget", "SparseContextBudget", mode="ratio", keep_ratio=opts.keep, token_count=1024, mass=0.8,
+                   min_ratio=0.05, max_ratio=0.5, coverage=-1.0)
     for i, name in enumerate(images, start=1):
         image = g.add(f"load_{i}", "LoadImage", image=name)
         image = g.add(f"scale_{i}", "ImageScale", image=image, upscale_method="area", width=opts.size,
@@ -140,7 +146,8 @@ def build_prompt(opts, images: list[str], mode: str, sparse: bool, steps: int, h
         else:  # older test pack without the demo nodes: seeded latents, the keep maps still use the images
             latent = g.add(f"encode_{i}", "SCTest_Latent", family=fam, seed=10 + i, width=opts.size,
                            height=opts.size, batch_size=1, empty=False)
-        selection = g.add(f"select_{i}", "SparseContextSaliencySelector", image=image, blur_tokens=1.0, weight=1.0)
+        selection = g.add(f"select_{i}", "SparseContextSaliencySelector", image=image, blur_tokens=1.0, weight=1.0,
+                          budget=budget)
         cond = g.add(f"reference_{i}", "SparseContextReferenceLatent", conditioning=cond, latent=latent,
                      selection=selection)
         keep_map = g.add(f"keepmap_{i}", "SparseContextPreview", image=image, selection=selection, bucket=opts.bucket)
@@ -186,13 +193,16 @@ def build_miniature_prompt(opts, sparse: bool, steps: int, seed: int, save_input
     task = g.add("task", "SCTest_MiniatureTask", task=opts.task, seed=opts.example, references=opts.refs)
     refs, target, cond = [task[0], 0], [task[0], 1], [task[0], 2]
     node, widgets = SELECTOR_NODES[opts.selector]
+    # the keep ratio travels in each selection too, so the keep maps show exactly what the patch keeps
+    budget = g.add("budget", "SparseContextBudget", mode="ratio", keep_ratio=opts.keep, token_count=1024, mass=0.8,
+                   min_ratio=0.05, max_ratio=0.5, coverage=-1.0)
     for i in range(1, opts.refs + 1):
         image = g.add(f"ref_{i}", "ImageFromBatch", image=refs, batch_index=i - 1, length=1)
         latent = g.add(f"encode_{i}", "SCTest_MiniatureEncode", image=image)
         # One miniature token is 4x4 px; the selector nodes score 16x16 px tokens (real models): an exact
         # 4x nearest enlargement gives them one score per miniature token, the same grid the patch uses.
         big = g.add(f"zoom_{i}", "ImageScaleBy", image=image, upscale_method="nearest-exact", scale_by=SELECTOR_ZOOM)
-        selection = g.add(f"select_{i}", node, image=big, weight=1.0, **widgets)
+        selection = g.add(f"select_{i}", node, image=big, weight=1.0, budget=budget, **widgets)
         cond = g.add(f"reference_{i}", "SparseContextReferenceLatent", conditioning=cond, latent=latent,
                      selection=selection)
         if save_inputs:
@@ -353,7 +363,8 @@ def parse_args(argv: list[str] | None):
                                                           "of 16); the miniature's sizes are fixed by its task")
     ap.add_argument("--steps", type=int, default=None,
                     help="sampling steps per run (default: the experiment's for the miniature, else 8)")
-    ap.add_argument("--keep", type=float, default=0.25, help="keep_ratio of Apply Sparse Context")
+    ap.add_argument("--keep", type=float, default=None,
+                    help="keep ratio (default 0.5 for the miniature, whose experiment recommends it, else 0.25)")
     ap.add_argument("--bucket", type=int, default=None,
                     help="bucket of Apply Sparse Context (default 8 for the miniature's 64-token references, else 64)")
     ap.add_argument("--seed", type=int, default=42, help="sampling seed (the same for dense and sparse)")
@@ -363,7 +374,10 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--text-tokens", type=int, default=64, help="tiny/small models: length of the seeded text")
     ap.add_argument("--model", default="miniature",
                     help="miniature (default) | tiny | a small .safetensors (+ JSON) | a real FLUX.2 .safetensors")
-    ap.add_argument("--task", default="multi", choices=["multi", "subject", "edit"], help="miniature: which task")
+    ap.add_argument("--task", default="edit", choices=["multi", "subject", "edit"],
+                    help="miniature: which task (edit, the default, is the one the miniature model has learned)")
+    ap.add_argument("--selector", default=None, choices=sorted(SELECTOR_NODES),
+                    help="miniature: selector node (default: the experiment's for the task)")
     ap.add_argument("--example", type=int, default=0, help="miniature: which task example (its generator's seed)")
     ap.add_argument("--no-lora", dest="lora", action="store_false",
                     help="miniature: base model only (default: base + the drop-robust LoRA, in both runs)")
@@ -391,13 +405,18 @@ def parse_args(argv: list[str] | None):
             ap.error("--refs: 2 to 4 for the miniature's multi-reference task")
         if opts.task != "multi":
             opts.refs = 1
-        steps, opts.selector = miniature_settings(opts.task)
+        steps, experiment_selector = miniature_settings(opts.task)
+        if opts.selector is None:
+            opts.selector = experiment_selector
         if opts.selector not in SELECTOR_NODES:  # e.g. edge+mask for edits: this demo has no mask input
-            print(f"[demo] note: the experiment's selector for {opts.task} is {opts.selector!r}; this demo uses "
-                  "saliency (it needs only the image)", file=sys.stderr)
-            opts.selector = "saliency"
+            # grid measured best for the edit task in the experiment (docs/miniature.json); saliency otherwise
+            fallback = "grid" if opts.task == "edit" else "saliency"
+            print(f"[demo] note: the experiment's selector for {opts.task} is {opts.selector!r}, which needs a mask; "
+                  f"this demo uses {fallback}", file=sys.stderr)
+            opts.selector = fallback
         opts.steps = opts.steps or steps
         opts.bucket = opts.bucket or 8
+        opts.keep = 0.5 if opts.keep is None else opts.keep
         opts.repeats = opts.repeats or 10
         # 1 thread (as the experiment measured): at ~10 ms per step, two OpenMP threads on a shared 2-core
         # machine measured 0.8 s per step (waiting on each other), which times contention, not the model.
@@ -405,6 +424,7 @@ def parse_args(argv: list[str] | None):
         opts.size = 64  # tasks.SIZE: the target picture
     else:
         opts.steps, opts.bucket, opts.repeats = opts.steps or 8, opts.bucket or 64, opts.repeats or 1
+        opts.keep = 0.25 if opts.keep is None else opts.keep
         if opts.size % 16 or opts.size < 64:
             ap.error("--size: a multiple of 16, at least 64")
         if not 1 <= opts.refs <= 8:

@@ -38,7 +38,8 @@ def test_miniature_nodes_encode_decode_and_task():
 def test_demo_runs_the_trained_miniature_dense_and_sparse(tmp_path):
     out = tmp_path / "demo"
     res = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), "--refs", "3", "--repeats", "1"],
+        [sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), "--task", "multi", "--refs", "3",
+         "--repeats", "1"],
         capture_output=True, text=True, cwd="/", timeout=170,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -27,9 +27,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 
-FULL = dict(base_steps=2000, batch=8, lr=2e-3, lora_steps=400, lora_accum=4, lora_lr=2e-3, lora_rank=8,
+FULL = dict(base_steps=3400, batch=8, lr=3e-3, base_tasks=("edit", "edit", "subject", "multi"), sigma_sampling="uniform",
+            lora_steps=400, lora_accum=4, lora_lr=2e-3, lora_rank=8,
             pool=400, n_eval=16, sample_steps=4, ratios=(1.0, 0.5, 0.25, 0.1), selectors=None)
-SMOKE = dict(base_steps=4, batch=2, lr=2e-3, lora_steps=2, lora_accum=1, lora_lr=2e-3, lora_rank=4,
+SMOKE = dict(base_steps=4, batch=2, lr=3e-3, base_tasks=("edit", "edit", "subject", "multi"), sigma_sampling="uniform",
+             lora_steps=2, lora_accum=1, lora_lr=2e-3, lora_rank=4,
              pool=2, n_eval=1, sample_steps=2, ratios=(1.0, 0.25), selectors=("random", "saliency", "edge+mask"))
 SEED = 0
 EVAL_SEED = 10**8  # held out: training batches use seeds < 10**7, the LoRA's example pool 5 * 10**7 + i
@@ -195,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict:
     for p in params:
         p.requires_grad_(True)
     base_losses = train.train(base, params, cfg["base_steps"], batch=cfg["batch"], lr=cfg["lr"], seed=SEED,
-                              log=log, log_every=max(1, cfg["base_steps"] // 10))
+                              task_list=tuple(cfg["base_tasks"]), sigma_sampling=cfg["sigma_sampling"], log=log, log_every=max(1, cfg["base_steps"] // 10))
     for p in params:
         p.requires_grad_(False)
     t_base = time.time() - t_start
@@ -221,6 +223,12 @@ def main(argv: list[str] | None = None) -> dict:
     rows = evaluate_all(models, cfg, log)
     t_eval = time.time() - t_start - t_base - t_lora
     summary = summarize(rows, cfg["ratios"])
+    # reference line: the edit target vs its own reference (a model that just copies the reference)
+    import kornia
+    edits = eval_items("edit", cfg["n_eval"])
+    summary["edit_identity_psnr"] = round(sum(float(kornia.metrics.psnr(e.refs[0].permute(0, 3, 1, 2),
+                                                                        e.target.permute(0, 3, 1, 2), 1.0))
+                                              for e in edits) / len(edits), 4)
 
     def thin(xs: list[float], n: int = 200) -> list[float]:
         step = max(1, len(xs) // n)

@@ -25,11 +25,24 @@ def model_latents(model, images: torch.Tensor) -> torch.Tensor:
     return model.model.process_latent_in(encoding.encode(images))
 
 
+def _sigmas(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    """(n,) training noise levels in (0, 1)."""
+    if kind == "uniform":
+        return torch.rand(n, generator=gen).clamp(1e-3, 1.0)
+    if kind == "logit_normal":
+        return torch.sigmoid(torch.randn(n, generator=gen))
+    if kind == "sqrt":
+        return torch.rand(n, generator=gen).sqrt()
+    raise ValueError(f"sigma_sampling: expected uniform, logit_normal or sqrt, got {kind!r}")
+
+
 def train(model, params: list[torch.nn.Parameter], steps: int, *, batch: int = 8, lr: float = 2e-3, seed: int = 0,
-          task_list: tuple[str, ...] = tasks.TASKS, warmup: int = 50,
+          task_list: tuple[str, ...] = tasks.TASKS, warmup: int = 50, sigma_sampling: str = "uniform",
           log: Callable[[str], None] = print, log_every: int = 100) -> list[float]:
     """Train ``params`` of ``model`` (a ComfyUI ModelPatcher) for ``steps`` AdamW steps (cosine decay after
-    ``warmup``); tasks take turns, one task per batch. Returns the loss per step."""
+    ``warmup``); the tasks of ``task_list`` take turns, one task per batch (repeat a task name to weight it).
+    ``sigma_sampling``: "uniform" (U(0, 1)), "logit_normal" (sigmoid(N(0, 1))) or "sqrt" (sqrt(U), density
+    2 sigma). Returns the loss per step."""
     from sparse_context.sparse_attention.direct import patched_diffusion_model
 
     gen = torch.Generator().manual_seed(seed)
@@ -46,7 +59,7 @@ def train(model, params: list[torch.nn.Parameter], steps: int, *, batch: int = 8
             x0 = model_latents(model, b.target)
             refs = [model_latents(model, r) for r in b.refs]
             noise = torch.randn(x0.shape, generator=gen)
-            sigma = torch.rand(batch, generator=gen).sqrt()  # density 2*sigma: sampling starts at sigma 1
+            sigma = _sigmas(sigma_sampling, batch, gen)
             s = sigma.view(-1, 1, 1, 1)
             x_t = s * noise + (1 - s) * x0
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):

@@ -1,0 +1,133 @@
+"""Short training probes (development aid): train on one task for a few hundred steps with given Flux
+kwargs / lr / sigma sampling and report dense PSNR of 4-step ComfyUI sampling on held-out items.
+
+    cd /work/main && .venv/bin/python experiments/miniature/probe.py --steps 300 --heads 2 --axes 8,12,12 --theta 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--axes", default="8,12,12")
+    ap.add_argument("--theta", type=float, default=100)
+    ap.add_argument("--depth", type=int, default=2)
+    ap.add_argument("--single", type=int, default=2)
+    ap.add_argument("--mlp", type=float, default=2.0)
+    ap.add_argument("--sigma", default="uniform")
+    ap.add_argument("--tasks", default="edit")
+    ap.add_argument("--eval_tasks", default="edit")
+    ap.add_argument("--n_eval", type=int, default=8)
+    ap.add_argument("--log_every", type=int, default=100)
+    ap.add_argument("--identity", action="store_true")
+    ap.add_argument("--pooled_codes", action="store_true")
+    ap.add_argument("--qk", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    spec = importlib.util.spec_from_file_location("sc_miniature_bootstrap", HERE / "bootstrap.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.bootstrap()
+    import kornia
+    import torch
+    from sc_miniature import evaluate, model, run, train
+
+    torch.set_num_threads(a.threads)
+    kw = dict(model.FLUX_KWARGS, hidden_size=a.hidden, num_heads=a.heads, axes_dim=[int(x) for x in a.axes.split(",")],
+              theta=a.theta, vec_in_dim=24 if a.pooled_codes else 8, depth=a.depth, depth_single_blocks=a.single, mlp_ratio=a.mlp)
+    m = model.build_model(kw, seed=0, qk_norm_init=a.qk)
+    params = list(m.model.diffusion_model.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    t0 = time.time()
+    from sc_miniature import encoding, tasks
+    if a.identity:  # diagnostic: target = reference (pure aligned copy)
+        orig = tasks.make_batch
+
+        def ident(*args, **kw):
+            b = orig(*args, **kw)
+            b.target = b.refs[0].clone()
+            return b
+        tasks.make_batch = ident
+    if a.pooled_codes:  # diagnostic: the edit's source/destination colour codes also in the pooled vector
+        orig2 = tasks.make_batch
+
+        def pooled(*args, **kw):
+            b = orig2(*args, **kw)
+            b.pooled = torch.cat([b.pooled, b.context[:, 1, :8], b.context[:, 2, :8]], 1)
+            return b
+        tasks.make_batch = pooled
+    probe_items = run.eval_items("edit", 8)
+
+    def x0_psnr(sig: float = 1.0) -> float:
+        dm = m.model.diffusion_model
+        vals = []
+        with torch.no_grad():
+            for it in probe_items:
+                x0 = train.model_latents(m, it.target)
+                refs = [train.model_latents(m, r) for r in it.refs]
+                noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+                xt = sig * noise + (1 - sig) * x0
+                v = dm(xt, torch.tensor([sig]), it.context, y=it.pooled, ref_latents=refs, ref_latents_method="offset",
+                       transformer_options={})
+                x0h = m.model.process_latent_out(xt - sig * v)
+                vals.append(float(kornia.metrics.psnr(encoding.decode(x0h).permute(0, 3, 1, 2),
+                                                      it.target.permute(0, 3, 1, 2), 1.0)))
+        return sum(vals) / len(vals)
+
+    def log(msg: str) -> None:
+        print(msg, f" x0@1 {x0_psnr(1.0):.2f}  x0@0.5 {x0_psnr(0.5):.2f}", flush=True)
+
+    losses = train.train(m, params, a.steps, batch=a.batch, lr=a.lr, task_list=tuple(a.tasks.split(",")),
+                         sigma_sampling=a.sigma, log=log, log_every=a.log_every)
+    for p in params:
+        p.requires_grad_(False)
+    tt = time.time() - t0
+    from sparse_context.sparse_attention.direct import patched_diffusion_model
+    items = run.eval_items("edit", a.n_eval)
+    with torch.no_grad(), patched_diffusion_model(m) as (dm, opts):
+        for sig in (1.0, 0.7, 0.4, 0.1):
+            vals = []
+            for it in items:
+                x0 = train.model_latents(m, it.target)
+                refs = [train.model_latents(m, r) for r in it.refs]
+                noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
+                xt = sig * noise + (1 - sig) * x0
+                v = dm(xt, torch.tensor([sig]), it.context, y=it.pooled, ref_latents=refs, ref_latents_method="offset",
+                       transformer_options=dict(opts))
+                x0h = m.model.process_latent_out(xt - sig * v)
+                vals.append(float(kornia.metrics.psnr(encoding.decode(x0h).permute(0, 3, 1, 2),
+                                                      it.target.permute(0, 3, 1, 2), 1.0)))
+            print(f"x0 psnr at sigma {sig}: {sum(vals) / len(vals):.2f}", flush=True)
+    for task in a.eval_tasks.split(","):
+        items = run.eval_items(task, a.n_eval)
+        ps, ident = [], []
+        for i, it in enumerate(items):
+            pred, _ = evaluate.generate(m, it, None, 4, seed=1000 + i)
+            ps.append(evaluate.metrics(pred, it)["psnr"])
+            if task == "edit":
+                ident.append(float(kornia.metrics.psnr(it.refs[0].permute(0, 3, 1, 2), it.target.permute(0, 3, 1, 2), 1.0)))
+        msg = f"{task}: dense4 {sum(ps) / len(ps):.2f} dB"
+        if ident:
+            msg += f"  identity {sum(ident) / len(ident):.2f} dB"
+        print(f"RESULT {vars(a)} params={sum(p.numel() for p in params)} train {tt:.0f}s "
+              f"loss_last50 {sum(losses[-50:]) / len(losses[-50:]):.4f} {msg}", flush=True)
+
+
+if __name__ == "__main__":
+    if sys.path and Path(sys.path[0]).resolve() == HERE:
+        sys.path.pop(0)
+    main()
