@@ -8,7 +8,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..selectors import Budget, pick_tokens, resize_scores, token_grid_shape
-from ..sparse_attention.token_math import bucket_round
+from ..sparse_attention.token_math import bucket_round, selection_budget
 from .common import (
     ITEM_NOTE,
     STRIDE,
@@ -33,7 +33,7 @@ def kept_mask(selection, height: int, width: int, budget: Budget | None, bucket:
     """
     grid = token_grid_shape(height, width, STRIDE)
     scores = resize_scores(selection.scores, grid).clamp_min(0)
-    budget = budget or selection.budget or Budget()
+    budget = budget or selection_budget(selection, Budget())
     n = grid[0] * grid[1]
     k = bucket_round(budget.token_count(scores, n), bucket, n)
     keep = torch.zeros(n, dtype=torch.bool)

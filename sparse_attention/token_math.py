@@ -80,6 +80,14 @@ class ReferencePlan:
         return int(self.indices.numel())
 
 
+def selection_budget(selection: ReferenceSelection, default: Budget) -> Budget:
+    """The budget a bound selection is thinned with: its own, else ``default`` with the selection rule's
+    coverage floor (an edge or mask map alone loses what lies between; see ``selectors.DEFAULT_COVERAGE``)."""
+    if selection.budget is not None:
+        return selection.budget
+    return replace(default, coverage=max(default.coverage, DEFAULT_COVERAGE.get(selection.rule, 0.0)))
+
+
 def plan_references(
     latents: list[torch.Tensor],
     grids: list[tuple[int, int]],
@@ -98,10 +106,7 @@ def plan_references(
     for i, (latent, grid, sel) in enumerate(zip(latents, grids, selections, strict=True)):
         if sel is not None:
             scores.append(resize_scores(sel.scores, grid).clamp_min(0))
-            # Without a budget of its own, a selection still gets its rule's coverage floor (an edge map
-            # alone loses shape interiors; see selectors.DEFAULT_COVERAGE).
-            floor = max(config.budget.coverage, DEFAULT_COVERAGE.get(sel.rule, 0.0))
-            budgets.append(sel.budget or replace(config.budget, coverage=floor))
+            budgets.append(selection_budget(sel, config.budget))
             weights.append(sel.weight)
             rules.append(sel.rule)
         else:
@@ -138,4 +143,5 @@ __all__ = [
     "latent_detail_scores",
     "latent_token_grid",
     "plan_references",
+    "selection_budget",
 ]
