@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The SparseContext demo in one command: sets up a venv and a pinned ComfyUI (unless COMFYUI_PATH is
-# given), starts ComfyUI headless with the pack, samples a 4-reference graph dense and sparse (same seed),
-# prints per-step timings, the speed-up and the PSNR of both against the ground truth, writes images, keep
-# maps and comparison.png to demo_output/, and stops ComfyUI.
-#   bash scripts/demo.sh                    # the trained miniature model (experiments/miniature), ~10-30 s on 2 CPU cores
+# given), starts ComfyUI headless with the pack, samples graphs dense and sparse (same seed), prints
+# per-step timings, the speed-up and the PSNR of both against the ground truth, writes images, keep maps
+# and comparison.png to demo_output/<run>/, and stops ComfyUI.
+#   bash scripts/demo.sh                    # the trained miniature model (experiments/miniature): the 4-reference
+#                                           # graph, then the edit task; ~20-40 s on 2 CPU cores
 #   bash scripts/demo.sh --task subject --example 3 --no-lora --out /tmp/demo
 #   bash scripts/demo.sh --model tiny --refs 2 --keep 0.1     # the seeded tiny FLUX.2-klein-shaped model (noise images)
 #   COMFYUI_PATH=~/ComfyUI bash scripts/demo.sh --model ~/ComfyUI/models/diffusion_models/flux-2-klein-9b.safetensors \
@@ -15,4 +16,11 @@ env_vars="$(bash "$repo/scripts/setup.sh")"  # fails the script if setup fails
 eval "$env_vars"
 export COMFYUI_PATH
 # Run by path: Python puts scripts/ (not the pack root, whose selectors/ would shadow the stdlib) on sys.path.
-exec "$PYTHON" "$repo/scripts/demo.py" "$@"
+if [ "$#" -gt 0 ]; then
+  exec "$PYTHON" "$repo/scripts/demo.py" "$@"
+fi
+# No arguments: the multi-reference graph (four references: the speed-up), then the edit task (the one the
+# miniature model has learned: a picture to judge), each with its own ComfyUI start and output folder.
+"$PYTHON" "$repo/scripts/demo.py" --task multi --refs 4 --keep 0.25 --out "$repo/demo_output/multi_reference"
+echo
+"$PYTHON" "$repo/scripts/demo.py" --task edit --keep 0.5 --out "$repo/demo_output/edit"
