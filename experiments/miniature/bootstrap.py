@@ -4,28 +4,18 @@ pack's ``selectors/`` would shadow the standard library module of that name."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-
-
-def load_package(name: str, folder: Path):
-    """Import ``folder`` as package ``name`` (reused if already imported, e.g. by the tests' conftest)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, folder / "__init__.py", submodule_search_locations=[str(folder)])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(ROOT / "scripts"))  # for packload only (the repo root never goes on sys.path)
+from packload import load_harness, load_pack, load_package  # noqa: E402
 
 
 def bootstrap():
     """Everything the experiment imports; returns the ``sc_miniature`` package."""
-    harness = load_package("sc_harness", ROOT / "tests" / "harness")
+    load_harness()
     from sc_harness.host import comfyui_path, import_comfy_on_cpu
 
     if "comfy.model_management" not in sys.modules:
@@ -38,6 +28,5 @@ def bootstrap():
 
         comfy.cli_args.args.use_pytorch_cross_attention = True
     import_comfy_on_cpu()
-    load_package("sparse_context", ROOT)
-    del harness
+    load_pack()
     return load_package("sc_miniature", HERE)
