@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from typing import Any
 
 import torch
@@ -54,11 +55,16 @@ class SparseRun:
         # keep the same tokens of the same reference.
         self.shared_binding: SelectionBinding | None = None
         self._plans: dict[tuple, list[ReferencePlan]] = {}
-        self.device_indices: dict[tuple, torch.Tensor] = {}
+        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.report: dict[str, Any] | None = None
-        self.sparse_calls = 0
-        self.dense_calls = 0
         self.warned_missed = False
+
+    def indices_on(self, plan: ReferencePlan, device: torch.device) -> torch.Tensor:
+        """A plan's kept indices on the model's device, moved once per run (plans live as long as the run)."""
+        key = (id(plan), device)
+        if key not in self._on_device:
+            self._on_device[key] = plan.indices.to(device)
+        return self._on_device[key]
 
     def in_window(self, transformer_options: dict) -> bool:
         if self.sigma_window is None:
@@ -190,7 +196,6 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
     if not refs or run is None or not run.config.enabled or not isinstance(subsetter, ReferenceSubsetter):
         return executor(*args, **kwargs)
     if not run.in_window(options):
-        run.dense_calls += 1
         return executor(*args, **kwargs)
     refs = list(refs)
     binding = named.get(BINDING_KEY)
@@ -202,17 +207,9 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
     context = named.get("context")
     plans = run.plans(refs, patch_size, binding,
                       int(context.shape[1]) if context is not None else 0,
-                      _count(latent_token_grid(tuple(x.shape), patch_size)) if x is not None else 0)
-    device = refs[0].device
-    indices = []
-    for i, plan in enumerate(plans):
-        key = (i, plan.grid, plan.kept, id(plan), device)
-        idx = run.device_indices.get(key)
-        if idx is None:
-            idx = run.device_indices[key] = plan.indices.to(device)
-        indices.append(idx)
+                      math.prod(latent_token_grid(tuple(x.shape), patch_size)) if x is not None else 0)
+    indices = [run.indices_on(plan, refs[0].device) for plan in plans]
     active = subsetter.active = _ActiveForward(refs, plans, indices)
-    run.sparse_calls += 1
     try:
         out = executor(*args, **kwargs)
     finally:
@@ -223,10 +220,6 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
         log.warning("SparseContext: reference(s) %s did not reach the model as expected (another patch or this "
                     "ComfyUI version changed them); they ran dense.", missed)
     return out
-
-
-def _count(grid: tuple[int, int]) -> int:
-    return grid[0] * grid[1]
 
 
 def sparse_outer_sample_wrapper(executor, *args, **kwargs):
