@@ -4,9 +4,9 @@ Run it with ``bash scripts/demo.sh`` (sets everything up first); options:
     --out demo_output                               where images, keep maps, comparison.png, timings.json go
     --model miniature                               (default) the trained miniature model of experiments/miniature
                                                     (base + its drop-robust LoRA) on one of its own tasks:
-    --task edit --example 0 --repeats 10            which task (edit, the default: the task the model learned;
-                                                    multi --refs 2..4: several references), example, repeats
-    --selector grid                                 selector node (default: the experiment's for the task)
+    --task edit --example 0 --repeats 10            which task (edit, the default: recolour; subject; multi
+                                                    --refs 2..3: several references), example, repeats
+    --selector grid                                 selector node (default: the experiment's best for the task and keep)
     --threads N                                     CPU threads for ComfyUI (miniature default 1)
     --no-lora                                       the base model only (dense and sparse alike)
     --steps N --keep 0.5 --bucket N                 sampling steps (default: the experiment's), keep ratio
@@ -23,7 +23,7 @@ The graph mirrors ``workflows/sparse_flux2_klein_multi_reference.json``: each re
 encoded, scored by Sparse Saliency Selector and added with Sparse Reference Latent; Apply Sparse Context
 patches the model; KSampler samples. Dense = the same graph with the unpatched model, same seed.
 
-The default miniature model (a 0.37M-parameter FLUX.1-Kontext-shaped ComfyUI ``Flux`` trained by
+The default miniature model (a 1.4M-parameter FLUX.1-Kontext-shaped ComfyUI ``Flux`` trained by
 ``experiments/miniature/run.py``) was trained on generated tasks, so its pictures are a real result: the
 test pack's nodes give it a task example (references, ground-truth target, one-hot "text"), its
 invertible pixel "VAE" and its safetensors weights (+ LoRA through core's LoraLoaderModelOnly); the demo
@@ -57,7 +57,7 @@ MINIATURE = ROOT / "experiments" / "miniature" / "results"
 MINIATURE_WEIGHTS, MINIATURE_LORA = "miniature_flux.safetensors", "miniature_flux_lora.safetensors"
 MINIATURE_PX_PER_TOKEN = 4  # experiments/miniature/encoding.py: 2x2 folding x Flux patch 2
 SELECTOR_ZOOM = 16 // MINIATURE_PX_PER_TOKEN  # the selector nodes score 16 px tokens: enlarge the image to match
-#: Selector node per name in ``miniature.json``'s ``default_selector`` (needs only the reference image).
+#: Selector nodes the demo graph can use (they need only the reference image), by the experiment's names.
 SELECTOR_NODES = {"saliency": ("SparseContextSaliencySelector", {"blur_tokens": 1.0}),
                   "edge": ("SparseContextEdgeSelector", {"low_threshold": 0.1, "high_threshold": 0.2, "spread": 1}),
                   "grid": ("SparseContextGridSelector", {}),
@@ -172,14 +172,21 @@ def build_prompt(opts, images: list[str], mode: str, sparse: bool, steps: int, h
     return g.nodes
 
 
-def miniature_settings(task: str) -> tuple[int, str]:
-    """(sampling steps, selector name) the experiment used for ``task`` (results/miniature.json), else (4, saliency)."""
+def miniature_settings(task: str, keep: float, lora: bool) -> tuple[int, str]:
+    """(sampling steps, selector) from the experiment (results/miniature.json): the selector measured best
+    for ``task`` at this keep ratio among those this demo has nodes for, else the task's default selector,
+    else (4, saliency)."""
     try:
         info = json.loads((MINIATURE / "miniature.json").read_text(encoding="utf-8"))
         steps = int(info.get("sampling", {}).get("steps", 4))
         selector = str(info.get("default_selector", {}).get(task, "saliency"))
-    except (OSError, ValueError):
+        model = "lora" if lora else "base"
+        measured = [r for r in info.get("results", []) if (r["task"], r["model"], r["keep_ratio"]) == (task, model, keep)
+                    and r["selector"] in SELECTOR_NODES]
+    except (OSError, ValueError, KeyError, TypeError):
         return 4, "saliency"
+    if measured:
+        selector = max(measured, key=lambda r: r["psnr"])["selector"]
     return steps, selector
 
 
@@ -358,7 +365,8 @@ def summarize(name: str, runs: list[dict]) -> dict:
 def parse_args(argv: list[str] | None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "demo_output", help="output folder (default demo_output/)")
-    ap.add_argument("--refs", type=int, default=4, help="number of reference images (miniature: 2-4)")
+    ap.add_argument("--refs", type=int, default=None,
+                    help="number of reference images (default 4; the miniature's multi task: 2-3, default 3)")
     ap.add_argument("--size", type=int, default=512, help="tiny/real: target and reference size in pixels (multiple "
                                                           "of 16); the miniature's sizes are fixed by its task")
     ap.add_argument("--steps", type=int, default=None,
@@ -375,9 +383,10 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--model", default="miniature",
                     help="miniature (default) | tiny | a small .safetensors (+ JSON) | a real FLUX.2 .safetensors")
     ap.add_argument("--task", default="edit", choices=["multi", "subject", "edit"],
-                    help="miniature: which task (edit, the default, is the one the miniature model has learned)")
+                    help="miniature: which task: edit (recolour, the default), subject, multi")
     ap.add_argument("--selector", default=None, choices=sorted(SELECTOR_NODES),
-                    help="miniature: selector node (default: the experiment's for the task)")
+                    help="miniature: selector node (default: the one the experiment measured best for the task "
+                         "at this keep ratio)")
     ap.add_argument("--example", type=int, default=0, help="miniature: which task example (its generator's seed)")
     ap.add_argument("--no-lora", dest="lora", action="store_false",
                     help="miniature: base model only (default: base + the drop-robust LoRA, in both runs)")
@@ -401,22 +410,21 @@ def parse_args(argv: list[str] | None):
             ap.error(f"--model miniature: no {MINIATURE_LORA} in {MINIATURE} (or pass --no-lora)")
         if opts.images is not None:
             ap.error("--images: the miniature model works on its own tasks' images (use --task / --example)")
-        if opts.task == "multi" and not 2 <= opts.refs <= 4:
-            ap.error("--refs: 2 to 4 for the miniature's multi-reference task")
+        opts.refs = 3 if opts.refs is None else opts.refs
+        if opts.task == "multi" and not 2 <= opts.refs <= 3:
+            ap.error("--refs: 2 to 3 for the miniature's multi-reference task")
         if opts.task != "multi":
             opts.refs = 1
-        steps, experiment_selector = miniature_settings(opts.task)
+        opts.keep = 0.5 if opts.keep is None else opts.keep
+        steps, experiment_selector = miniature_settings(opts.task, opts.keep, opts.lora)
         if opts.selector is None:
             opts.selector = experiment_selector
-        if opts.selector not in SELECTOR_NODES:  # e.g. edge+mask for edits: this demo has no mask input
-            # grid measured best for the edit task in the experiment (docs/miniature.json); saliency otherwise
-            fallback = "grid" if opts.task == "edit" else "saliency"
+        if opts.selector not in SELECTOR_NODES:  # e.g. a mask selector: this demo's graph has no mask input
             print(f"[demo] note: the experiment's selector for {opts.task} is {opts.selector!r}, which needs a mask; "
-                  f"this demo uses {fallback}", file=sys.stderr)
-            opts.selector = fallback
+                  "this demo uses grid", file=sys.stderr)
+            opts.selector = "grid"
         opts.steps = opts.steps or steps
         opts.bucket = opts.bucket or 8
-        opts.keep = 0.5 if opts.keep is None else opts.keep
         opts.repeats = opts.repeats or 10
         # 1 thread (as the experiment measured): at ~10 ms per step, two OpenMP threads on a shared 2-core
         # machine measured 0.8 s per step (waiting on each other), which times contention, not the model.
@@ -427,6 +435,7 @@ def parse_args(argv: list[str] | None):
         opts.keep = 0.25 if opts.keep is None else opts.keep
         if opts.size % 16 or opts.size < 64:
             ap.error("--size: a multiple of 16, at least 64")
+        opts.refs = 4 if opts.refs is None else opts.refs
         if not 1 <= opts.refs <= 8:
             ap.error("--refs: 1 to 8")
     if opts.steps < 2 or opts.repeats < 1:

@@ -3,7 +3,7 @@
 # given), starts ComfyUI headless with the pack, samples graphs dense and sparse (same seed), prints
 # per-step timings, the speed-up and the PSNR of both against the ground truth, writes images, keep maps
 # and comparison.png to demo_output/<run>/, and stops ComfyUI.
-#   bash scripts/demo.sh                    # the trained miniature model (experiments/miniature): the 4-reference
+#   bash scripts/demo.sh                    # the trained miniature model (experiments/miniature): the 3-reference
 #                                           # graph, then the edit task; ~20-40 s on 2 CPU cores
 #   bash scripts/demo.sh --task subject --example 3 --no-lora --out /tmp/demo
 #   bash scripts/demo.sh --model tiny --refs 2 --keep 0.1     # the seeded tiny FLUX.2-klein-shaped model (noise images)
@@ -19,8 +19,9 @@ export COMFYUI_PATH
 if [ "$#" -gt 0 ]; then
   exec "$PYTHON" "$repo/scripts/demo.py" "$@"
 fi
-# No arguments: the multi-reference graph (four references: the speed-up), then the edit task (the one the
-# miniature model has learned: a picture to judge), each with its own ComfyUI start and output folder.
-"$PYTHON" "$repo/scripts/demo.py" --task multi --refs 4 --keep 0.25 --out "$repo/demo_output/multi_reference"
+# No arguments: the multi-reference graph (three references, keep 0.5, the base model: the miniature measured
+# the subject/multi tasks best without the LoRA), then the edit task (one reference, keep 0.5, with the
+# drop-robust LoRA, which aligned edits need), each with its own ComfyUI start and output folder.
+"$PYTHON" "$repo/scripts/demo.py" --task multi --refs 3 --keep 0.5 --no-lora --out "$repo/demo_output/multi_reference"
 echo
 "$PYTHON" "$repo/scripts/demo.py" --task edit --keep 0.5 --out "$repo/demo_output/edit"

@@ -21,7 +21,7 @@ def test_miniature_nodes_encode_decode_and_task():
     refs, target, cond, count = demo_nodes.MiniatureTask.execute("multi", 3, 3).args
     assert count == 3 and refs.shape == (3, 32, 32, 3) and target.shape == (1, 64, 64, 3)
     context, extra = cond[0]
-    assert context.shape == (1, 4, 16) and extra["pooled_output"].shape == (1, 8)
+    assert context.shape == (1, 4, 16) and extra["pooled_output"].shape == (1, 24)
     assert "reference_latents" not in extra  # the graph adds them with Sparse Reference Latent
     latent = demo_nodes.MiniatureEncode.execute(refs).args[0]["samples"]
     assert latent.shape == (3, 16, 16, 16)

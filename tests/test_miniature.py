@@ -56,16 +56,23 @@ def test_tasks_are_seeded_and_consistent(mini):
     assert torch.equal(a.target, b.target) and torch.equal(a.refs[0], b.refs[0])
     c = tasks.make_batch("subject", 2, seed=8)
     assert not torch.equal(a.target, c.target)
-    # the object is copied unchanged: the same pixels (as a multiset of colours) in reference and target
-    ref_obj = a.refs[0][0][a.ref_masks[0][0] > 0.5]
-    tgt_obj = a.target[0][a.target_mask[0] > 0.5]
-    assert ref_obj.shape == tgt_obj.shape
-    assert torch.allclose(ref_obj.sort(0).values, tgt_obj.sort(0).values)
-    m = tasks.make_batch("multi", 1, seed=1, n_refs=4)
-    assert len(m.refs) == 4 and m.refs[0].shape == (1, 32, 32, 3)
+    # the object is copied unchanged and in place (token-aligned with the reference), the clutter is gone
+    obj = a.ref_masks[0][0] > 0.5
+    assert torch.equal(obj, a.target_mask[0] > 0.5) and torch.equal(a.refs[0][0][obj], a.target[0][obj])
+    assert bool((a.target[0][~obj] == a.background[0]).all())
+    m = tasks.make_batch("multi", 1, seed=1, n_refs=3)
+    assert len(m.refs) == 3 and m.refs[0].shape == (1, 32, 32, 3)
+    for k, (dy, dx) in enumerate(tasks.MULTI_OFFSETS):  # reference k lands where the "offset" method lays it out
+        quadrant = m.target[0, dy:dy + 32, dx:dx + 32]
+        obj = m.ref_masks[k][0] > 0.5
+        assert torch.equal(quadrant[obj], m.refs[k][0][obj])
+    with pytest.raises(ValueError, match="n_refs"):
+        tasks.make_batch("multi", 1, seed=1, n_refs=4)
     e = tasks.make_batch("edit", 1, seed=1)
     changed = (e.target - e.refs[0]).abs().amax(-1) > 0
     assert changed.any() and bool((changed <= (e.target_mask > 0.5)).all()), "the edit changes only the masked shapes"
+    cells = e.target_mask[0].unfold(0, tasks.CELL, tasks.CELL).unfold(1, tasks.CELL, tasks.CELL)
+    assert bool((cells.amax((-1, -2)) == cells.amin((-1, -2))).all()), "shapes are drawn on the 4 px token grid"
 
 
 def test_smoke_pipeline_trains_finetunes_and_evaluates_through_the_patch(mini, smoke):
@@ -95,6 +102,24 @@ def test_smoke_pipeline_trains_finetunes_and_evaluates_through_the_patch(mini, s
     checks = saved["summary"]["checks"]
     assert checks and all(isinstance(v, bool) for v in checks.values())
     assert (out / "miniature.png").stat().st_size > 10_000
+
+
+def test_resummarize_recomputes_checks_without_training(mini, smoke, tmp_path):
+    import shutil
+
+    out, result = smoke
+    copy = tmp_path / "again"
+    shutil.copytree(out, copy)
+    data = json.loads((copy / "miniature.json").read_text(encoding="utf-8"))
+    data["summary"] = {"checks": {"stale": True}}
+    data["default_selector"] = {"edit": "stale"}
+    (copy / "miniature.json").write_text(json.dumps(data), encoding="utf-8")
+    run = importlib.import_module("sc_miniature.run")
+    again = run.main(["--resummarize", "--out", str(copy)])
+    evaluate = importlib.import_module("sc_miniature.evaluate")
+    assert again["default_selector"] == evaluate.DEFAULT_SELECTOR
+    assert again["summary"]["checks"] == result["summary"]["checks"] and again["results"] == result["results"]
+    assert json.loads((copy / "miniature.json").read_text(encoding="utf-8"))["summary"] == again["summary"]
 
 
 def test_saved_model_and_lora_load_back_as_comfy_models(mini, smoke):

@@ -60,7 +60,9 @@ def _selectors() -> dict[str, Selector]:
         Selector("edge", edge, cov["edge"]),
         Selector("edge_nofloor", edge, 0.0),  # the prototype's pure top-k Canny, for the record
         Selector("saliency", sal, cov["saliency"]),
+        Selector("saliency_nofloor", sal, 0.0),
         Selector("mask", msk, cov["mask"]),
+        Selector("mask_nofloor", msk, 0.0),  # the object (+1 token) first, nothing spread elsewhere
         Selector("edge+mask", mix(edge, msk), max(cov["edge"], cov["mask"])),
         Selector("saliency+mask", mix(sal, msk), max(cov["saliency"], cov["mask"])),
         Selector("edge+saliency", mix(edge, sal), max(cov["edge"], cov["saliency"])),
@@ -68,9 +70,10 @@ def _selectors() -> dict[str, Selector]:
     return {s.name: s for s in items}
 
 
-#: The pack's per-task default selector as this experiment understands the paper: mask-guided (plus
-#: edges) for spatially aligned edits, saliency for subject-driven and multi-reference generation.
-DEFAULT_SELECTOR = {"edit": "edge+mask", "subject": "saliency", "multi": "saliency"}
+#: The pack's per-task default selector, from this experiment's evidence (README): even coverage (grid, the
+#: pack's default rule) for spatially aligned edits, where every token of the picture must be copied;
+#: saliency (no mask needed) for subject-driven and multi-reference generation, as the paper says.
+DEFAULT_SELECTOR = {"edit": "grid", "subject": "saliency", "multi": "saliency"}
 
 
 def binding_for(item: tasks.TaskBatch, selector: Selector, ratio: float, seed: int):

@@ -20,7 +20,7 @@ import torch
 #: single out the reference token at its own position. The first version (hidden 64, 4 heads, axes
 #: [4, 6, 6], theta 10000: 3 frequencies of 1 / 0.05 / 0.002 rad/token) never learned to copy (12 dB).
 FLUX_KWARGS: dict = dict(
-    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=16,
+    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=24, context_in_dim=16,
     hidden_size=128, mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2,
     axes_dim=[16, 24, 24], theta=4, patch_size=2, qkv_bias=True, guidance_embed=False,
 )

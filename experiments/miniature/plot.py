@@ -1,4 +1,4 @@
-"""The results figure: PSNR against keep ratio per selector, per task (columns) and model (rows)."""
+"""The results figure (PSNR against keep ratio per selector, per task and model) and the README table."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def make_figure(result: dict, path: str | Path) -> Path:
     models = ["base", "lora"]
     selectors = [s for s in result["selectors"] if any(r["selector"] == s for r in rows)]
     defaults = result["default_selector"]
-    cmap = plt.get_cmap("tab10")
+    cmap = plt.get_cmap("tab20")  # one colour per selector (up to 20)
     fig, axes = plt.subplots(len(models), len(task_names), figsize=(4.6 * len(task_names), 3.6 * len(models)),
                              squeeze=False, sharex=True)
     for j, task in enumerate(task_names):
@@ -34,7 +34,7 @@ def make_figure(result: dict, path: str | Path) -> Path:
                 pts.append((1.0, dense["psnr"]))
                 xs, ys = zip(*sorted(pts), strict=True)
                 bold = sel == defaults.get(task)
-                ax.plot(xs, ys, marker="o", ms=3, lw=2.6 if bold else 1.0, color=cmap(k % 10),
+                ax.plot(xs, ys, marker="o", ms=3, lw=2.6 if bold else 1.0, color=cmap(k % 20),
                         label=sel + (" (default)" if bold else ""), zorder=3 if bold else 2)
             ax.set_xscale("log")
             ax.set_xticks([0.1, 0.25, 0.5, 1.0], ["0.1", "0.25", "0.5", "1"])
@@ -52,3 +52,36 @@ def make_figure(result: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def markdown_table(result: dict) -> str:
+    """The README table: per task and model, dense PSNR and the change (dB, paired with dense) at each
+    keep ratio for the default selector, random, and the best selector at that ratio."""
+    rows, defaults = result["results"], result["default_selector"]
+    ratios = [r for r in result["config"]["ratios"] if r < 1.0]
+
+    def cell(task: str, model: str, sel: str, ratio: float) -> float | None:
+        row = next((r for r in rows if (r["task"], r["model"], r["selector"], r["keep_ratio"]) == (task, model, sel, ratio)), None)
+        return None if row is None else row["psnr_minus_dense"]
+
+    def deltas(task: str, model: str, sel: str) -> str:
+        return " / ".join("-" if (d := cell(task, model, sel, k)) is None else f"{d:+.1f}" for k in ratios)
+
+    keep = " / ".join(str(k) for k in ratios)
+    out = [f"| task | model | dense | default selector, change at keep {keep} | random | best selector per keep ratio |",
+           "|---|---|---|---|---|---|"]
+    for task in ("edit", "subject", "multi"):
+        for model in ("base", "lora"):
+            dense = next((r for r in rows if (r["task"], r["model"], r["selector"]) == (task, model, "dense")), None)
+            if dense is None:
+                continue
+            best = []
+            for k in ratios:
+                cands = [r for r in rows if (r["task"], r["model"], r["keep_ratio"]) == (task, model, k)]
+                top = max(cands, key=lambda r: r["psnr"])
+                best.append(f"{top['selector']} {top['psnr_minus_dense']:+.1f}")
+            iou = f", IoU {dense['iou']:.2f}" if "iou" in dense else ""
+            out.append(f"| {task} | {'base + LoRA' if model == 'lora' else 'base'} | {dense['psnr']:.1f} dB{iou} | "
+                       f"{defaults[task]} {deltas(task, model, defaults[task])} | {deltas(task, model, 'random')} | "
+                       f"{' / '.join(best)} |")
+    return "\n".join(out)

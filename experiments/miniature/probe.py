@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import sys
 import time
 from pathlib import Path
@@ -33,9 +34,9 @@ def main(argv=None) -> None:
     ap.add_argument("--n_eval", type=int, default=8)
     ap.add_argument("--log_every", type=int, default=100)
     ap.add_argument("--identity", action="store_true")
-    ap.add_argument("--pooled_codes", action="store_true")
     ap.add_argument("--qk", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save", default="", help="folder to save the trained model in")
     a = ap.parse_args(argv)
     spec = importlib.util.spec_from_file_location("sc_miniature_bootstrap", HERE / "bootstrap.py")
     mod = importlib.util.module_from_spec(spec)
@@ -47,7 +48,7 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(a.threads)
     kw = dict(model.FLUX_KWARGS, hidden_size=a.hidden, num_heads=a.heads, axes_dim=[int(x) for x in a.axes.split(",")],
-              theta=a.theta, vec_in_dim=24 if a.pooled_codes else 8, depth=a.depth, depth_single_blocks=a.single, mlp_ratio=a.mlp)
+              theta=a.theta, depth=a.depth, depth_single_blocks=a.single, mlp_ratio=a.mlp)
     m = model.build_model(kw, seed=0, qk_norm_init=a.qk)
     params = list(m.model.diffusion_model.parameters())
     for p in params:
@@ -62,14 +63,6 @@ def main(argv=None) -> None:
             b.target = b.refs[0].clone()
             return b
         tasks.make_batch = ident
-    if a.pooled_codes:  # diagnostic: the edit's source/destination colour codes also in the pooled vector
-        orig2 = tasks.make_batch
-
-        def pooled(*args, **kw):
-            b = orig2(*args, **kw)
-            b.pooled = torch.cat([b.pooled, b.context[:, 1, :8], b.context[:, 2, :8]], 1)
-            return b
-        tasks.make_batch = pooled
     probe_items = run.eval_items("edit", 8)
 
     def x0_psnr(sig: float = 1.0) -> float:
@@ -96,9 +89,12 @@ def main(argv=None) -> None:
     for p in params:
         p.requires_grad_(False)
     tt = time.time() - t0
+    if a.save:
+        model.save_model(m, a.save, kw)
     from sparse_context.sparse_attention.direct import patched_diffusion_model
     items = run.eval_items("edit", a.n_eval)
     with torch.no_grad(), patched_diffusion_model(m) as (dm, opts):
+        split = []
         for sig in (1.0, 0.7, 0.4, 0.1):
             vals = []
             for it in items:
@@ -111,16 +107,26 @@ def main(argv=None) -> None:
                 x0h = m.model.process_latent_out(xt - sig * v)
                 vals.append(float(kornia.metrics.psnr(encoding.decode(x0h).permute(0, 3, 1, 2),
                                                       it.target.permute(0, 3, 1, 2), 1.0)))
-            print(f"x0 psnr at sigma {sig}: {sum(vals) / len(vals):.2f}", flush=True)
+                err = (encoding.decode(x0h) - it.target).pow(2).mean(-1)[0]
+                inside = it.target_mask[0] > 0.5
+                split.append((float(err[inside].sum()), float(err[~inside].sum()), err.numel()))
+            msg = ""
+            if split:  # share of the squared error inside / outside the edited region, and MSE outside as dB
+                e_in, e_out, n = (sum(x[k] for x in split) for k in range(3))
+                msg = f"  error share inside the edit {e_in / (e_in + e_out):.2f}; PSNR if only outside errors {10 * math.log10(n / max(e_out, 1e-9)):.2f}"
+            split.clear()
+            print(f"x0 psnr at sigma {sig}: {sum(vals) / len(vals):.2f}{msg}", flush=True)
     for task in a.eval_tasks.split(","):
         items = run.eval_items(task, a.n_eval)
-        ps, ident = [], []
+        ps, ident, ious = [], [], []
         for i, it in enumerate(items):
             pred, _ = evaluate.generate(m, it, None, 4, seed=1000 + i)
-            ps.append(evaluate.metrics(pred, it)["psnr"])
+            met = evaluate.metrics(pred, it)
+            ps.append(met["psnr"])
+            ious.append(met.get("iou", float("nan")))
             if task == "edit":
                 ident.append(float(kornia.metrics.psnr(it.refs[0].permute(0, 3, 1, 2), it.target.permute(0, 3, 1, 2), 1.0)))
-        msg = f"{task}: dense4 {sum(ps) / len(ps):.2f} dB"
+        msg = f"{task}: dense4 {sum(ps) / len(ps):.2f} dB  iou {sum(ious) / len(ious):.2f}"
         if ident:
             msg += f"  identity {sum(ident) / len(ident):.2f} dB"
         print(f"RESULT {vars(a)} params={sum(p.numel() for p in params)} train {tt:.0f}s "

@@ -25,15 +25,18 @@ def model_latents(model, images: torch.Tensor) -> torch.Tensor:
     return model.model.process_latent_in(encoding.encode(images))
 
 
-def _sigmas(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+def _sigmas(kind: str, n: int, gen: torch.Generator, model=None) -> torch.Tensor:
     """(n,) training noise levels in (0, 1)."""
+    if kind == "shifted":  # where ComfyUI's sampler goes: U(0, 1) through the model's sigma shift
+        ms = model.get_model_object("model_sampling")
+        return ms.sigma(ms.timestep(torch.rand(n, generator=gen).clamp(1e-3, 1.0))).float()
     if kind == "uniform":
         return torch.rand(n, generator=gen).clamp(1e-3, 1.0)
     if kind == "logit_normal":
         return torch.sigmoid(torch.randn(n, generator=gen))
     if kind == "sqrt":
         return torch.rand(n, generator=gen).sqrt()
-    raise ValueError(f"sigma_sampling: expected uniform, logit_normal or sqrt, got {kind!r}")
+    raise ValueError(f"sigma_sampling: expected shifted, uniform, logit_normal or sqrt, got {kind!r}")
 
 
 def train(model, params: list[torch.nn.Parameter], steps: int, *, batch: int = 8, lr: float = 2e-3, seed: int = 0,
@@ -59,7 +62,7 @@ def train(model, params: list[torch.nn.Parameter], steps: int, *, batch: int = 8
             x0 = model_latents(model, b.target)
             refs = [model_latents(model, r) for r in b.refs]
             noise = torch.randn(x0.shape, generator=gen)
-            sigma = _sigmas(sigma_sampling, batch, gen)
+            sigma = _sigmas(sigma_sampling, batch, gen, model)
             s = sigma.view(-1, 1, 1, 1)
             x_t = s * noise + (1 - s) * x0
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):

@@ -152,11 +152,11 @@ class MiniatureTask(io.ComfyNode):
                         "trained miniature model expects (tests and demo only).",
             inputs=[
                 io.Combo.Input("task", options=["multi", "subject", "edit"], default="multi",
-                               tooltip="multi: 2-4 references placed by a layout; subject: one object moved to a "
-                                       "quadrant; edit: recolour the shapes of one colour."),
+                               tooltip="multi: 2-3 references, their objects composed on a new background; subject: one "
+                                       "object on a new background; edit: recolour the shapes of one colour."),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Which example (tasks.make_batch seed)."),
-                io.Int.Input("references", default=4, min=1, max=4,
-                             tooltip="multi only: number of reference images, 2 to 4 (subject and edit have one; "
+                io.Int.Input("references", default=3, min=1, max=3,
+                             tooltip="multi only: number of reference images, 2 to 3 (subject and edit have one; "
                                      "ignored there)."),
             ],
             outputs=[
@@ -164,7 +164,7 @@ class MiniatureTask(io.ComfyNode):
                                 tooltip="The reference images as one batch (N, H, W, 3); split with ImageFromBatch."),
                 io.Image.Output(display_name="target", tooltip="The ground truth the edit should produce (64x64)."),
                 io.Conditioning.Output(display_name="conditioning",
-                                       tooltip="One-hot text tokens (1, 4, 16) + pooled vector (1, 8), no references."),
+                                       tooltip="One-hot text tokens (1, 4, 16) + pooled vector (1, 24), no references."),
                 io.Int.Output(display_name="count", tooltip="Number of references."),
             ],
         )
@@ -174,8 +174,9 @@ class MiniatureTask(io.ComfyNode):
         tasks = miniature().tasks
         if task not in tasks.TASKS:
             raise ValueError(f"SCTest_MiniatureTask: task: expected one of {tasks.TASKS}, got {task!r}")
-        if task == "multi" and not 2 <= references <= 4:
-            raise ValueError(f"SCTest_MiniatureTask: references: the multi task has 2 to 4, got {references}")
+        if task == "multi" and not 2 <= references <= tasks.MULTI_MAX_REFS:
+            raise ValueError(f"SCTest_MiniatureTask: references: the multi task has 2 to {tasks.MULTI_MAX_REFS}, "
+                             f"got {references}")
         batch = tasks.make_batch(task, 1, seed, n_refs=references if task == "multi" else None)
         refs = torch.cat(batch.refs, 0)  # (N, H, W, 3): all references of a task share one size
         cond = [[batch.context, {"pooled_output": batch.pooled}]]
