@@ -1,10 +1,11 @@
 """The miniature replication, end to end, in one seeded command:
 
-    cd /work/main && .venv/bin/python experiments/miniature/run.py           # full run (< 30 min, 2 CPU cores)
-    cd /work/main && .venv/bin/python experiments/miniature/run.py --smoke   # pipeline check (seconds)
+    bash scripts/setup.sh > /dev/null                       # once, from the repo root
+    .venv/bin/python experiments/miniature/run.py           # full run (21 min on 2 CPU cores)
+    .venv/bin/python experiments/miniature/run.py --smoke   # pipeline check (seconds)
 
 1. trains a tiny FLUX.1-Kontext-shaped ComfyUI ``Flux`` from scratch on three generated tasks
-   (``tasks.py``: recolouring edit, subject placement, multi-reference composition);
+   (``tasks.py``: recolouring edit, a subject on a new background, multi-reference composition);
 2. fine-tunes it with the pack's drop-robust LoRA trainer (``sparse_context.training.LoraTrainer``:
    random reference-token dropping through the pack's own patch);
 3. evaluates base and base + LoRA on held-out items through ``apply_sparse_context`` with selections from
