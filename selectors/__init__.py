@@ -25,8 +25,9 @@ from .tokens import resize_scores, token_grid_shape
 
 # Recommended Budget.coverage per selector. Edge: a prototype's pure top-k Canny pick lost to random
 # on a recolouring edit (it needs shape interiors), so a quarter of its budget goes to even coverage.
-# Mask: in the miniature replication (docs/miniature.json) mask-led picks with a 10-25 % floor lost to an
-# even grid on the edit task, whose target is mostly unedited picture to copy: half goes to coverage.
+# Mask (meant for edits, whose target is mostly unedited picture to copy): half goes to coverage. In the
+# miniature replication (docs/miniature.json) the floor helped edits (keep 0.1 with the LoRA: -11.7 vs
+# -13.3 dB) and hurt a subject mask (keep 0.25: -15.5 vs -1.3 dB): for subjects set coverage to 0.
 DEFAULT_COVERAGE: dict[str, float] = {
     "random": 0.0,
     "grid": 0.0,
