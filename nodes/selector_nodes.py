@@ -110,7 +110,9 @@ class SparseContextMaskSelector(SparseNode):
         return io.Schema(
             node_id="SparseContextMaskSelector", display_name=cls.NAME, category=CATEGORY,
             description="Keeps the tokens a MASK covers first (e.g. the edit region painted in Load Image's mask "
-                        "editor), for spatially aligned edits. Scores come from batch item 0 of the mask.",
+                        "editor), for spatially aligned edits: by default half the budget still covers the rest "
+                        "evenly. For a subject mask, connect a Budget with coverage 0 to keep only the subject. "
+                        "Scores come from batch item 0 of the mask.",
             inputs=[
                 io.Mask.Input("mask", tooltip="The mask, at the reference image's size or aspect ratio (Load Image: "
                                               "painted = 1). Batch item 0 is used."),
