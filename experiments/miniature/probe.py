@@ -1,7 +1,8 @@
 """Short training probes (development aid): train on one task for a few hundred steps with given Flux
 kwargs / lr / sigma sampling and report dense PSNR of 4-step ComfyUI sampling on held-out items.
+Defaults = the shipped configuration (``model.FLUX_KWARGS``, shifted sigma), edit task only.
 
-    cd /work/main && .venv/bin/python experiments/miniature/probe.py --steps 300 --heads 2 --axes 8,12,12 --theta 100
+    .venv/bin/python experiments/miniature/probe.py --steps 900 --sigma uniform --save /tmp/probe_model
 """
 
 from __future__ import annotations
@@ -20,15 +21,15 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--heads", type=int, default=2)
-    ap.add_argument("--axes", default="8,12,12")
-    ap.add_argument("--theta", type=float, default=100)
+    ap.add_argument("--axes", default="16,24,24")
+    ap.add_argument("--theta", type=float, default=4)
     ap.add_argument("--depth", type=int, default=2)
     ap.add_argument("--single", type=int, default=2)
     ap.add_argument("--mlp", type=float, default=2.0)
-    ap.add_argument("--sigma", default="uniform")
+    ap.add_argument("--sigma", default="shifted")
     ap.add_argument("--tasks", default="edit")
     ap.add_argument("--eval_tasks", default="edit")
     ap.add_argument("--n_eval", type=int, default=8)
@@ -65,20 +66,26 @@ def main(argv=None) -> None:
         tasks.make_batch = ident
     probe_items = run.eval_items("edit", 8)
 
-    def x0_psnr(sig: float = 1.0) -> float:
-        dm = m.model.diffusion_model
-        vals = []
+    def x0_images(items, sig: float, dm, options: dict) -> list:
+        """The model's one-step x0 estimate (IMAGE) of each item at noise level ``sig`` (fixed noise)."""
+        out = []
         with torch.no_grad():
-            for it in probe_items:
+            for it in items:
                 x0 = train.model_latents(m, it.target)
                 refs = [train.model_latents(m, r) for r in it.refs]
                 noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
                 xt = sig * noise + (1 - sig) * x0
                 v = dm(xt, torch.tensor([sig]), it.context, y=it.pooled, ref_latents=refs, ref_latents_method="offset",
-                       transformer_options={})
-                x0h = m.model.process_latent_out(xt - sig * v)
-                vals.append(float(kornia.metrics.psnr(encoding.decode(x0h).permute(0, 3, 1, 2),
-                                                      it.target.permute(0, 3, 1, 2), 1.0)))
+                       transformer_options=dict(options))
+                out.append(encoding.decode(m.model.process_latent_out(xt - sig * v)))
+        return out
+
+    def psnr(image, it) -> float:
+        return float(kornia.metrics.psnr(image.permute(0, 3, 1, 2), it.target.permute(0, 3, 1, 2), 1.0))
+
+    def x0_psnr(sig: float = 1.0) -> float:
+        vals = [psnr(x, it) for x, it in zip(x0_images(probe_items, sig, m.model.diffusion_model, {}), probe_items,
+                                             strict=True)]
         return sum(vals) / len(vals)
 
     def log(msg: str) -> None:
@@ -93,29 +100,19 @@ def main(argv=None) -> None:
         model.save_model(m, a.save, kw)
     from sparse_context.sparse_attention.direct import patched_diffusion_model
     items = run.eval_items("edit", a.n_eval)
-    with torch.no_grad(), patched_diffusion_model(m) as (dm, opts):
-        split = []
+    with patched_diffusion_model(m) as (dm, opts):
         for sig in (1.0, 0.7, 0.4, 0.1):
-            vals = []
-            for it in items:
-                x0 = train.model_latents(m, it.target)
-                refs = [train.model_latents(m, r) for r in it.refs]
-                noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(5))
-                xt = sig * noise + (1 - sig) * x0
-                v = dm(xt, torch.tensor([sig]), it.context, y=it.pooled, ref_latents=refs, ref_latents_method="offset",
-                       transformer_options=dict(opts))
-                x0h = m.model.process_latent_out(xt - sig * v)
-                vals.append(float(kornia.metrics.psnr(encoding.decode(x0h).permute(0, 3, 1, 2),
-                                                      it.target.permute(0, 3, 1, 2), 1.0)))
-                err = (encoding.decode(x0h) - it.target).pow(2).mean(-1)[0]
+            images = x0_images(items, sig, dm, opts)
+            vals = [psnr(x, it) for x, it in zip(images, items, strict=True)]
+            # share of the squared error inside the edited region, and the PSNR if only the outside erred
+            e_in = e_out = n = 0.0
+            for x, it in zip(images, items, strict=True):
+                err = (x - it.target).pow(2).mean(-1)[0]
                 inside = it.target_mask[0] > 0.5
-                split.append((float(err[inside].sum()), float(err[~inside].sum()), err.numel()))
-            msg = ""
-            if split:  # share of the squared error inside / outside the edited region, and MSE outside as dB
-                e_in, e_out, n = (sum(x[k] for x in split) for k in range(3))
-                msg = f"  error share inside the edit {e_in / (e_in + e_out):.2f}; PSNR if only outside errors {10 * math.log10(n / max(e_out, 1e-9)):.2f}"
-            split.clear()
-            print(f"x0 psnr at sigma {sig}: {sum(vals) / len(vals):.2f}{msg}", flush=True)
+                e_in, e_out, n = e_in + float(err[inside].sum()), e_out + float(err[~inside].sum()), n + err.numel()
+            print(f"x0 psnr at sigma {sig}: {sum(vals) / len(vals):.2f}  error share inside the edit "
+                  f"{e_in / max(e_in + e_out, 1e-12):.2f}; PSNR if only outside errors "
+                  f"{10 * math.log10(n / max(e_out, 1e-9)):.2f}", flush=True)
     for task in a.eval_tasks.split(","):
         items = run.eval_items(task, a.n_eval)
         ps, ident, ious = [], [], []
@@ -125,7 +122,7 @@ def main(argv=None) -> None:
             ps.append(met["psnr"])
             ious.append(met.get("iou", float("nan")))
             if task == "edit":
-                ident.append(float(kornia.metrics.psnr(it.refs[0].permute(0, 3, 1, 2), it.target.permute(0, 3, 1, 2), 1.0)))
+                ident.append(psnr(it.refs[0], it))
         msg = f"{task}: dense4 {sum(ps) / len(ps):.2f} dB  iou {sum(ious) / len(ious):.2f}"
         if ident:
             msg += f"  identity {sum(ident) / len(ident):.2f} dB"
