@@ -87,19 +87,16 @@ def import_comfy(device: str) -> pathlib.Path:
 def build_model(size: ModelSize, device, dtype, seed: int = 0):
     """A ComfyUI ModelPatcher around a FLUX.2-shaped ``Flux`` with seeded weights made on ``device``."""
     import comfy.model_patcher
-    import comfy.supported_models as sm
     import torch
+    from packload import load_testpack
 
     head_dim = size.hidden // size.heads
-    axes = [head_dim // 4] * 4
-    config = sm.Flux2(dict(
-        image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=size.context_dim,
-        hidden_size=size.hidden, mlp_ratio=3.0, num_heads=size.heads, depth=size.depth,
-        depth_single_blocks=size.single, axes_dim=axes, theta=2000, patch_size=1, qkv_bias=False,
-        guidance_embed=False, global_modulation=True, mlp_silu_act=True, ops_bias=False,
-        default_ref_method="index", ref_index_scale=10,
-    ))
-    config.set_inference_dtype(dtype, None)
+    # FLUX.2's structure (theta, modulation, biases, text ids, ...) from this ComfyUI's own model detection
+    config = load_testpack().host_config.config_for_sizes(dict(
+        image_model="flux2", in_channels=128, context_in_dim=size.context_dim, hidden_size=size.hidden,
+        num_heads=size.heads, depth=size.depth, depth_single_blocks=size.single, axes_dim=[head_dim // 4] * 4,
+        patch_size=1,
+    ), dtype)
     model = config.get_model({}, "", device=device)  # disable_weight_init ops: empty tensors, no CPU copy
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():

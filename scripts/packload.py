@@ -30,6 +30,11 @@ def load_pack() -> ModuleType:
     return load_package("sparse_context", REPO)
 
 
+def load_testpack() -> ModuleType:
+    """The test node pack (tiny real models, host-derived model configs) as ``sc_testpack``; needs ComfyUI."""
+    return load_package("sc_testpack", REPO / "tests" / "comfy_testpack")
+
+
 def load_harness() -> ModuleType:
     """The tests' harness (ComfyUI host, server, sampling helpers) as ``sc_harness``."""
     return load_package("sc_harness", REPO / "tests" / "harness")

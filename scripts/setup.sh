@@ -59,8 +59,9 @@ have="$(cat "$stamp" 2>/dev/null || true)"
 # Up to date when the requirement files and ComfyUI are the same and the dev tools are there if asked for.
 if [ "${have% *}" != "$want" ] || [ "${have##* }" -lt "$dev" ]; then
   log "installing ComfyUI's and the pack's requirements"
-  # torch lines come from the constraints; torchaudio and spandrel are optional for ComfyUI.
-  grep -viE '^\s*(torch|torchvision|torchaudio|spandrel)\s*($|[<>=~!])' "$COMFYUI_PATH/requirements.txt" > "$venv/comfy-reqs.txt"
+  # torch, torchvision and torchaudio versions come from the constraints (newer ComfyUI imports torchaudio at
+  # start); spandrel is optional for ComfyUI.
+  grep -viE '^\s*(spandrel)\s*($|[<>=~!])' "$COMFYUI_PATH/requirements.txt" > "$venv/comfy-reqs.txt"
   echo "requests" >> "$venv/comfy-reqs.txt"  # imported by ComfyUI's frontend manager, missing from 0.3.75's list
   pipi -r "$venv/comfy-reqs.txt" -r "$repo/requirements.txt"
   [ "$dev" = 1 ] && pipi -r "$repo/requirements-dev.txt"

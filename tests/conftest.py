@@ -10,14 +10,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # packload (the repo root itself never goes on sys.path)
-from packload import load_harness, load_pack, load_package  # noqa: E402
+from packload import load_harness, load_pack, load_testpack  # noqa: E402
 
 load_harness()
 from sc_harness.host import import_comfy_on_cpu  # noqa: E402
 
 import_comfy_on_cpu()
 pack = load_pack()
-testpack = load_package("sc_testpack", ROOT / "tests" / "comfy_testpack")
+testpack = load_testpack()
 
 
 @pytest.fixture(scope="session")

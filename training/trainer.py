@@ -26,7 +26,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from .autograd import clone_saved_tensors
 from .dropping import KeepRatioDistribution
 from .examples import TrainingExample
 from .family import architecture, base_family
+from .host_ops import differentiable_host_ops
 from .lora import LoraConfig, attach_lora, detach_lora
 from .lora_file import LoraMetadata, pack_version, save_lora
 
@@ -223,10 +224,9 @@ class LoraTrainer:
             options = dict(self._options)
             run = sparse_run_for(keep_ratio, seed)
             options[RUN_KEY] = run
-            if clone_saved and torch.is_grad_enabled():
-                with clone_saved_tensors():
-                    pred = self._dm(x_in, timestep, transformer_options=options, **kwargs)
-            else:
+            with differentiable_host_ops(), ExitStack() as stack:
+                if clone_saved and torch.is_grad_enabled():
+                    stack.enter_context(clone_saved_tensors())
                 pred = self._dm(x_in, timestep, transformer_options=options, **kwargs)
             self.last_report = run.report
             loss_dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32

@@ -1,6 +1,7 @@
 """The miniature model: a tiny FLUX.1-Kontext-shaped ComfyUI ``Flux``, saved and loaded as safetensors.
 
-Self-contained (no relative imports) so a demo can load this file on its own; needs ComfyUI importable.
+Needs ComfyUI importable and ``scripts/`` on sys.path (``bootstrap.py``, the tests' conftest): the model config
+comes from the running ComfyUI's own detection (``tests/comfy_testpack/host_config.py``).
 ``load_trained_model(path)`` returns a ComfyUI ModelPatcher (base, or base + the drop-robust LoRA).
 """
 
@@ -40,10 +41,10 @@ def build_model(flux_kwargs: dict | None = None, seed: int = 0, qk_norm_init: fl
     projection start at zero (adaLN-Zero), so every block starts as the identity.
     """
     import comfy.model_patcher
-    import comfy.supported_models
+    from packload import load_testpack
 
-    config = comfy.supported_models.Flux(dict(flux_kwargs or FLUX_KWARGS))
-    config.set_inference_dtype(torch.float32, None)
+    # supported_models.Flux (FLUX.1 dev's sampling) although there is no guidance embedding (detection: schnell)
+    config = load_testpack().host_config.config_for_sizes(dict(flux_kwargs or FLUX_KWARGS), model_config="Flux")
     model = config.get_model({}, "")
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():

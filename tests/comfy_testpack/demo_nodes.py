@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
+from .host_config import host_model_config
 from .tiny_models import FAMILIES, SPECS
 
-#: Model classes a config file may name (``comfy.supported_models.<name>``); nothing else is built.
+#: Model configs (``comfy.supported_models.<name>``) a config file may name; nothing else is built.
 MODEL_CONFIGS = ("Flux", "Flux2", "QwenImage")
 
 
@@ -71,10 +72,9 @@ class ImageToLatent(io.ComfyNode):
 
 def load_safetensors_model(path: str | Path):
     """A ComfyUI ModelPatcher from ``<name>.safetensors`` and its config ``<name>.json`` (or the one
-    config ``*.json`` in the same folder): ``{"model_config": "comfy.supported_models.Flux" | ...,
-    "flux_kwargs" | "unet_config": {...}}``. Weights load with ``safe_load`` and ``strict=True``."""
+    config ``*.json`` in the same folder): ``{"model_config": "comfy.supported_models.Flux" | ..., "flux_kwargs" |
+    "unet_config": {...}}`` on top of what this ComfyUI's own detection reads from the weights. Weights load with ``safe_load`` and ``strict=True``."""
     import comfy.model_patcher
-    import comfy.supported_models as sm
     import comfy.utils
 
     path = Path(path).expanduser()
@@ -87,16 +87,19 @@ def load_safetensors_model(path: str | Path):
             raise ValueError(f"path: no config {config_file.name} next to {path.name} (and not exactly one *.json)")
         config_file = found[0]
     info = json.loads(config_file.read_text(encoding="utf-8"))
-    name = str(info.get("model_config", "comfy.supported_models.Flux")).rsplit(".", 1)[-1]
-    if name not in MODEL_CONFIGS:
-        raise ValueError(f"{config_file.name}: model_config must be one of {MODEL_CONFIGS}, got {name!r}")
     unet = info.get("flux_kwargs") or info.get("unet_config")
     if not isinstance(unet, dict):
         raise ValueError(f"{config_file.name}: needs a 'flux_kwargs' or 'unet_config' object")
-    config = getattr(sm, name)(dict(unet))
-    config.set_inference_dtype(torch.float32, None)
+    name = info.get("model_config")
+    name = None if name is None else str(name).rsplit(".", 1)[-1]
+    if name is not None and name not in MODEL_CONFIGS:
+        raise ValueError(f"{config_file.name}: model_config must be one of {MODEL_CONFIGS}, got {name!r}")
+    state_dict = comfy.utils.load_torch_file(str(path), safe_load=True)
+    config = host_model_config(state_dict, dict(unet), model_config=name)
+    if type(config).__name__ not in MODEL_CONFIGS:
+        raise ValueError(f"{path.name}: detected as {type(config).__name__}, expected one of {MODEL_CONFIGS}")
     model = config.get_model({}, "")
-    model.diffusion_model.load_state_dict(comfy.utils.load_torch_file(str(path), safe_load=True), strict=True)
+    model.diffusion_model.load_state_dict(state_dict, strict=True)
     model.eval()
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)

@@ -1,8 +1,9 @@
 """Tiny REAL ComfyUI models for CPU tests: ComfyUI's own classes at toy sizes, seeded weights.
 
-Each family is built the way ComfyUI builds a loaded checkpoint: ``supported_models.<Family>(config)``
--> ``get_model`` -> ``ModelPatcher``; only the sizes are small and the weights are drawn from a seeded
-generator instead of being read from a file. Needs ComfyUI importable (``comfy`` on sys.path).
+Each family is built the way ComfyUI builds a loaded checkpoint: the host's model detection on the
+checkpoint's keys -> its ``supported_models`` config -> ``get_model`` -> ``ModelPatcher``; only the sizes are
+small and the weights are drawn from a seeded generator instead of being read from a file. Needs ComfyUI
+importable (``comfy`` on sys.path).
 """
 
 from __future__ import annotations
@@ -12,20 +13,20 @@ from dataclasses import dataclass
 
 import torch
 
-# Families: the unet config of each, shaped like the real model (channels, patch size, rope axes,
-# reference method) but with a hidden size of 32-64 and one or two blocks.
+from .host_config import config_for_sizes
+
+# Families: the SIZES of each tiny model (hidden size 32-64, one or two blocks, rope axes summing to the head
+# dimension) and the checkpoint keys they imply. Everything structural (rope theta, modulation, biases, the
+# default reference method, FLUX.2's text position ids on newer hosts, ...) comes from the running ComfyUI's own
+# model detection on a state dict with the real checkpoint key names (``host_config``).
 FAMILIES: dict[str, dict] = {
     "flux1_kontext": dict(
-        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=8, context_in_dim=16,
-        hidden_size=32, mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=1,
-        axes_dim=[4, 6, 6], theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+        image_model="flux", in_channels=16, vec_in_dim=8, context_in_dim=16, hidden_size=32, num_heads=2,
+        depth=1, depth_single_blocks=1, axes_dim=[4, 6, 6], patch_size=2, guidance_embed=True,
     ),
     "flux2_klein": dict(
-        image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=16,
-        hidden_size=32, mlp_ratio=3.0, num_heads=2, depth=1, depth_single_blocks=1,
-        axes_dim=[4, 4, 4, 4], theta=2000, patch_size=1, qkv_bias=False, guidance_embed=False,
-        global_modulation=True, mlp_silu_act=True, ops_bias=False, default_ref_method="index",
-        ref_index_scale=10,
+        image_model="flux2", in_channels=128, context_in_dim=16, hidden_size=32, num_heads=2, depth=1,
+        depth_single_blocks=1, axes_dim=[4, 4, 4, 4], patch_size=1,
     ),
     "qwen_image_edit": dict(
         image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=1,
@@ -53,12 +54,7 @@ SPECS = {
 
 
 def _model_config(family: str):
-    import comfy.supported_models as sm
-
-    cls = {"flux1_kontext": sm.Flux, "flux2_klein": sm.Flux2, "qwen_image_edit": sm.QwenImage}[family]
-    config = cls(dict(FAMILIES[family]))
-    config.set_inference_dtype(torch.float32, None)
-    return config
+    return config_for_sizes(dict(FAMILIES[family]))
 
 
 @torch.no_grad()

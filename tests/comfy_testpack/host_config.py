@@ -1,0 +1,84 @@
+"""Model configs taken from the RUNNING ComfyUI's own model detection, so tiny and saved test models build
+on every host (0.30 needs FLUX.2's ``txt_ids_dims``; later releases add fields of their own).
+
+A state dict with the real checkpoints' key names (tiny shapes, on the meta device) goes through
+``comfy.model_detection.detect_unet_config``: every structural field (image model, rope theta, modulation,
+reference method, text ids, ...) is the host's own. Only sizes detection hard-codes for the full-size
+checkpoints (head count, rope axes) are set by the caller. Self-contained (imports only torch and comfy), so
+scripts and experiments can load this file by path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _flux_keys(hidden: int, in_channels: int, patch: int, context: int, head_dim: int, depth: int, single: int,
+               vec: int | None, guidance: bool, flux2: bool) -> dict[str, tuple[int, ...]]:
+    keys = {"img_in.weight": (hidden, in_channels * patch * patch), "txt_in.weight": (hidden, context)}
+    if vec:
+        keys["vector_in.in_layer.weight"] = (hidden, vec)
+    if guidance:
+        keys["guidance_in.in_layer.weight"] = (hidden, 256)
+    if flux2:
+        keys["double_stream_modulation_img.lin.weight"] = (6 * hidden, hidden)
+    for i in range(depth):
+        keys[f"double_blocks.{i}.img_attn.norm.key_norm.scale"] = (head_dim,)
+    for i in range(single):
+        keys[f"single_blocks.{i}.norm.key_norm.scale"] = (head_dim,)
+    return keys
+
+
+def _qwen_keys(inner: int, in_channels: int, context: int, layers: int, out: int) -> dict[str, tuple[int, ...]]:
+    keys = {"txt_norm.weight": (context,), "img_in.weight": (inner, in_channels), "proj_out.weight": (out, inner)}
+    for i in range(layers):
+        keys[f"transformer_blocks.{i}.attn.to_q.weight"] = (inner, inner)
+    return keys
+
+
+def checkpoint_keys(image_model: str, sizes: dict) -> dict[str, torch.Tensor]:
+    """Meta tensors under the key names of a real ``image_model`` checkpoint ("flux", "flux2", "qwen_image"),
+    shaped by ``sizes`` (the unet-config names: hidden_size, in_channels, depth, ...)."""
+    s = sizes
+    if image_model in ("flux", "flux2"):
+        head_dim = s["hidden_size"] // s["num_heads"]
+        shapes = _flux_keys(s["hidden_size"], s["in_channels"], s["patch_size"], s["context_in_dim"], head_dim,
+                            s["depth"], s["depth_single_blocks"], s.get("vec_in_dim"), s.get("guidance_embed", False),
+                            image_model == "flux2")
+    elif image_model == "qwen_image":
+        inner = s["num_attention_heads"] * s["attention_head_dim"]
+        shapes = _qwen_keys(inner, s["in_channels"], s["joint_attention_dim"], s["num_layers"],
+                            s["patch_size"] ** 2 * s["out_channels"])
+    else:
+        raise ValueError(f"no checkpoint layout for image_model {image_model!r}")
+    return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+
+
+def host_model_config(state_dict: dict, unet_overrides: dict, dtype: torch.dtype = torch.float32,
+                      model_config: str | None = None):
+    """The host's ``supported_models`` config for a checkpoint with these keys, ``unet_overrides`` applied on top
+    of what the host's detection says (sizes it cannot read from key shapes, deliberate toy choices).
+
+    ``model_config`` names the ``comfy.supported_models`` class to use (e.g. "Flux" for a model without guidance
+    embedding, which detection would take for FLUX.1 schnell, whose sampling differs); None = what detection picks.
+    """
+    import comfy.model_detection
+    import comfy.supported_models
+
+    unet = comfy.model_detection.detect_unet_config(state_dict, "")
+    if unet is None:
+        raise ValueError("this ComfyUI's model detection does not recognise the checkpoint layout")
+    unet.update(unet_overrides)
+    if model_config is not None:
+        config = getattr(comfy.supported_models, model_config)(unet)
+    else:
+        config = comfy.model_detection.model_config_from_unet_config(unet, state_dict)
+    if config is None:
+        raise ValueError(f"this ComfyUI has no model config for {unet.get('image_model')!r}")
+    config.set_inference_dtype(dtype, None)
+    return config
+
+
+def config_for_sizes(sizes: dict, dtype: torch.dtype = torch.float32, model_config: str | None = None):
+    """The host's config for a toy model: ``sizes`` shapes the checkpoint keys and overrides detection."""
+    return host_model_config(checkpoint_keys(sizes["image_model"], sizes), sizes, dtype, model_config)
