@@ -11,7 +11,7 @@ set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo" || exit 2
 venvs="${SPARSECONTEXT_COMPAT_VENVS:-$repo/.compat}"
-results="$venvs/results"
+results="$repo/.compat/results"  # per checkout, whatever the venv folder
 mkdir -p "$results"
 hosts=("$@")
 if [ "${#hosts[@]}" = 0 ]; then
