@@ -101,7 +101,8 @@ def load_trained_model(path: str | Path, lora: bool | str | Path = True, strengt
     info = json.loads(config_file.read_text(encoding="utf-8"))
     model = build_model(info["flux_kwargs"])
     sd = comfy.utils.load_torch_file(str(weights), safe_load=True)
-    model.model.diffusion_model.load_state_dict(sd, strict=True)
+    # the host's own key conversion, as core's loader applies it (e.g. RMSNorm ``scale`` -> ``weight`` in 0.30)
+    model.model.diffusion_model.load_state_dict(model.model.model_config.process_unet_state_dict(sd), strict=True)
     if lora:
         lora_path = folder / info.get("lora", LORA_FILE) if lora is True else Path(lora)
         if not lora_path.is_file():

@@ -99,7 +99,8 @@ def load_safetensors_model(path: str | Path):
     if type(config).__name__ not in MODEL_CONFIGS:
         raise ValueError(f"{path.name}: detected as {type(config).__name__}, expected one of {MODEL_CONFIGS}")
     model = config.get_model({}, "")
-    model.diffusion_model.load_state_dict(state_dict, strict=True)
+    # the host's own key conversion, as core's loader applies it (e.g. RMSNorm ``scale`` -> ``weight`` in 0.30)
+    model.diffusion_model.load_state_dict(config.process_unet_state_dict(state_dict), strict=True)
     model.eval()
     cpu = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
