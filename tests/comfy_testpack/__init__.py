@@ -9,6 +9,7 @@ import torch
 from comfy_api.latest import ComfyExtension, io
 
 from .demo_nodes import DEMO_NODES
+from .step_timer import StepTimer
 from .tiny_models import FAMILIES, SPECS, build_model_patcher, make_conditioning, make_latent
 
 _FAMILY = io.Combo.Input("family", options=sorted(FAMILIES), tooltip="Tiny model family.")
@@ -85,7 +86,7 @@ class LatentToImage(io.ComfyNode):
 
 class TinyTestExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinyModel, TinyConditioning, TinyLatent, LatentToImage, *DEMO_NODES]
+        return [TinyModel, TinyConditioning, TinyLatent, LatentToImage, StepTimer, *DEMO_NODES]
 
 
 async def comfy_entrypoint() -> TinyTestExtension:
