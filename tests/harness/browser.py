@@ -221,30 +221,26 @@ class ComfyPage:
         """``{"count": nodes in the graph, "unknown": types without a registered node class}``."""
         return dict(self.js(_UNKNOWN_TYPES_JS))
 
+    def _await(self, expression: str, what: str, *args):
+        """The value of a JavaScript promise ``expression`` (it may use ``arguments``), or raise with its error."""
+        self.driver.set_script_timeout(60)
+        answer = self.driver.execute_async_script(f"""
+            const done = arguments[arguments.length - 1];
+            Promise.resolve().then(() => {expression})
+              .then(v => done({{ok: v === undefined ? null : v}}), e => done({{error: String(e && e.stack || e)}}));
+        """, *args)
+        if "error" in answer:
+            raise RuntimeError(f"{what} failed: {answer['error']}")
+        return answer["ok"]
+
     def fetch_json(self, path: str):
         """GET ``path`` from the server inside the page (as the frontend fetches templates)."""
-        script = """
-            const done = arguments[arguments.length - 1];
-            fetch(arguments[0]).then(r => r.ok ? r.json() : Promise.reject('HTTP ' + r.status))
-              .then(j => done({ok: j}), e => done({error: String(e)}));
-        """
-        self.driver.set_script_timeout(60)
-        answer = self.driver.execute_async_script(script, path)
-        if "error" in answer:
-            raise RuntimeError(f"GET {path} failed: {answer['error']}")
-        return answer["ok"]
+        return self._await("fetch(arguments[0]).then(r => r.ok ? r.json() : Promise.reject('HTTP ' + r.status))",
+                           f"GET {path}", path)
 
     def queued_prompt(self) -> dict:
         """The API prompt the frontend would queue for the loaded graph (``app.graphToPrompt().output``)."""
-        script = """
-            const done = arguments[arguments.length - 1];
-            window.app.graphToPrompt().then(p => done({ok: p.output}), e => done({error: String(e && e.stack || e)}));
-        """
-        self.driver.set_script_timeout(60)
-        answer = self.driver.execute_async_script(script)
-        if "error" in answer:
-            raise RuntimeError(f"app.graphToPrompt() failed: {answer['error']}")
-        return answer["ok"]
+        return self._await("window.app.graphToPrompt().then(p => p.output)", "app.graphToPrompt()")
 
     def fit_view(self) -> None:
         """Zoom the canvas so that the whole graph is in view."""
