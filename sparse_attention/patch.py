@@ -58,6 +58,7 @@ class SparseRun:
         self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.report: dict[str, Any] | None = None
         self.warned_missed = False
+        self.warned_window = False
 
     def indices_on(self, plan: ReferencePlan, device: torch.device) -> torch.Tensor:
         """A plan's kept indices on the model's device, moved once per run (plans live as long as the run)."""
@@ -166,6 +167,13 @@ class _ActiveForward:
         return found
 
 
+def core_reference_cache(transformer_options: dict) -> bool:
+    """Whether core's Flux KV Cache node (ComfyUI 0.30+) is active: an ``attn1_patch`` that stores the references'
+    keys/values of the first step and appends them in later steps (the references are trimmed from the input)."""
+    patches = transformer_options.get("patches", {}).get("attn1_patch", [])
+    return any(type(p).__name__ == "KV_Attn_Input" and type(p).__module__.endswith("nodes_flux") for p in patches)
+
+
 _SIGNATURES: dict[Any, inspect.Signature] = {}
 
 
@@ -195,7 +203,13 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
     subsetter = getattr(executor.class_obj, "process_img", None)
     if not refs or run is None or not run.config.enabled or not isinstance(subsetter, ReferenceSubsetter):
         return executor(*args, **kwargs)
-    if not run.in_window(options):
+    core_cache = core_reference_cache(options)
+    if core_cache and run.sigma_window is not None:
+        if not run.warned_window:  # the cache keeps step 1's references: their token count cannot change mid-run
+            run.warned_window = True
+            log.warning("SparseContext: core's Flux KV Cache reuses the first step's reference keys/values, so the "
+                        "references stay sparse in every step (the start/end window is ignored).")
+    elif not run.in_window(options):
         return executor(*args, **kwargs)
     refs = list(refs)
     binding = named.get(BINDING_KEY)
@@ -208,6 +222,8 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
     plans = run.plans(refs, patch_size, binding,
                       int(context.shape[1]) if context is not None else 0,
                       math.prod(latent_token_grid(tuple(x.shape), patch_size)) if x is not None else 0)
+    if core_cache and run.report is not None:
+        run.report["kv_cache"] = "core FluxKVCache"
     indices = [run.indices_on(plan, refs[0].device) for plan in plans]
     active = subsetter.active = _ActiveForward(refs, plans, indices)
     try:
