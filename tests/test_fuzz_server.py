@@ -315,6 +315,8 @@ def build(kind: str, draw, values: dict, lora_names: dict) -> Plan:  # noqa: C90
         sampling(g, ["apply", 0])
         if lora_names.get(v["lora_name"]):
             must.add("lora_name")
+        elif v["lora_name"] not in lora_names:  # another test's file in the loras folder (or not a file at all)
+            may.add("lora_name")
     elif kind == "SparseContextTrainLora":
         g["model"] = node("SCTest_TinyModel", family=F, seed=1)
         g["tgt"] = node("SCTest_Latent", family=F, seed=7, width=32, height=32, batch_size=1, empty=False)
