@@ -2,9 +2,9 @@
 
 The file is read only as safetensors (``.safetensors`` / ``.sft``, with ``comfy.utils.load_torch_file(...,
 safe_load=True)`` after its header was checked); pickle-based files are refused unread, and so are files with
-NaN/inf weights or an out-of-range recommended keep ratio (``training.lora_file.load_lora_file``). The LoRA's metadata (base model family, training
-drop ratios, recommended keep ratio) is shown on the node, and the recommended keep ratio is an output
-that can drive Apply Sparse Context's ``keep_ratio``.
+NaN/inf weights or an out-of-range recommended keep ratio (``training.lora_file.load_lora_file``). The LoRA's
+metadata (base model family, training drop ratios, recommended keep ratio) is shown on the node, and the
+recommended keep ratio is an output that can drive Apply Sparse Context's ``keep_ratio``.
 """
 
 from __future__ import annotations
