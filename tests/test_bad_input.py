@@ -12,6 +12,7 @@ import pytest
 import sc_testpack
 import torch
 from comfy_api.latest import io
+from sc_harness.host import core_checks_v3_combos
 from sc_harness.loras import lora_files, sparse_header, tiny_lora, write_lora
 from sparse_context.nodes import NODES
 from sparse_context.nodes.apply_node import SparseContextApply
@@ -312,12 +313,6 @@ def _execution_error(server, graph: dict) -> dict:
     return errors[0]
 
 
-def _core_combos() -> bool:
-    from sc_harness.host import comfyui_version
-
-    return tuple(int(p) for p in comfyui_version().split(".")[:2]) >= (0, 10)
-
-
 @pytest.mark.server
 def test_core_checks_widget_values_and_reports_each_bad_input_once(server):
     graph = _selector_graph(blur_tokens=9.0, weight="abc")
@@ -329,7 +324,7 @@ def test_core_checks_widget_values_and_reports_each_bad_input_once(server):
     _, refusal = server.queue(graph)
     errors = {node: sorted((e["extra_info"]["input_name"], e["type"]) for e in v["errors"])
               for node, v in refusal["node_errors"].items()}
-    combo = [("mode", "value_not_in_list")] if _core_combos() else []  # 0.3.75 never checks V3 combos
+    combo = [("mode", "value_not_in_list")] if core_checks_v3_combos() else []  # 0.3.75 never checks V3 combos
     assert errors == {
         "sal": [("blur_tokens", "value_bigger_than_max"), ("weight", "invalid_input_type")],
         "pv": [("bucket", "value_smaller_than_min")],
@@ -391,7 +386,7 @@ def test_training_nodes_refuse_an_escaping_prefix_at_queue_time_once(server):
     # an unknown dtype: core refuses it at queue time on 0.10+, the node before its first step on 0.3.75
     train["train"]["inputs"].update(filename_prefix="sc_bad_input/lora", save_dtype="float64")
     del train["save"]
-    if _core_combos():
+    if core_checks_v3_combos():
         _, refusal = server.queue(train)
         assert [e["extra_info"]["input_name"] for e in refusal["node_errors"]["train"]["errors"]] == ["save_dtype"]
     else:

@@ -28,6 +28,7 @@ import time
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from sc_harness.host import core_checks_v3_combos
 
 pytestmark = pytest.mark.server
 
@@ -71,13 +72,6 @@ def widget_specs(info: dict) -> dict[str, tuple[str, dict]]:
 def core_converts(kind: str, value):
     """The value core hands the node after its own conversion; raises where core refuses it."""
     return {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}.get(kind, lambda v: v)(value)
-
-
-def core_checks_v3_combos() -> bool:
-    """0.3.75 checks combo values only for V1-style option lists, never a V3 ``io.Combo``; 0.10.0 and later do."""
-    from sc_harness.host import comfyui_version
-
-    return tuple(int(p) for p in comfyui_version().split(".")[:2]) >= (0, 10)
 
 
 def core_refuses(kind: str, opts: dict, value, combos: bool) -> bool:
@@ -184,7 +178,7 @@ class Plan:
         self.graph, self.values, self.must, self.may = graph, values, must, set(may)
 
 
-def build(kind: str, draw, values: dict, lora_names: dict) -> Plan:  # noqa: C901  (one branch per node)
+def build(kind: str, draw, values: dict, lora_names: dict) -> Plan:
     g: dict = {}
     v = dict(values)
     must: set[str] = set()
