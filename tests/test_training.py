@@ -51,35 +51,57 @@ def _task(n: int, first_seed: int) -> list:
     return out
 
 
-def _trainer(model_seed: int = 0, dtype=torch.float32, **train):
+def _trainer(model_seed: int = 0, dtype=torch.float32, family: str = FAMILY, base_dtype=None, **train):
+    """A trainer on a tiny model; ``base_dtype`` stores the weights in that dtype (fp8) and computes in ``dtype``."""
     import sc_testpack
 
     tr = _training()
-    mp = sc_testpack.build_model_patcher(FAMILY, model_seed)
-    if dtype == torch.float64:
-        mp.model.diffusion_model.double()
+    if base_dtype is not None:
+        mp = sc_testpack.build_model_patcher(family, model_seed, dtype=base_dtype, manual_cast=dtype)
+    else:
+        mp = sc_testpack.build_model_patcher(family, model_seed, dtype=dtype)
     config = tr.TrainConfig(compute_dtype=dtype, lora_dtype=dtype, **train)
     return mp, tr.LoraTrainer(mp, tr.LoraConfig(rank=4, alpha=4.0), config)
 
 
-# -- gradients ----------------------------------------------------------------------------------------------
-def test_gradients_match_forward_mode_ad_with_sparse_references():
-    _, trainer = _trainer(dtype=torch.float64)
-    [example] = _task(1, 100)
+def _example(family: str):
+    """One example of ``family`` with one 4x4-token reference (FLUX.1: the permutation task)."""
+    import sc_testpack
+
+    if family == FAMILY:
+        return _task(1, 100)[0]
+    context, extra = sc_testpack.make_conditioning(family, 5)[0]
+    ref = sc_testpack.make_latent(family, 3, 64, 64)
+    return _training().TrainingExample(ref.flip(1).clone(), [ref], context, extra["pooled_output"])
+
+
+def _graph_nodes(loss: torch.Tensor, name: str) -> int:
+    """How many autograd nodes called ``name`` the graph of ``loss`` holds."""
+    seen, stack, count = set(), [loss.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == name
+        stack.extend(fn for fn, _ in node.next_functions)
+    return count
+
+
+def _check_against_forward_ad(trainer, example, keep: float = 0.5) -> tuple[dict, int]:
+    """Backward of the trainer's loss vs forward-mode AD, one random direction per LoRA module (float64).
+    Returns ({module: (backward, forward-AD)}, number of checkpointed blocks in the graph)."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a LoRA with both factors non-zero, so every factor has a gradient
         for p in trainer.lora.parameters():
             p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     params = list(trainer.lora.parameters())
+    out = {}
     with trainer.session():
-        loss = trainer.loss(example, keep_ratio=0.5, seed=3, sigma=0.4)
-        [ref] = trainer.last_report["references"]
-        assert ref["kept"] == ref["tokens"] // 2 == 8, trainer.last_report  # the inference patch dropped half
-        loss.backward()
+        loss = trainer.loss(example, keep_ratio=keep, seed=3, sigma=0.4)
+        checkpointed = _graph_nodes(loss, "_CheckpointedBlockBackward")
+        loss.backward(inputs=params)
         grads = {id(p): p.grad.detach().clone() for p in params}
-
-        # forward-mode AD: one directional derivative per LoRA module (tangent only on that module's factors)
-        checked = 0
         for name, delta in trainer.lora.deltas.items():
             tangents = {n: torch.randn(getattr(delta, n).shape, generator=gen, dtype=torch.float64)
                         for n in ("lora_down", "lora_up")}
@@ -89,20 +111,71 @@ def test_gradients_match_forward_mode_ad_with_sparse_references():
                 with torch.no_grad(), fwAD.dual_level():
                     for n, t in tangents.items():
                         setattr(delta, n, fwAD.make_dual(saved[n].detach(), t))
-                    jvp = float(fwAD.unpack_dual(trainer.loss(example, 0.5, seed=3, sigma=0.4)).tangent)
+                    tangent = fwAD.unpack_dual(trainer.loss(example, keep, seed=3, sigma=0.4)).tangent
+                    jvp = 0.0 if tangent is None else float(tangent)  # None: the loss does not depend on it
             finally:
                 for n, p in saved.items():
                     delattr(delta, n)
                     delta._parameters[n] = p
-            print(f"{name}: backward {expected:+.10f}  forward-AD {jvp:+.10f}")
-            assert abs(jvp) > 1e-6, f"{name}: no signal to compare"
-            assert expected == pytest.approx(jvp, rel=1e-5, abs=1e-10), name  # RoPE runs in float32
-            checked += 1
-        assert checked == 10  # double block img/txt qkv, proj, mlp.0, mlp.2 + single block linear1, linear2
+            out[name] = (expected, jvp)
+    return out, checkpointed
 
-        # why the trainer records the graph with cloned saved tensors: ComfyUI's blocks add residuals in place
-        with pytest.raises(RuntimeError, match="inplace"):
-            trainer.loss(example, 0.5, seed=3, sigma=0.4, clone_saved=False).backward()
+
+# -- gradients ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family, checkpointing, base_dtype", [
+    (FAMILY, False, None), (FAMILY, True, None), ("flux2_klein", True, None), ("qwen_image_edit", True, None),
+    (FAMILY, True, torch.float8_e4m3fn), (FAMILY, False, torch.float8_e4m3fn),
+])
+def test_gradients_match_forward_mode_ad_with_sparse_references(family, checkpointing, base_dtype):
+    _, trainer = _trainer(dtype=torch.float64, family=family, base_dtype=base_dtype,
+                          gradient_checkpointing=checkpointing)
+    checked, checkpointed = _check_against_forward_ad(trainer, _example(family))
+    [ref] = trainer.last_report["references"]
+    assert ref["kept"] == ref["tokens"] // 2, trainer.last_report  # the inference patch dropped half
+    for name, (backward, jvp) in checked.items():
+        print(f"{family} checkpointing={checkpointing} base={base_dtype}: {name}: backward {backward:+.10f}  "
+              f"forward-AD {jvp:+.10f}")
+        assert backward == pytest.approx(jvp, rel=1e-5, abs=1e-10), name  # RoPE runs in float32
+    assert len(checked) == len(trainer.lora.deltas)
+    # every module has a signal to compare, but the text stream of Qwen's last block (its output is unused)
+    assert sum(abs(jvp) > 1e-6 for _, jvp in checked.values()) >= 8
+    # checkpointing on: one recomputing node per transformer block in the graph (Flux 1 + 1, Qwen 1); off: none
+    assert checkpointed == ((1 if family == "qwen_image_edit" else 2) if checkpointing else 0)
+
+
+def test_without_checkpointing_the_graph_needs_cloned_saved_tensors():
+    """Why the trainer records the graph with cloned saved tensors when it does not checkpoint: ComfyUI's
+    blocks add residuals in place."""
+    _, trainer = _trainer(dtype=torch.float64, gradient_checkpointing=False)
+    with trainer.session(), pytest.raises(RuntimeError, match="inplace"):
+        trainer.loss(_example(FAMILY), 0.5, seed=3, sigma=0.4, clone_saved=False).backward()
+
+
+def test_lora_on_an_fp8_base_is_exact_for_the_fp8_weights_upcast():
+    """Training on an fp8 base computes with the fp8 values upcast, LoRA added after the cast: the loss equals
+    that of a float64 model holding exactly those values, with the same LoRA."""
+    import sc_testpack
+
+    tr = _training()
+    fp8 = sc_testpack.build_model_patcher(FAMILY, 0, dtype=torch.float8_e4m3fn, manual_cast=torch.float64)
+    wide = sc_testpack.build_model_patcher(FAMILY, 0, dtype=torch.float64)
+    full = sc_testpack.build_model_patcher(FAMILY, 0, dtype=torch.float64)  # unrounded weights
+    fp8_weights = fp8.model.diffusion_model.state_dict()
+    assert {v.dtype for v in fp8_weights.values()} == {torch.float8_e4m3fn}
+    wide.model.diffusion_model.load_state_dict({k: v.double() for k, v in fp8_weights.items()})
+    config = tr.TrainConfig(compute_dtype=torch.float64, lora_dtype=torch.float64)
+    a, b, c = (tr.LoraTrainer(m, tr.LoraConfig(rank=4, alpha=4.0), config) for m in (fp8, wide, full))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p, q, r in zip(a.lora.parameters(), b.lora.parameters(), c.lora.parameters(), strict=True):
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            q.copy_(p)
+            r.copy_(p)
+        example = _example(FAMILY)
+        la, lb, lc = (float(t.loss(example, 0.5, seed=3, sigma=0.4)) for t in (a, b, c))
+    print(f"\nloss with LoRA: fp8 base {la:.12f}, its values in float64 {lb:.12f}, unrounded float64 base {lc:.12f}")
+    assert la == pytest.approx(lb, rel=1e-12)
+    assert abs(la - lc) > 1e-6  # the comparison can tell fp8 rounding apart
 
 
 # -- a short training run --------------------------------------------------------------------------------------
