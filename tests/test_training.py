@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import pickle
 from pathlib import Path
 
+import comfy.ops  # ComfyUI is importable: conftest put it on sys.path
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -176,6 +178,99 @@ def test_lora_on_an_fp8_base_is_exact_for_the_fp8_weights_upcast():
     print(f"\nloss with LoRA: fp8 base {la:.12f}, its values in float64 {lb:.12f}, unrounded float64 base {lc:.12f}")
     assert la == pytest.approx(lb, rel=1e-12)
     assert abs(la - lc) > 1e-6  # the comparison can tell fp8 rounding apart
+
+
+# -- low-precision and quantized bases ----------------------------------------------------------------------------
+@pytest.mark.parametrize("lora_dtype", [torch.bfloat16, torch.float32])
+def test_fp8_base_trains_and_its_lora_loads_through_core(lora_dtype, tmp_path):
+    """An fp8 base (ComfyUI's fp8_e4m3fn weight dtype, computing in float32 here): the LoRA trains, and core's
+    loader merges the saved file onto the fp8 weights (to within fp8 rounding of W + delta)."""
+    import comfy.lora
+    import comfy.sd
+    import sc_testpack
+
+    tr = _training()
+    mp = sc_testpack.build_model_patcher(FAMILY, 0, dtype=torch.float8_e4m3fn, manual_cast=torch.float32)
+    trainer = tr.LoraTrainer(mp, tr.LoraConfig(rank=4, alpha=4.0),
+                             tr.TrainConfig(steps=5, learning_rate=5e-2, lora_dtype=lora_dtype))
+    losses = trainer.fit(_task(2, 100), progress=False)
+    assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
+    assert {p.dtype for p in trainer.lora.parameters()} == {lora_dtype}
+    sd, _ = tr.load_lora_file(trainer.save(tmp_path / "fp8.safetensors"))
+    assert len(comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(mp.model, {}), log_missing=False)) == 10
+    patched, _ = comfy.sd.load_lora_for_models(mp, None, sd, 1.0, 0)
+    with torch.inference_mode():  # as inside a ComfyUI run
+        patched.patch_model()
+        merged = {k: v.clone() for k, v in patched.model.diffusion_model.state_dict().items()}
+        patched.unpatch_model()
+    base = mp.model.diffusion_model.state_dict()
+    for name, delta in trainer.lora.deltas.items():
+        key = f"{name}.weight"
+        assert merged[key].dtype == torch.float8_e4m3fn
+        wanted = base[key].float() + delta.delta().detach().float()
+        size = delta.delta().detach().float().abs().mean()
+        assert (merged[key].float() - wanted).abs().mean() < 0.25 * size, name  # the unmerged base is 1.0 * size off
+
+
+class OwnKernelOps(comfy.ops.manual_cast):
+    """Ops as custom-quantization packs (ComfyUI-GGUF) make them: a core op whose forward computes from its own
+    copy of the weight, never applying ComfyUI's weight function."""
+
+    class Linear(comfy.ops.manual_cast.Linear):
+        def forward(self, input):
+            bias = None if self.bias is None else self.bias.to(input.dtype)
+            return torch.nn.functional.linear(input, self.weight.to(input.dtype), bias)
+
+
+def test_layers_that_bypass_the_weight_function_are_refused_before_the_first_step():
+    import sc_testpack
+
+    tr = _training()
+    trainer = tr.LoraTrainer(sc_testpack.build_model_patcher(FAMILY, 0, operations=OwnKernelOps),
+                             tr.LoraConfig(rank=4, alpha=4.0), tr.TrainConfig(steps=3))
+    before = trainer.lora_state_dict()
+    with pytest.raises(ValueError) as info:
+        trainer.fit(_task(2, 100), progress=False)
+    message = str(info.value)
+    print("\n" + message)
+    assert message.startswith("model: 10 of 10 layers the LoRA adapts compute without ComfyUI's weight function")
+    assert "OwnKernelOps.Linear" in message and "GGUF" in message and "weight_dtype" in message
+    assert trainer.step == 0 and trainer.losses == []
+    after = trainer.lora_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- what training leaves alone ---------------------------------------------------------------------------------
+def test_training_leaves_the_shared_model_and_other_loaded_models_alone():
+    import logging
+
+    import comfy.model_management as mm
+    import sc_testpack
+
+    with torch.inference_mode():  # as a loader node makes them: inference tensors
+        mp = sc_testpack.build_model_patcher(FAMILY, 0)
+        other = sc_testpack.build_model_patcher("flux2_klein", 0)
+    dm = mp.model.diffusion_model
+    state = {n: (t, t.is_inference(), t.requires_grad, t.clone()) for n, t in
+             list(dm.named_parameters()) + list(dm.named_buffers())}
+    process_img = dm.process_img
+    mm.load_models_gpu([other])
+    try:
+        trainer = _training().LoraTrainer(mp, _training().LoraConfig(rank=4, alpha=4.0),
+                                          _training().TrainConfig(steps=2))
+        trainer.fit(_task(2, 100), progress=False)
+        assert any(m.model is other for m in mm.current_loaded_models)  # not unloaded for training
+        assert not any(m.model is trainer.model for m in mm.current_loaded_models)  # the training clone is
+    finally:
+        mm.free_memory(1e30, other.load_device, keep_loaded=[m for m in mm.current_loaded_models if m.model is not other])
+    now = dict(list(dm.named_parameters()) + list(dm.named_buffers()))
+    for n, (t, inference, grad, value) in state.items():
+        assert now[n] is t and t.is_inference() == inference and t.requires_grad == grad and t.grad is None, n
+        assert torch.equal(now[n], value), n
+    assert dm.process_img == process_img
+    assert all(not getattr(m, "weight_function", []) and not getattr(m, "bias_function", []) for m in dm.modules())
+    assert logging.getLogger("SparseContext.training").level == logging.NOTSET  # no logger set up on import
+    assert logging.getLogger("SparseContext").level == logging.NOTSET
 
 
 # -- a short training run --------------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ def check_lora_reaches_weights(diffusion_model: torch.nn.Module, lora, device, d
         raise ValueError(
             f"model: {len(bad)} of {len(lora.deltas)} layers the LoRA adapts compute without ComfyUI's weight function "
             f"(e.g. {name}: {type(module).__qualname__}, {_weight_kind(module)} weights; {why}), so a LoRA cannot be "
-            "trained through them. GGUF and other custom-quantized formats run their own kernels. Load the model "
-            "unquantized to train (Load Diffusion Model with weight_dtype default, or fp8_e4m3fn to halve its memory); "
-            "the trained LoRA can then be used with the quantized model.")
+            "trained through them: GGUF and other custom-quantized formats (also scaled-fp8 files on older ComfyUI) "
+            "run their own weight path. To train, load an unquantized (bf16/fp16) checkpoint of the model with Load "
+            "Diffusion Model, weight_dtype default or fp8_e4m3fn (half the memory); the trained LoRA can then be used "
+            "with the quantized model.")

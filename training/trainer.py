@@ -469,7 +469,7 @@ class LoraTrainer:
         """Resume from ``save_checkpoint``'s file: LoRA weights, optimizer state, step, losses, validation."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
+        with torch.inference_mode(False), safe_open(str(path), framework="pt") as f:  # ordinary tensors, in a node too
             header = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         if CHECKPOINT_KEY not in header:
@@ -477,15 +477,16 @@ class LoraTrainer:
         info = json.loads(header[CHECKPOINT_KEY])
         if info["lora"] != asdict(self.lora_config):
             raise ValueError(f"{Path(path).name}: checkpoint LoRA settings {info['lora']} differ from {asdict(self.lora_config)}")
-        self.lora.load_state_dict(tensors)
-        opt = self.optimizer.state_dict()
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        opt["state"] = state
-        self.optimizer.load_state_dict(opt)
+        with torch.inference_mode(False):
+            self.lora.load_state_dict(tensors)
+            opt = self.optimizer.state_dict()
+            state: dict[int, dict] = {}
+            for key, value in tensors.items():
+                if key.startswith("optimizer."):
+                    _, index, name = key.split(".", 2)
+                    state.setdefault(int(index), {})[name] = value
+            opt["state"] = state
+            self.optimizer.load_state_dict(opt)
         self.step = int(info["step"])
         self.losses = [float(x) for x in info["losses"]]
         self.validation = [dict(r) for r in info.get("validation", [])]
