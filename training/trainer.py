@@ -57,9 +57,9 @@ TIMESTEP_SAMPLING = ("logit_normal", "uniform", "shifted")
 CHECKPOINT_KEY = "sparse_context.checkpoint"
 #: Noise levels of the validation's one-step x0 estimates (fixed, so curves compare across steps).
 VALIDATION_SIGMAS = (0.25, 0.5, 0.75)
-#: Training activation memory as a multiple of ComfyUI's own inference estimate for the same input
-#: (``BaseModel.memory_required``), with and without checkpointing per block; what the session asks core to
-#: free before loading. Calibrated with ``benchmarks/bench_training.py``.
+#: Training activation memory with checkpointing, as a multiple of ComfyUI's own inference estimate for the
+#: same input (``BaseModel.memory_required``; without checkpointing: times the number of blocks). The session
+#: asks core to make this much room before loading, instead of unloading everything.
 MEMORY_FACTOR_CHECKPOINTED = 3.0
 
 
