@@ -222,19 +222,29 @@ class OwnKernelOps(comfy.ops.manual_cast):
             return torch.nn.functional.linear(input, self.weight.to(input.dtype), bias)
 
 
-def test_layers_that_bypass_the_weight_function_are_refused_before_the_first_step():
+@pytest.mark.parametrize("ops", ["own_kernel", "scaled_fp8"])
+def test_layers_that_bypass_the_weight_function_are_refused_before_the_first_step(ops):
+    """A core op subclass with its own weight path (as GGUF's), and core's own scaled-fp8 ops of hosts that
+    apply the weight function BEFORE the scale (the LoRA would train against other weights than inference's)."""
     import sc_testpack
 
     tr = _training()
-    trainer = tr.LoraTrainer(sc_testpack.build_model_patcher(FAMILY, 0, operations=OwnKernelOps),
-                             tr.LoraConfig(rank=4, alpha=4.0), tr.TrainConfig(steps=3))
+    if ops == "scaled_fp8":
+        if not hasattr(comfy.ops, "scaled_fp8_ops"):
+            pytest.skip("this ComfyUI has no scaled_fp8_ops (scaled fp8 files load as quantized tensors there)")
+        mp = sc_testpack.build_model_patcher(FAMILY, 0, dtype=torch.float8_e4m3fn, manual_cast=torch.float32,
+                                             operations=comfy.ops.scaled_fp8_ops())
+        kind = "scaled_fp8_op.Linear"
+    else:
+        mp, kind = sc_testpack.build_model_patcher(FAMILY, 0, operations=OwnKernelOps), "OwnKernelOps.Linear"
+    trainer = tr.LoraTrainer(mp, tr.LoraConfig(rank=4, alpha=4.0), tr.TrainConfig(steps=3))
     before = trainer.lora_state_dict()
     with pytest.raises(ValueError) as info:
         trainer.fit(_task(2, 100), progress=False)
     message = str(info.value)
     print("\n" + message)
     assert message.startswith("model: 10 of 10 layers the LoRA adapts compute without ComfyUI's weight function")
-    assert "OwnKernelOps.Linear" in message and "GGUF" in message and "weight_dtype" in message
+    assert kind in message and "GGUF" in message and "weight_dtype" in message
     assert trainer.step == 0 and trainer.losses == []
     after = trainer.lora_state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
