@@ -30,6 +30,7 @@ Memory of a step:
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -300,14 +301,8 @@ def meta(args, size: Size, device) -> dict:
             "memory": ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                        else "bytes of storages allocated by operators during the step (TorchDispatchMode)"),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        from comfyui_version import __version__ as comfy_version
-
-        info["comfyui"] = comfy_version
-    except ImportError:
-        pass
+    info["gpu"] = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    info["comfyui"] = importlib.import_module("comfyui_version").__version__  # ComfyUI's root is on sys.path
     return info
 
 

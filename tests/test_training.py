@@ -23,13 +23,7 @@ API_WORKFLOW = REPO / "tests" / "workflows_api" / "sparse_train_lora.json"
 UI_WORKFLOW = REPO / "workflows" / "sparse_train_lora.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread is ~100x faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _training():

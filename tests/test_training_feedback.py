@@ -16,22 +16,12 @@ import pytest
 import torch
 from PIL import Image
 from sc_harness.host import REPO
+from sparse_context import training as tr
 
 FAMILY = "flux1_kontext"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _training():
-    import sparse_context.training as training
-
-    return training
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _png(path, seed: int, size=(64, 48)) -> None:
@@ -55,7 +45,6 @@ def _image_folder(root, names: list[str], refs: int = 1):
 def test_example_folder_reads_image_examples_and_example_files(tmp_path):
     import sc_testpack
 
-    tr = _training()
     data = _image_folder(tmp_path / "data", ["b_second", "a_first"])
     three = data / "c_three_refs"
     three.mkdir()
@@ -98,7 +87,7 @@ def _cli():
 def test_cli_trains_from_an_image_folder_with_validation_progress_checkpoints_and_resume(tmp_path, capsys):
     import sc_testpack
 
-    cli, tr = _cli(), _training()
+    cli = _cli()
     data = _image_folder(tmp_path / "data", ["one", "two", "three"])
     held = _image_folder(tmp_path / "held", ["four"])
     out = tmp_path / "out" / "lora.safetensors"
@@ -163,8 +152,8 @@ def test_train_node_shows_progress_and_curves_and_resumes_after_a_cancel(tmp_pat
 
     monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
     encoder = sc_testpack.StandInEncoder(FAMILY)
-    examples = _training().load_example_folder(_image_folder(tmp_path / "data", ["a", "b"]), encoder, 64)
-    held_out = _training().load_example_folder(_image_folder(tmp_path / "held", ["c"]), encoder, 64)
+    examples = tr.load_example_folder(_image_folder(tmp_path / "data", ["a", "b"]), encoder, 64)
+    held_out = tr.load_example_folder(_image_folder(tmp_path / "held", ["c"]), encoder, 64)
     updates = []
 
     def hook(value, total, preview, node_id=None):
