@@ -9,8 +9,8 @@ So each block runs through a ``patches_replace["dit"]`` entry (the official bloc
 
 1. calls core's ``original_block`` ONCE, during the forward, without recording a graph, on copies of the
    block's inputs (so nothing it adds in place reaches the tensors kept for the backward), and notes, through
-   a forward hook on that block module, the exact call core made (arguments, the keyword arguments core's
-   wrapper adds from its own scope, the outputs);
+   a forward hook on that block module (registered for that one call only), the exact call core made
+   (arguments, the keyword arguments core's wrapper adds from its own scope, the outputs);
 2. at backward time, replays that call on the block module itself, from copies of the kept inputs, with the
    graph recorded (saved tensors cloned, as the block still writes in place), and backpropagates through it.
 
