@@ -1,9 +1,9 @@
 """Flow-matching training of the miniature model through ComfyUI's own Flux forward.
 
 Targets follow ComfyUI's CONST (rectified flow) sampling: ``x_t = sigma * noise + (1 - sigma) * x0``,
-the model predicts ``noise - x0`` at timestep ``sigma``. The graph is recorded under
-``saved_tensors_hooks(pack=clone)`` because ComfyUI's Flux blocks add residuals in place (a plain
-backward fails and checkpointing gives wrong gradients; see docs/notes).
+the model predicts ``noise - x0`` at timestep ``sigma``. The graph is recorded with saved tensors cloned
+because ComfyUI's Flux blocks add residuals in place (a plain backward fails), and through the host's
+autograd-capable kernels (``training.host_ops``), as the pack's trainer does.
 
 This trains the BASE model from scratch (all weights, batches of one task at a time). The drop-robust
 LoRA fine-tune is the pack's own ``training.LoraTrainer`` (see ``run.py``).
@@ -47,6 +47,8 @@ def train(model, params: list[torch.nn.Parameter], steps: int, *, batch: int = 8
     ``sigma_sampling``: "uniform" (U(0, 1)), "logit_normal" (sigmoid(N(0, 1))) or "sqrt" (sqrt(U), density
     2 sigma). Returns the loss per step."""
     from sparse_context.sparse_attention.direct import patched_diffusion_model
+    from sparse_context.training.autograd import clone_saved_tensors
+    from sparse_context.training.host_ops import differentiable_host_ops
 
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -65,7 +67,7 @@ def train(model, params: list[torch.nn.Parameter], steps: int, *, batch: int = 8
             sigma = _sigmas(sigma_sampling, batch, gen, model)
             s = sigma.view(-1, 1, 1, 1)
             x_t = s * noise + (1 - s) * x0
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            with differentiable_host_ops(), clone_saved_tensors():  # newer hosts' fused RoPE has no backward
                 pred = dm(x_t, sigma, b.context, y=b.pooled, ref_latents=refs, ref_latents_method="offset",
                           transformer_options=dict(base_options))
             loss = torch.nn.functional.mse_loss(pred, noise - x0)
