@@ -277,6 +277,18 @@ def dense_vs_sparse(g: Graph) -> None:
               + NODES_HELP, 700)
 
 
+CALIBRATE_NOTE = """# Calibrate the keep ratio on your own model
+**Sparse Context Calibrate** samples a short schedule (4 steps, seed 42, fixed) dense and at keep 0.1 / 0.25 / 0.5 / 0.75 with
+this model, prompt and reference, decodes each result and compares it with the dense one. Its `keep_ratio` output is the
+lowest keep whose result stays within **30 dB PSNR** of dense (`min_psnr`; add `min_ssim` for a second condition), and it
+drives Apply Sparse Context below. The plot shows quality and seconds per step against the keep ratio.
+
+Calibration costs about five short runs; ComfyUI caches it, so it runs again only when the model, prompt, reference, seed
+or thresholds change. Once you know the value, type it into Apply Sparse Context and delete the Calibrate node.
+30 dB is close to invisible; in our natural-image replication aligned edits needed a higher keep than subjects
+(see the README's recommendations).
+"""
+
 TRAIN_NOTE = """# Train a drop-robust Sparse Context LoRA (FLUX.1 Kontext)
 Fine-tunes a LoRA while **randomly dropping reference tokens** (a keep ratio drawn per step between `keep_min` and `keep_max`, plus `dense_share` fully dense steps), through the same patch Apply Sparse Context uses, so the model learns to work from any subset of the reference.
 
@@ -313,6 +325,28 @@ def train_lora(g: Graph) -> None:
     g.note(0, TRAIN_NOTE, 520)
 
 
+def calibrate(g: Graph) -> None:
+    n = kontext_edit(g, "Change the jacket to bright red leather, keep everything else the same.")
+    edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
+    ref = g.sparse("SparseContextReferenceLatent", 3)
+    guidance = g.core("FluxGuidance", 3, [2.5])
+    calib = g.sparse("SparseContextCalibrate", 4, [42, 30.0, 0.0, "0.1, 0.25, 0.5, 0.75", 4, 1.0, "euler", "simple"],
+                     height=420)
+    plot = g.core("PreviewImage", 5, height=330)
+    report = g.core("PreviewAny", 5, height=220)
+    apply = g.sparse("SparseContextApply", 4, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True])
+    preview = g.sparse("SparseContextPreview", 1, [64], height=380)
+    g.wire((n["scale"], 0, preview, "image"), (edge, 0, preview, "selection"))
+    g.wire((n["scale"], 0, edge, "image"), (n["text"], 0, ref, "conditioning"), (n["encode"], 0, ref, "latent"),
+           (edge, 0, ref, "selection"), (ref, 0, guidance, "conditioning"), (n["unet"], 0, calib, "model"),
+           (guidance, 0, calib, "positive"), (n["encode"], 0, calib, "latent"), (n["vae"], 0, calib, "vae"),
+           (n["zero"], 0, calib, "negative"), (calib, 1, plot, "images"), (calib, 2, report, "source"),
+           (n["unet"], 0, apply, "model"))
+    g.wf.link_widget(calib, 0, apply, "keep_ratio")
+    sample_kontext(g, n, apply, ref, 6, 42, "SparseContext_calibrated", fixed=True)
+    g.note(0, CALIBRATE_NOTE + "\n" + NODES_HELP, 640)
+
+
 WORKFLOWS = {
     "sparse_kontext_edit_edge": kontext_edge,
     "sparse_masked_edit": masked_edit,
@@ -320,6 +354,7 @@ WORKFLOWS = {
     "sparse_qwen_image_edit_2509": qwen_2509,
     "sparse_dense_vs_sparse": dense_vs_sparse,
     "sparse_train_lora": train_lora,
+    "sparse_calibrate_keep": calibrate,
 }
 
 
