@@ -17,13 +17,23 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from .cache_run import CachedRun
 from .config import SparseContextConfig
+from .reference_cache import CacheStore
 from .selection import BINDING_KEY, SelectionBinding
-from .token_math import ReferencePlan, attention_work_ratio, latent_token_grid, plan_references
+from .token_math import (
+    ReferencePlan,
+    attention_work_ratio,
+    keep_all,
+    latent_token_grid,
+    needs_attention,
+    plan_references,
+)
 
 log = logging.getLogger("SparseContext")
 
@@ -58,6 +68,10 @@ class SparseRun:
         self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
         self.report: dict[str, Any] | None = None
         self.warned_missed = False
+        self.warned_window = False
+        self.store: CacheStore | None = None  # the patch's cross-run store of reference keys/values
+        self.model_key: tuple = ("direct",)  # the weights' identity (model + weight patches), set per sampling run
+        self.cached: CachedRun | None = None
 
     def indices_on(self, plan: ReferencePlan, device: torch.device) -> torch.Tensor:
         """A plan's kept indices on the model's device, moved once per run (plans live as long as the run)."""
@@ -90,9 +104,18 @@ class SparseRun:
                 )
             selections = [binding.get(i) if binding is not None else None for i in range(len(refs))]
             plans = plan_references([r[0] for r in refs], grids, selections, self.config)
+            # references chosen by the model's attention keep every token until it has been measured
+            plans = [keep_all(p) if a else p for p, a in zip(plans, needs_attention(selections, self.config),
+                                                               strict=True)]
             self._plans[key] = plans
             self._record(plans, text_tokens, target_tokens)
         return plans
+
+    def cached_run(self, patch_size: int) -> CachedRun:
+        """The run's cache state (made on first use)."""
+        if self.cached is None:
+            self.cached = CachedRun(self.config.cache, self.store, self.model_key, patch_size)
+        return self.cached
 
     def _record(self, plans: list[ReferencePlan], text_tokens: int, target_tokens: int) -> None:
         dense = [p.total for p in plans]
@@ -166,6 +189,13 @@ class _ActiveForward:
         return found
 
 
+def core_reference_cache(transformer_options: dict) -> bool:
+    """Whether core's Flux KV Cache node (ComfyUI 0.30+) is active: an ``attn1_patch`` that stores the references'
+    keys/values of the first step and appends them in later steps (the references are trimmed from the input)."""
+    patches = transformer_options.get("patches", {}).get("attn1_patch", [])
+    return any(type(p).__name__ == "KV_Attn_Input" and type(p).__module__.endswith("nodes_flux") for p in patches)
+
+
 _SIGNATURES: dict[Any, inspect.Signature] = {}
 
 
@@ -195,7 +225,13 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
     subsetter = getattr(executor.class_obj, "process_img", None)
     if not refs or run is None or not run.config.enabled or not isinstance(subsetter, ReferenceSubsetter):
         return executor(*args, **kwargs)
-    if not run.in_window(options):
+    core_cache = core_reference_cache(options)
+    if core_cache and run.sigma_window is not None:
+        if not run.warned_window:  # the cache keeps step 1's references: their token count cannot change mid-run
+            run.warned_window = True
+            log.warning("SparseContext: core's Flux KV Cache reuses the first step's reference keys/values, so the "
+                        "references stay sparse in every step (the start/end window is ignored).")
+    elif not run.in_window(options):
         return executor(*args, **kwargs)
     refs = list(refs)
     binding = named.get(BINDING_KEY)
@@ -208,6 +244,25 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
     plans = run.plans(refs, patch_size, binding,
                       int(context.shape[1]) if context is not None else 0,
                       math.prod(latent_token_grid(tuple(x.shape), patch_size)) if x is not None else 0)
+    if core_cache and run.report is not None:
+        run.report["kv_cache"] = "core FluxKVCache"
+    selections = [binding.get(i) if binding is not None else None for i in range(len(refs))]
+    attention = needs_attention(selections, run.config)
+    if run.config.cache != "off" or any(attention):
+        if core_cache:
+            raise ValueError("SparseContext: core's Flux KV Cache and the pack's reference cache / attention rule "
+                             "cannot both be active; set Apply Sparse Context's cache to off and its rule to another "
+                             "one, or remove the Flux KV Cache node.")
+        cached = run.cached_run(patch_size)
+        out = cached.forward(executor, args, kwargs, named, refs, plans, attention, selections, run.config,
+                             _activator(subsetter))
+        final = cached.final_plans.get(cached._plan_key(refs))
+        if final is not None and run.report is not None and run.report.get("selected") is None:
+            run._record(final, run.report["text_tokens"], run.report["target_tokens"])
+            run.report["selected"] = "attention"
+        if run.report is not None:
+            run.report["cache"] = cached.report()
+        return out
     indices = [run.indices_on(plan, refs[0].device) for plan in plans]
     active = subsetter.active = _ActiveForward(refs, plans, indices)
     try:
@@ -220,6 +275,20 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
         log.warning("SparseContext: reference(s) %s did not reach the model as expected (another patch or this "
                     "ComfyUI version changed them); they ran dense.", missed)
     return out
+
+
+def _activator(subsetter: ReferenceSubsetter):
+    """``activate(refs, plans, indices)``: a context in which the subsetter keeps ``indices`` of ``refs``."""
+
+    @contextmanager
+    def activate(refs, plans, indices):
+        subsetter.active = _ActiveForward(list(refs), plans, indices)
+        try:
+            yield
+        finally:
+            subsetter.active = None
+
+    return activate
 
 
 def sparse_outer_sample_wrapper(executor, *args, **kwargs):
@@ -236,6 +305,8 @@ def sparse_outer_sample_wrapper(executor, *args, **kwargs):
         sampling = guider.model_patcher.get_model_object("model_sampling")
         run = patch.new_run(sampling)
         run.shared_binding = _single_binding(getattr(guider, "original_conds", None))
+        patcher = guider.model_patcher
+        run.model_key = (id(patcher.model), str(getattr(patcher, "patches_uuid", "")))
         guider.model_options["transformer_options"][RUN_KEY] = run
         out = executor(*args, **kwargs)
         patch.last_report = run.report
@@ -262,6 +333,7 @@ class SparseContextPatch:
         self.config = config
         self.last_report: dict[str, Any] | None = None
         self._direct: SparseRun | None = None
+        self.store = CacheStore(max_mib=config.cache_mib)  # reference_only keys/values, across runs
 
     def new_run(self, model_sampling=None) -> SparseRun:
         window = None
@@ -269,7 +341,9 @@ class SparseContextPatch:
         if model_sampling is not None and (c.start_percent > 0.0 or c.end_percent < 1.0):
             window = (float(model_sampling.percent_to_sigma(c.start_percent)),
                       float(model_sampling.percent_to_sigma(c.end_percent)))
-        return SparseRun(c, window)
+        run = SparseRun(c, window)
+        run.store = self.store
+        return run
 
     def direct_run(self) -> SparseRun:
         """The run used by forwards outside a sampling loop (benchmarks, training): persistent until
@@ -309,9 +383,13 @@ def apply_sparse_context(model, config: SparseContextConfig):
     if isinstance(original, ReferenceSubsetter):  # applied twice: replace, do not stack
         original = original.original
     clone.add_object_patch("diffusion_model.process_img", ReferenceSubsetter(original))
-    clone.model_options["transformer_options"][PATCH_KEY] = SparseContextPatch(config)
+    patch = clone.model_options["transformer_options"][PATCH_KEY] = SparseContextPatch(config)
     clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
     clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, sparse_forward_wrapper)
     clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sparse_outer_sample_wrapper)
+    # cached reference keys/values live on the model's device: dropped when ComfyUI unloads the model
+    detach = comfy.patcher_extension.CallbacksMP.ON_DETACH
+    clone.remove_callbacks_with_key(detach, WRAPPER_KEY)
+    clone.add_callback_with_key(detach, WRAPPER_KEY, patch.store.on_detach)
     return clone
