@@ -83,15 +83,18 @@ def test_smoke_pipeline(nat, tmp_path):
     result = run.main(["--smoke", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "natural.json").read_text(encoding="utf-8"))
     assert saved["schema"] == "sparse_context.natural/1" and saved["smoke"] is True
-    assert saved["pending"]["selectors"] == ["attention"] and saved["machine"]["load_average_1_5_15_at_stages"]
+    assert saved["extra"]["measured"] and saved["machine"]["load_average_1_5_15_at_stages"]
     cfg = saved["config"]
     rows = saved["results"]
     sparse = [r for r in cfg["ratios"] if r < 1.0]
     per_task = len(run.MODELS) * (1 + len(cfg["selectors"]) * len(sparse)) + len(cfg["selectors"]) * len(sparse)
+    per_task += len(run.MODELS) * (1 + len(run.CACHE_MODES)) * len(sparse)  # attention rule, cache modes
     assert len(rows) == 3 * per_task
+    assert {r.get("mode") for r in rows} == {None, *run.CACHE_MODES}
+    assert sum(r["selector"] == "attention" for r in rows) == 3 * len(run.MODELS) * len(sparse)
     for r in rows:
         assert math.isfinite(r["psnr"]) and 0.0 <= r["ssim"] <= 1.0
-        if r["model"] != "baseline" and r["selector"] != "dense":
+        if r["model"] != "baseline" and r["selector"] in cfg["selectors"] and "mode" not in r:
             kept, total = r["kept_tokens_first_item"], r["tokens_first_item"]
             assert kept == [round(r["keep_ratio"] * n) for n in total], (kept, total)
     targets = saved["summary"]["targets"]

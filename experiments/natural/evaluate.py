@@ -6,8 +6,9 @@ on the reference IMAGE at 4 px per token, a ``SelectionBinding`` in ``model_cond
 ``plan_references`` on the same selection and config), fills the dropped 4x4 px tokens by biharmonic
 inpainting (``skimage.restoration.inpaint_biharmonic``) and applies the task's exact change.
 
-Rows are (task, model, selector, keep ratio): a new selector (issue 14's ``attention``) is one more entry in
-``SELECTORS``; a reference-cache mode is one more entry in ``run.MODES`` (a patched model per row).
+Rows are (task, model, selector, keep ratio, mode): a selector bound per reference is an entry of ``SELECTORS``, one
+of the patch's own rules (``attention``) an entry of ``RULE_SELECTORS``, a reference-cache mode an entry of
+``run.CACHE_MODES`` (measured with the default selector).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from . import tasks
 #: Selectors measured (names of ``sc_miniature.evaluate._selectors()``); "mask" = the reference mask of
 #: ``tasks`` (the region a user would paint / the part that reaches the target), grown by one token.
 SELECTORS = ("random", "grid", "edge", "saliency", "mask")
-#: Pending selectors (issue 14): listed in the JSON, measured once they exist.
-PENDING_SELECTORS = ("attention",)
+#: Selectors that are the patch's own rules (no bound selection): the model's attention picks the tokens.
+RULE_SELECTORS = ("attention",)
 #: The pack's per-task default selector, from this experiment (README): set by the full run's evidence.
 DEFAULT_SELECTOR = {"subject": "edge", "edit": "mask", "composition": "edge"}
 SEED = 0
@@ -43,12 +44,15 @@ def binding(item: tasks.Item, selector, ratio: float, seed: int):
     return binding_for(item, selector, ratio, seed)
 
 
-def sparse_config(ratio: float):
-    """The patch settings of every sparse row: exact kept counts (bucket 1), grid rule for unbound references."""
+def sparse_config(ratio: float, selector: str = "grid", mode: str = "drop"):
+    """The patch settings of a sparse row: exact kept counts (bucket 1); references without a bound selection use
+    the rule ``selector`` if it is one of the patch's rules (else grid); ``mode`` = "drop" or a cache mode."""
     from sparse_context.selectors import Budget
     from sparse_context.sparse_attention import SparseContextConfig
 
-    return SparseContextConfig(budget=Budget(mode="ratio", ratio=ratio), rule="grid", bucket=1, seed=SEED)
+    rule = selector if selector in RULE_SELECTORS else "grid"
+    return SparseContextConfig(budget=Budget(mode="ratio", ratio=ratio), rule=rule, bucket=1, seed=SEED,
+                               cache="off" if mode == "drop" else mode)
 
 
 def generate(model, item: tasks.Item, binding, steps: int, seed: int) -> tuple[torch.Tensor, float]:

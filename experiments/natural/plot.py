@@ -16,10 +16,10 @@ def make_figure(result: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["results"]
+    rows = [r for r in result["results"] if r.get("mode", "drop") == "drop"]
     task_names = [t for t in TASK_ORDER if any(r["task"] == t for r in rows)]
     models = [m for m in MODEL_TITLES if any(r["model"] == m for r in rows)]
-    selectors = list(result["selectors"])
+    selectors = list(result["selectors"]) + [s for s in ("attention",) if any(r["selector"] == s for r in rows)]
     defaults = result["default_selector"]
     cmap = plt.get_cmap("tab10")
     fig, axes = plt.subplots(len(models), len(task_names), figsize=(4.6 * len(task_names), 3.5 * len(models)),
@@ -63,9 +63,9 @@ def make_figure(result: dict, path: str | Path) -> Path:
     return path
 
 
-def _cell(rows, task, model, sel, ratio):
-    return next((r for r in rows if (r["task"], r["model"], r["selector"], r["keep_ratio"]) == (task, model, sel, ratio)),
-                None)
+def _cell(rows, task, model, sel, ratio, mode="drop"):
+    return next((r for r in rows if (r["task"], r["model"], r["selector"], r["keep_ratio"], r.get("mode", "drop"))
+                 == (task, model, sel, ratio, mode)), None)
 
 
 def markdown_table(result: dict) -> str:
@@ -88,13 +88,33 @@ def markdown_table(result: dict) -> str:
                 continue
             best = []
             for k in ratios:
-                cands = [r for r in rows if (r["task"], r["model"], r["keep_ratio"]) == (task, model, k)]
+                cands = [r for r in rows if (r["task"], r["model"], r["keep_ratio"]) == (task, model, k)
+                         and r.get("mode", "drop") == "drop"]
                 if cands:
                     top = max(cands, key=lambda r: r["psnr"])
                     best.append(f"{top['selector']} {top['psnr']:.1f}")
             name = "biharmonic baseline" if model == "baseline" else MODEL_TITLES[model]
             d = "exact" if dense is None else f"{dense['psnr']:.1f} +- {dense['psnr_sem']:.1f}"
             out.append(f"| {task} | {name} | {d} | {sel} {fmt(sel)} | {fmt('random')} | {' / '.join(best)} |")
+    return "\n".join(out)
+
+
+def extra_table(result: dict) -> str:
+    """The attention rule and the reference-cache modes (default selector), PSNR change vs dense per keep ratio."""
+    rows, defaults = result["results"], result["default_selector"]
+    ratios = [r for r in result["config"]["ratios"] if r < 1.0]
+    out = [f"| task | model | {' | '.join(['default selector'] + [n for n in ('attention', 'reference_only', 'first_step')])} |",
+           "|---|---|---|---|---|---|"]
+    for task in TASK_ORDER:
+        for model in MODEL_TITLES:
+            variants = [(defaults.get(task), "drop"), ("attention", "drop"), (defaults.get(task), "reference_only"),
+                        (defaults.get(task), "first_step")]
+            cells = []
+            for sel, mode in variants:
+                vals = [_cell(rows, task, model, sel, k, mode) for k in ratios]
+                cells.append(" / ".join("-" if v is None else f"{v['psnr_minus_dense']:+.1f}" for v in vals))
+            if any(c.strip("-/ ") for c in cells[1:]):
+                out.append(f"| {task} | {MODEL_TITLES[model]} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

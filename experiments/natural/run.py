@@ -35,16 +35,17 @@ ROOT = HERE.parents[1]
 #: run's wall time and load are in its JSON and README.md. An idle machine runs it in a fraction of that.
 FULL = dict(base_steps=1000, batch=4, lr=3e-3, ft_steps=200, ft_lr=5e-4,
             lora_steps=150, lora_accum=4, lora_lr=1e-3, lora_rank=16, pool=100,
-            keep_low=0.1, dense_share=0.25, n_eval=8, sample_steps=4, ratios=(1.0, 0.5, 0.25, 0.1), selectors=None)
+            keep_low=0.1, dense_share=0.25, n_eval=8, sample_steps=4, ratios=(1.0, 0.5, 0.25, 0.1), selectors=None,
+            extra=True)
 SMOKE = dict(base_steps=3, batch=2, lr=3e-3, ft_steps=2, ft_lr=5e-4,
              lora_steps=2, lora_accum=1, lora_lr=1e-3, lora_rank=4, pool=1,
-             keep_low=0.1, dense_share=0.25, n_eval=1, sample_steps=2, ratios=(1.0, 0.25), selectors=("random", "edge"))
+             keep_low=0.1, dense_share=0.25, n_eval=1, sample_steps=2, ratios=(1.0, 0.25), selectors=("random", "edge"),
+             extra=True)
 SEED = 0
 EVAL_SEED = 10**8  # eval items come from the held-out photos anyway; their own seed keeps them fixed
-#: Model rows: name -> how it is made. Reference-cache modes (issue 14) will be more rows of ``MODES``.
 MODELS = ("base", "lora", "full_ft")
-MODES = ("drop",)
-PENDING_MODES = ("reference_cache",)
+#: Reference cache modes of the pack (``SparseContextConfig.cache``), measured with ``--extra`` on a finished run.
+CACHE_MODES = ("reference_only", "first_step")
 FULL_FT_FILE = "natural_flux_full_ft.safetensors"
 
 
@@ -90,8 +91,18 @@ def _row(task, model, selector, ratio, per_item, dense_items=None, **extra) -> d
     return row
 
 
-def evaluate_all(models: dict, cfg: dict, log) -> list[dict]:
-    """Every (task, model, keep ratio, selector) through the patch, and the baseline on the same selections."""
+def _variants(names: list[str], task: str, extra: bool) -> list[tuple[str, str]]:
+    """(selector, mode) rows of one task: every bound selector with token dropping; ``extra`` = the selectors
+    and modes measured on top of a finished run (the attention rule, the default selector with each cache mode)."""
+    from sc_natural.evaluate import DEFAULT_SELECTOR, RULE_SELECTORS
+
+    if not extra:
+        return [(name, "drop") for name in names]
+    return [(name, "drop") for name in RULE_SELECTORS] + [(DEFAULT_SELECTOR[task], mode) for mode in CACHE_MODES]
+
+
+def evaluate_all(models: dict, cfg: dict, log, extra: bool = False) -> list[dict]:
+    """Every (task, model, keep ratio, selector, mode) through the patch, and the baseline on the same selections."""
     import torch
     from sc_natural import evaluate, tasks
     from sparse_context.sparse_attention import PATCH_KEY, apply_sparse_context
@@ -102,45 +113,51 @@ def evaluate_all(models: dict, cfg: dict, log) -> list[dict]:
     rows = []
     for task in tasks.TASKS:
         items = tasks.eval_items(task, cfg["n_eval"], EVAL_SEED)
+        variants = _variants(names, task, extra)
         t0 = time.time()
-        for ratio in sparse:  # the classical baseline: no model
-            for name in names:
-                per_item = [evaluate.metrics(evaluate.baseline(it, evaluate.binding(it, sels[name], ratio, i), ratio),
-                                             it.target) for i, it in enumerate(items)]
-                rows.append(_row(task, "baseline", name, ratio, per_item))
+        for ratio in sparse:  # the classical baseline: no model; only where the selection is known beforehand
+            for name, mode in variants:
+                if mode == "drop" and name in sels:
+                    per_item = [evaluate.metrics(evaluate.baseline(it, evaluate.binding(it, sels[name], ratio, i), ratio),
+                                                 it.target) for i, it in enumerate(items)]
+                    rows.append(_row(task, "baseline", name, ratio, per_item))
         for model_name, model in models.items():
-            configs = [(1.0, "dense", model)]
+            configs = [(1.0, "dense", "drop", model)]
             for ratio in sparse:
-                patched = apply_sparse_context(model, evaluate.sparse_config(ratio))
-                configs += [(ratio, name, patched) for name in names]
+                for name, mode in variants:
+                    patched = apply_sparse_context(model, evaluate.sparse_config(ratio, name, mode))
+                    configs.append((ratio, name, mode, patched))
             dense_items: list[dict] = []
-            for ratio, name, m in configs:
+            for ratio, name, mode, m in configs:
                 per_item, seconds, report = [], [], None
                 for i, item in enumerate(items):
-                    binding = None if name == "dense" else evaluate.binding(item, sels[name], ratio, i)
+                    binding = evaluate.binding(item, sels[name], ratio, i) if name in sels else None
                     pred, sec = evaluate.generate(m, item, binding, cfg["sample_steps"], seed=1000 + i)
                     per_item.append(evaluate.metrics(pred, item.target))
                     seconds.append(sec / cfg["sample_steps"])
                     if name != "dense" and report is None:
                         report = m.model_options["transformer_options"][PATCH_KEY].last_report
-                extra = {"sec_per_step": round(float(torch.tensor(seconds).median()), 5)}
+                extra_fields = {"sec_per_step": round(float(torch.tensor(seconds).median()), 5)}
+                if mode != "drop":
+                    extra_fields["mode"] = mode
                 if report is not None:
-                    extra.update(kept_tokens_first_item=[r["kept"] for r in report["references"]],
-                                 tokens_first_item=[r["tokens"] for r in report["references"]],
-                                 attention_work_ratio_first_item=round(report["attention_work_ratio"], 4))
+                    extra_fields.update(kept_tokens_first_item=[r["kept"] for r in report["references"]],
+                                        tokens_first_item=[r["tokens"] for r in report["references"]],
+                                        attention_work_ratio_first_item=round(report["attention_work_ratio"], 4))
                 if name == "dense":
                     dense_items = per_item
-                    rows.append(_row(task, model_name, name, ratio, per_item, **extra))
+                    if not extra:
+                        rows.append(_row(task, model_name, name, ratio, per_item, **extra_fields))
                 else:
-                    rows.append(_row(task, model_name, name, ratio, per_item, dense_items, **extra))
-        log(f"  evaluated {task}: baseline + {len(models)} models x {1 + len(names) * len(sparse)} configurations "
-            f"x {len(items)} items ({time.time() - t0:.0f} s)")
+                    rows.append(_row(task, model_name, name, ratio, per_item, dense_items, **extra_fields))
+        log(f"  evaluated {task}: {len(models)} models x {len(configs)} configurations x {len(items)} items "
+            f"({time.time() - t0:.0f} s)")
     return rows
 
 
-def _get(rows, task, model, sel, ratio):
-    return next((r for r in rows if (r["task"], r["model"], r["selector"], r["keep_ratio"]) == (task, model, sel, ratio)),
-                None)
+def _get(rows, task, model, sel, ratio, mode="drop"):
+    return next((r for r in rows if (r["task"], r["model"], r["selector"], r["keep_ratio"], r.get("mode", "drop"))
+                 == (task, model, sel, ratio, mode)), None)
 
 
 def summarize(rows: list[dict], ratios: tuple) -> dict:
@@ -161,7 +178,8 @@ def summarize(rows: list[dict], ratios: tuple) -> dict:
             dense = _get(rows, task, model, "dense", 1.0)
             m = {"dense_psnr": dense["psnr"], "dense_ssim": dense["ssim"]}
             for ratio in [r for r in ratios if r < 1.0]:
-                cands = [r for r in rows if (r["task"], r["model"], r["keep_ratio"]) == (task, model, ratio)]
+                cands = [r for r in rows if (r["task"], r["model"], r["keep_ratio"]) == (task, model, ratio)
+                         and r.get("mode", "drop") == "drop"]
                 best = max(cands, key=lambda r: r["psnr"])
                 default, rnd, base = (_get(rows, task, model, sel, ratio), _get(rows, task, model, "random", ratio),
                                       _get(rows, task, "baseline", sel, ratio))
@@ -221,10 +239,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared machine more threads spin)")
     parser.add_argument("--resummarize", action="store_true",
                         help="no training: recompute the summary, targets and figure of the run in --out")
+    parser.add_argument("--extra", action="store_true",
+                        help="no training: measure the attention rule and the reference-cache modes on the models of "
+                             "the run in --out and add them to its JSON")
     args = parser.parse_args(argv)
     _bootstrap()
     if args.resummarize:
         return resummarize(args.out)
+    if args.extra:
+        return add_extra_rows(args.out, args.threads)
     cfg = dict(SMOKE if args.smoke else FULL)
     t_start = time.time()
     loads = [_load()]
@@ -290,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     models = {"base": model.load_trained_model(out, lora=False), "lora": model.load_trained_model(out, lora=True),
               "full_ft": load_full_ft(out)}
     rows = evaluate_all(models, cfg, log)
+    if cfg["extra"]:
+        rows += evaluate_all(models, cfg, log, extra=True)
     timing["evaluate"] = round(time.time() - t0, 1)
     timing["total"] = round(time.time() - t_start, 1)
     loads.append(_load())
@@ -322,8 +347,8 @@ def main(argv: list[str] | None = None) -> dict:
         "baseline": "skimage.restoration.inpaint_biharmonic of the dropped 4x4 px tokens (same selection), then the "
                     "task's exact change",
         "selectors": {name: {"coverage": s.coverage} for name, s in evaluate.selectors().items()},
-        "pending": {"selectors": list(evaluate.PENDING_SELECTORS), "modes": list(PENDING_MODES),
-                    "note": "issue 14: measured as more rows once they exist"},
+        "extra": {"selectors": list(evaluate.RULE_SELECTORS), "modes": list(CACHE_MODES), "measured": cfg["extra"],
+                  "note": "issue 14's attention rule and reference-cache modes: rows added by --extra"},
         "default_selector": evaluate.DEFAULT_SELECTOR,
         "timing_s": timing,
         "machine": {"where": "CPU", "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -352,10 +377,35 @@ def write_results(result: dict, out: Path) -> None:
     (out / "natural.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     plot.make_figure(result, out / "natural.png")
     print(plot.markdown_table(result), flush=True)
+    print(plot.extra_table(result), flush=True)
     print(plot.targets_table(result), flush=True)
     if not result["smoke"] and out.resolve() == (HERE / "results").resolve():
         shutil.copyfile(out / "natural.json", ROOT / "docs" / "natural.json")
         shutil.copyfile(out / "natural.png", ROOT / "docs" / "natural.png")
+
+
+def add_extra_rows(out: Path, threads: int) -> dict:
+    """Measure the extra rows (``_variants(extra=True)``) on the saved models of the run in ``out``."""
+    import torch
+    from sc_miniature import model
+    from sc_natural import evaluate
+
+    torch.set_num_threads(threads)
+    result = json.loads((out / "natural.json").read_text(encoding="utf-8"))
+    t0, load = time.time(), _load()
+    models = {"base": model.load_trained_model(out, lora=False), "lora": model.load_trained_model(out, lora=True),
+              "full_ft": load_full_ft(out)}
+    cfg = dict(result["config"], ratios=tuple(result["config"]["ratios"]))
+    rows = evaluate_all(models, cfg, lambda m: print(m, flush=True), extra=True)
+    result["results"] = [r for r in result["results"] if r["selector"] not in evaluate.RULE_SELECTORS
+                         and r.get("mode", "drop") == "drop"] + rows
+    result.pop("pending", None)
+    result["extra"] = {"selectors": list(evaluate.RULE_SELECTORS), "modes": list(CACHE_MODES), "measured": True,
+                       "note": "measured by --extra on the saved models", "seconds": round(time.time() - t0, 1),
+                       "load_average_before_after": [load, _load()]}
+    result["summary"] = summarize(result["results"], cfg["ratios"])
+    write_results(result, out)
+    return result
 
 
 def resummarize(out: Path) -> dict:
