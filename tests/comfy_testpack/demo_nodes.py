@@ -290,6 +290,8 @@ class NaturalTask(io.ComfyNode):
                                        tooltip="One-hot text tokens (1, 4, 16) + pooled vector (1, 24), no references."),
                 io.Int.Output(display_name="count", tooltip="Number of references."),
                 io.String.Output(display_name="change", tooltip="What the condition asks for."),
+                io.Int.Output(display_name="width", tooltip="Target width in pixels (for the empty latent)."),
+                io.Int.Output(display_name="height", tooltip="Target height in pixels."),
             ],
         )
 
@@ -302,7 +304,9 @@ class NaturalTask(io.ComfyNode):
 
         item = nat.tasks.eval_items(task, example + 1, EVAL_SEED)[example]
         cond = [[item.context, {"pooled_output": item.pooled}]]
-        return io.NodeOutput(torch.cat(item.refs, 0), item.target, cond, len(item.refs), item.change)
+        target = item.target
+        return io.NodeOutput(torch.cat(item.refs, 0), target, cond, len(item.refs), item.change, target.shape[2],
+                             target.shape[1])
 
 
 DEMO_NODES: list[type[io.ComfyNode]] = [ImageToLatent, SafetensorsModel, MiniatureTask, MiniatureEncode,
