@@ -57,7 +57,8 @@ NODES_HELP = """## SparseContext nodes
 - **Sparse Budget**: ratio, count, or adaptive (busy images keep more); coverage -1 = the selector's default floor.
 - **Preview Sparse Tokens**: the reference with kept tokens bright and the kept count.
 """
-COMPARE = ("**Compare with dense**: set `enabled` of Apply Sparse Context to false (same seed) and queue again, or "
+COMPARE = ("**Compare with dense**: set `enabled` of Apply Sparse Context to false and queue again (the seed is fixed, "
+           "so only the token dropping differs), or "
            "open `sparse_dense_vs_sparse`. Lower `keep_ratio` if it is still slow, raise it if details drift.")
 
 
@@ -112,9 +113,10 @@ def kontext_edit(g: Graph, prompt: str, selection_col: int = 2) -> dict:
     return dict(unet=unet, clip=clip, vae=vae, image=image, scale=scale, text=text, encode=encode, zero=zero)
 
 
-def sample_kontext(g: Graph, n: dict, model: int, positive: int, col: int, seed: int, prefix: str, fixed=False):
+def sample_kontext(g: Graph, n: dict, model: int, positive: int, col: int, seed: int, prefix: str):
+    # fixed seeds: every note tells the user to compare with dense at the same seed
     guidance = g.core("FluxGuidance", col, [2.5])
-    sampler = g.core("KSampler", col, [seed, "fixed" if fixed else "randomize", 20, 1.0, "euler", "simple", 1.0])
+    sampler = g.core("KSampler", col, [seed, "fixed", 20, 1.0, "euler", "simple", 1.0])
     decode = g.core("VAEDecode", col + 1)
     g.wire((positive, 0, guidance, "conditioning"), (model, 0, sampler, "model"), (guidance, 0, sampler, "positive"),
            (n["zero"], 0, sampler, "negative"), (n["encode"], 0, sampler, "latent_image"),
@@ -187,7 +189,7 @@ def klein_multi(g: Graph) -> None:
         if i == 0:
             first_image, first_sel = scale, sal
     apply = g.sparse("SparseContextApply", 5, [0.25, "grid", 3072, 64, 0.0, 1.0, 0, True])
-    noise = g.core("RandomNoise", 5, [0, "randomize"])
+    noise = g.core("RandomNoise", 5, [0, "fixed"])
     select = g.core("KSamplerSelect", 5, ["euler"])
     sched = g.core("Flux2Scheduler", 5, [4, 1024, 1024])
     guider = g.core("BasicGuider", 5)
@@ -231,7 +233,7 @@ def qwen_2509(g: Graph) -> None:
     shift = g.core("ModelSamplingAuraFlow", 4, [3.0])
     norm = g.core("CFGNorm", 4, [1.0])
     apply = g.sparse("SparseContextApply", 4, [0.3, "grid", 0, 64, 0.0, 1.0, 0, True])
-    sampler = g.core("KSampler", 5, [0, "randomize", 4, 1.0, "euler", "simple", 1.0])
+    sampler = g.core("KSampler", 5, [0, "fixed", 4, 1.0, "euler", "simple", 1.0])
     decode = g.core("VAEDecode", 5)
     save = g.core("SaveImage", 5, ["SparseContext_qwen_2509"], height=400)
     preview = g.sparse("SparseContextPreview", 1, [64], height=380)
@@ -263,8 +265,8 @@ def dense_vs_sparse(g: Graph) -> None:
     g.wire((budget, 0, edge, "budget"), (n["scale"], 0, edge, "image"), (n["text"], 0, ref, "conditioning"),
            (n["encode"], 0, ref, "latent"), (edge, 0, ref, "selection"), (n["unet"], 0, dense, "model"),
            (n["unet"], 0, sparse, "model"), (n["scale"], 0, preview, "image"), (edge, 0, preview, "selection"))
-    dense_img = sample_kontext(g, n, dense, ref, 4, 42, "", fixed=True)
-    sparse_img = sample_kontext(g, n, sparse, ref, 6, 42, "", fixed=True)
+    dense_img = sample_kontext(g, n, dense, ref, 4, 42, "")
+    sparse_img = sample_kontext(g, n, sparse, ref, 6, 42, "")
     stitch = g.core("ImageStitch", 8, ["right", True, 16, "white"])
     save = g.core("SaveImage", 8, ["SparseContext_dense_vs_sparse"], height=400)
     g.wire((dense_img, 0, stitch, "image1"), (sparse_img, 0, stitch, "image2"), (stitch, 0, save, "images"))
@@ -343,7 +345,7 @@ def calibrate(g: Graph) -> None:
            (n["zero"], 0, calib, "negative"), (calib, 1, plot, "images"), (calib, 2, report, "source"),
            (n["unet"], 0, apply, "model"))
     g.wf.link_widget(calib, 0, apply, "keep_ratio")
-    sample_kontext(g, n, apply, ref, 6, 42, "SparseContext_calibrated", fixed=True)
+    sample_kontext(g, n, apply, ref, 6, 42, "SparseContext_calibrated")
     g.note(0, CALIBRATE_NOTE + "\n" + NODES_HELP, 640)
 
 

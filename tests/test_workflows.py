@@ -141,6 +141,15 @@ def test_ui_workflow_is_valid_for_the_real_server(name, object_info):
             assert models and all(m["url"].startswith("https://huggingface.co/") and m["directory"] for m in models)
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_seeds_are_fixed_where_notes_compare_runs(name):
+    """Every note tells the user to compare with dense at the same seed: a randomized seed would change it."""
+    workflow = _load(UI_DIR, name)
+    for node in workflow["nodes"]:
+        if node["type"] in ("KSampler", "RandomNoise"):
+            assert node["widgets_values"][1] == "fixed", f"{name}: node {node['id']} {node['type']} randomizes its seed"
+
+
 def test_validator_catches_broken_workflows():
     info = json.loads(json.dumps({
         "A": {"input": {"required": {"x": ["INT", {"min": 0, "max": 3}], "c": [["p", "q"], {}]}},
