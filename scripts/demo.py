@@ -1,36 +1,37 @@
-"""SparseContext demo: one multi-reference graph, sampled dense and sparse on a real headless ComfyUI.
+"""SparseContext demo: a reference-conditioned graph, sampled dense and sparse on a real headless ComfyUI.
 
-Run it with ``bash scripts/demo.sh`` (sets everything up first); options:
+Run it with ``bash scripts/demo.sh`` (sets everything up first; with no arguments it runs three cases, see
+there); options:
     --out demo_output                               where images, keep maps, comparison.png, timings.json go
-    --model miniature                               (default) the trained miniature model of experiments/miniature
-                                                    (base + its drop-robust LoRA) on one of its own tasks:
-    --task edit --example 0 --repeats 10            which task (edit, the default: recolour; subject; multi
-                                                    --refs 2..3: several references), example, repeats
-    --selector grid                                 selector node (default: the experiment's best for the task and keep)
-    --threads N                                     CPU threads for ComfyUI (miniature default 1)
-    --no-lora                                       the base model only (dense and sparse alike)
+    --model natural                                 (default) the natural-image model of experiments/natural, trained
+                                                    here on photographs, on a held-out photo task:
+    --task subject --example 0 --repeats 10         subject (default: a global change), edit (a region), composition
+                                                    (2-3 references: odd examples have 3); which held-out example
+    --variant full_ft                               base | lora (+ the drop-robust LoRA) | full_ft (the drop-robust
+                                                    full fine-tune, default), the same in both runs
+    --model miniature                               the miniature model of experiments/miniature (generated shapes):
+    --task edit --refs 3 --no-lora                  edit (default), subject, multi (--refs 2..3); base only
+    --selector grid                                 selector node (default: the experiment's best for task/keep/model)
+    --threads N                                     CPU threads for ComfyUI (natural/miniature default 1)
     --steps N --keep 0.5 --bucket N                 sampling steps (default: the experiment's), keep ratio
-                                                    (default 0.5 for the miniature, 0.25 otherwise), bucket
+                                                    (default 0.5 for the trained models, 0.25 otherwise), bucket
     --model tiny --size 512                         the test pack's seeded FLUX.2-klein-shaped model (noise images)
     --model small.safetensors                       a small trained model, its JSON config beside it
-                                                    (``SCTest_SafetensorsModel``; e.g. experiments/miniature)
+                                                    (``SCTest_SafetensorsModel``)
     --model flux-2-klein-9b.safetensors --clip qwen_3_8b.safetensors --vae flux2-vae.safetensors
                                                     a real FLUX.2 [klein] with real loaders (set COMFYUI_PATH
                                                     to your ComfyUI; a GPU is used if that ComfyUI has one)
-    --images a.png b.png ...                        your own references (default: drawn synthetic scenes)
+    --images a.png b.png ...                        your own references (tiny/real; default: drawn synthetic scenes)
 
-The graph mirrors ``workflows/sparse_flux2_klein_multi_reference.json``: each reference image is
-encoded, scored by Sparse Saliency Selector and added with Sparse Reference Latent; Apply Sparse Context
-patches the model; KSampler samples. Dense = the same graph with the unpatched model, same seed.
-
-The default miniature model (a 1.4M-parameter FLUX.1-Kontext-shaped ComfyUI ``Flux`` trained by
-``experiments/miniature/run.py``) was trained on generated tasks, so its pictures are a real result: the
-test pack's nodes give it a task example (references, ground-truth target, one-hot "text"), its
-invertible pixel "VAE" and its safetensors weights (+ LoRA through core's LoraLoaderModelOnly); the demo
-prints the PSNR of dense and sparse against the target next to the timings and writes
-``comparison.png`` (references | keep maps | dense | sparse | target). The seeded tiny model and other
-small models have no meaningful pictures (their timings and keep maps are real). Per-step times come
-from ComfyUI's websocket progress events.
+The trained models (1.4M-parameter FLUX.1-Kontext-shaped ComfyUI ``Flux`` models) give real pictures: the test
+pack's nodes give them a task example (references, ground-truth target, one-hot "text"), their invertible pixel
+"VAE" and their safetensors weights (+ LoRA through core's LoraLoaderModelOnly). Each reference is scored by a
+selector node and added with Sparse Reference Latent; Apply Sparse Context patches the model; KSampler samples;
+dense = the same graph without Apply Sparse Context, same seed. The demo prints the PSNR of dense and sparse
+against the target next to the timings and writes ``comparison.png`` (references | keep maps | dense | sparse |
+target). Timings: a warm-up run first, then ``--repeats`` runs per mode (alternating), per-step medians on a fixed
+thread count. The seeded tiny model and other small models have no meaningful pictures (their timings and keep
+maps are real).
 """
 
 from __future__ import annotations
