@@ -221,8 +221,24 @@ def summarize(rows: list[dict], ratios: tuple) -> dict:
                 if row is not None and rnd is not None and sel != "random":
                     target(f"keep {ratio}: default selector >= random", task, model, row["psnr"] - rnd["psnr"], 0.0,
                            row["psnr"] >= rnd["psnr"], f"{sel} {row['psnr']:.2f} dB vs random {rnd['psnr']:.2f} dB")
-    return {"per_task": per_task, "targets": targets,
-            "targets_met": sum(t["met"] for t in targets), "targets_total": len(targets)}
+    recommended = {task: {model: recommended_keep(rows, task, model, DEFAULT_SELECTOR[task]) for model in MODELS
+                          if _get(rows, task, model, "dense", 1.0)} for task in per_task}
+    return {"per_task": per_task, "recommended_keep": recommended, "recommended_rule": RECOMMENDED_RULE,
+            "targets": targets, "targets_met": sum(t["met"] for t in targets), "targets_total": len(targets)}
+
+
+RECOMMENDED_RULE = "the lowest keep from which the default selector stays within 1.5 dB of the same model's dense output"
+
+
+def recommended_keep(rows: list[dict], task: str, model: str, selector: str, tolerance_db: float = 1.5) -> float:
+    """``RECOMMENDED_RULE``: every measured keep at or above it must pass too (1.0 if 0.5 already fails)."""
+    best = 1.0
+    for ratio in sorted({r["keep_ratio"] for r in rows if r["keep_ratio"] < 1.0}, reverse=True):
+        row = _get(rows, task, model, selector, ratio)
+        if row is None or row["psnr_minus_dense"] < -tolerance_db:
+            break
+        best = ratio
+    return best
 
 
 def _load() -> str:
