@@ -140,11 +140,12 @@ class SparseContextApply(SparseNode):
     @classmethod
     def execute(cls, model, keep_ratio: float, rule: str, total_tokens: int, bucket: int, start_percent: float,
                 end_percent: float, seed: int, enabled: bool, budget=None) -> io.NodeOutput:
+        cls.check_inputs(locals())
         if budget is not None and not isinstance(budget, Budget):
             raise fail(cls.NAME, f"budget: expected a SPARSE_BUDGET from a Sparse Budget node, got {type(budget).__name__}")
         if start_percent > end_percent:
             raise fail(cls.NAME, f"start_percent: must be <= end_percent, got {start_percent} > {end_percent}")
-        with user_errors(cls.NAME):
+        with user_errors(cls.NAME, {"ratio": "keep_ratio"}):
             config = SparseContextConfig(
                 budget=budget if budget is not None else Budget(mode="ratio", ratio=keep_ratio),
                 rule=rule, total_tokens=total_tokens or None, bucket=bucket, start_percent=start_percent,

@@ -69,6 +69,7 @@ class SparseContextCalibrate(SparseNode):
     def execute(cls, model, positive, latent, seed: int, min_psnr: float, vae=None, negative=None,
                 min_ssim: float = 0.0, keep_ratios: str = "0.1, 0.25, 0.5, 0.75", steps: int = 4, cfg: float = 1.0,
                 sampler_name: str = "euler", scheduler: str = "simple") -> io.NodeOutput:
+        cls.check_inputs(locals())
         with user_errors(cls.NAME):
             keeps = calibration.parse_keeps(keep_ratios)
         if not isinstance(latent, dict) or "samples" not in latent:

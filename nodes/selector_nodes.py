@@ -71,6 +71,7 @@ class SparseContextEdgeSelector(SparseNode):
     @classmethod
     def execute(cls, image, low_threshold: float, high_threshold: float, spread: int, budget=None,
                 weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         with user_errors(cls.NAME):
             scores = edge_scores(first_item(image, cls.NAME), STRIDE, low_threshold, high_threshold, spread=spread)
             return _selection(scores[0], budget, "edge", weight)
@@ -97,6 +98,7 @@ class SparseContextSaliencySelector(SparseNode):
 
     @classmethod
     def execute(cls, image, blur_tokens: float, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         with user_errors(cls.NAME):
             scores = saliency_scores(first_item(image, cls.NAME), STRIDE, blur_tokens=blur_tokens)
             return _selection(scores[0], budget, "saliency", weight)
@@ -133,9 +135,12 @@ class SparseContextMaskSelector(SparseNode):
     @classmethod
     def execute(cls, mask, inside: float, outside: float, dilate_tokens: int, feather_tokens: int, budget=None,
                 weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         with user_errors(cls.NAME):
             m = first_item(mask, cls.NAME, "mask")
-            if isinstance(m, torch.Tensor) and not bool((m > 0).any()):
+            if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+                raise fail(cls.NAME, "mask: contains NaN or infinite values; expected values in [0, 1]")
+            if not bool((m > 0).any()):
                 raise fail(cls.NAME, "mask: is empty (all zeros). Paint a mask on the reference (Load Image: right "
                                      "click > Open in MaskEditor) or use another selector.")
             scores = mask_scores(m, stride=STRIDE, inside=inside, outside=outside, dilate_tokens=dilate_tokens,
@@ -170,6 +175,7 @@ class SparseContextRandomSelector(SparseNode):
 
     @classmethod
     def execute(cls, image, seed: int, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         with user_errors(cls.NAME):
             return _selection(random_scores(1, _grid_of(image, cls.NAME), seed)[0], budget, "random", weight)
 
@@ -189,6 +195,7 @@ class SparseContextGridSelector(SparseNode):
 
     @classmethod
     def execute(cls, image, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         with user_errors(cls.NAME):
             return _selection(grid_scores(_grid_of(image, cls.NAME))[0], budget, "grid", weight)
 
@@ -224,12 +231,16 @@ class SparseContextCombineSelections(SparseNode):
     @classmethod
     def execute(cls, selection_a, selection_b, weight_a: float, weight_b: float, weight_c: float, weight_d: float,
                 mode: str, selection_c=None, selection_d=None, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         picked = [(n, s, w) for n, s, w in (("selection_a", selection_a, weight_a), ("selection_b", selection_b, weight_b),
                                               ("selection_c", selection_c, weight_c), ("selection_d", selection_d, weight_d))
                   if s is not None]
         for name, s, _ in picked:
             if not isinstance(s, ReferenceSelection):
                 raise fail(cls.NAME, f"{name}: expected a SPARSE_SELECTION, got {type(s).__name__}")
+        if not any(w > 0 for _, _, w in picked):
+            names = "/".join(f"weight_{n[-1]}" for n, _, _ in picked)
+            raise fail(cls.NAME, f"{names}: all 0 for the connected selections; give at least one a weight above 0")
         with user_errors(cls.NAME):
             scores = combine_scores([s.scores for _, s, _ in picked], [w for _, _, w in picked], mode)
             rule = "+".join(dict.fromkeys(s.rule for _, s, _ in picked))
