@@ -25,7 +25,7 @@ fi
 #   2. multi-reference: three references composed, same model and keep;
 #   3. where dropping hurts: an aligned edit at keep 0.25 with the untuned model, then what to do about it
 #      (the drop-robust fine-tune at keep 0.5).
-"$PYTHON" "$repo/scripts/demo.py" --task subject --example 0 --variant full_ft --keep 0.5 --out "$repo/demo_output/1_subject"
+"$PYTHON" "$repo/scripts/demo.py" --task subject --example 2 --variant full_ft --keep 0.5 --out "$repo/demo_output/1_subject"
 echo
 "$PYTHON" "$repo/scripts/demo.py" --task composition --example 1 --variant full_ft --keep 0.5 \
   --out "$repo/demo_output/2_multi_reference"

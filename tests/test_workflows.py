@@ -150,6 +150,23 @@ def test_seeds_are_fixed_where_notes_compare_runs(name):
             assert node["widgets_values"][1] == "fixed", f"{name}: node {node['id']} {node['type']} randomizes its seed"
 
 
+ALIGNED_EDITS = ("sparse_kontext_edit_edge", "sparse_masked_edit", "sparse_dense_vs_sparse")
+
+
+@pytest.mark.parametrize("name", ALIGNED_EDITS)
+def test_aligned_edit_workflows_keep_what_the_evidence_recommends(name):
+    """An aligned edit copies every token it does not change: the natural-image run's recommended keep for edits
+    (with the drop-robust fine-tune; none without) is the floor, and the note says how to go lower."""
+    evidence = json.loads((REPO / "docs" / "natural.json").read_text(encoding="utf-8"))["summary"]["recommended_keep"]
+    floor = min(evidence["edit"]["lora"], evidence["edit"]["full_ft"])
+    workflow = _load(UI_DIR, name)
+    keeps = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "SparseContextApply"]
+    keeps += [n["widgets_values"][1] for n in workflow["nodes"] if n["type"] == "SparseContextBudget"]
+    assert keeps and min(keeps) >= floor, (keeps, floor)
+    note = next(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "MarkdownNote")
+    assert "LoRA" in note and "sparse_calibrate_keep" in note
+
+
 def test_validator_catches_broken_workflows():
     info = json.loads(json.dumps({
         "A": {"input": {"required": {"x": ["INT", {"min": 0, "max": 3}], "c": [["p", "q"], {}]}},
