@@ -246,7 +246,46 @@ class SparseContextCombineSelections(SparseNode):
             rule = "+".join(dict.fromkeys(s.rule for _, s, _ in picked))
             chosen = budget if budget is not None else selection_a.budget
             return io.NodeOutput(ReferenceSelection(scores=scores[0], budget=budget_for(chosen, rule.split("+")[0]),
-                                                    rule=rule, weight=weight))
+                                                    rule=rule, weight=weight,
+                                                    attention=max(s.attention for _, s, _ in picked)))
+
+
+class SparseContextAttentionSelector(SparseNode):
+    NAME = "Sparse Attention Selector"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SparseContextAttentionSelector", display_name=cls.NAME, category=CATEGORY,
+            description="Lets the model choose: keeps the reference tokens its target attends to most (measured in the "
+                        "first step, which runs every token of this reference; ReCAST-style), plus a small even "
+                        "coverage floor. Optionally mixed with another selection's scores. Training-free and model-"
+                        "aware; combines with the reference cache (Apply Sparse Context: cache).",
+            inputs=[
+                io.Float.Input("attention", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Share of the model's measured attention in the scores; the rest comes from "
+                                       "the connected selection (1 = attention only)."),
+                SparseSelection.Input("selection", optional=True,
+                                      tooltip="Optional selection of the same reference (e.g. Edge) whose scores are "
+                                              "mixed with the measured attention."),
+                budget_input(), weight_input(),
+            ],
+            outputs=[SparseSelection.Output(display_name="selection")],
+        )
+
+    @classmethod
+    def execute(cls, attention: float, selection=None, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
+        if selection is not None and not isinstance(selection, ReferenceSelection):
+            raise fail(cls.NAME, f"selection: expected a SPARSE_SELECTION, got {type(selection).__name__}")
+        if selection is None:
+            scores, rule, chosen = torch.ones(1, 1), "attention", budget
+        else:
+            scores, rule = selection.scores, f"{selection.rule}+attention"
+            chosen = budget if budget is not None else selection.budget
+        with user_errors(cls.NAME):
+            return io.NodeOutput(ReferenceSelection(scores=scores, budget=budget_for(chosen, "attention"), rule=rule,
+                                                    weight=weight, attention=attention))
 
 
 SELECTOR_NODES: list[type[io.ComfyNode]] = [
@@ -256,4 +295,5 @@ SELECTOR_NODES: list[type[io.ComfyNode]] = [
     SparseContextRandomSelector,
     SparseContextGridSelector,
     SparseContextCombineSelections,
+    SparseContextAttentionSelector,
 ]

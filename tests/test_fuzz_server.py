@@ -41,7 +41,7 @@ EXAMPLES = {
     "SparseContextEdgeSelector": 50, "SparseContextSaliencySelector": 60, "SparseContextMaskSelector": 60,
     "SparseContextRandomSelector": 40, "SparseContextGridSelector": 40, "SparseContextCombineSelections": 50,
     "SparseContextBudget": 40, "SparseContextPreview": 30, "SparseContextLoraLoader": 50,
-    "SparseContextTrainLora": 16, "SparseContextSaveTrainingExample": 40,
+    "SparseContextTrainLora": 16, "SparseContextSaveTrainingExample": 40, "SparseContextAttentionSelector": 30,
 }
 SCALE = float(os.environ.get("SPARSECONTEXT_FUZZ", "0") or 0)
 #: valid draws narrower than the schema where the full range only costs time (training steps, LoRA rank) or would
@@ -264,6 +264,17 @@ def build(kind: str, draw, values: dict, lora_names: dict) -> Plan:
         sampling(g, ["T", 0])
         if ok("start_percent") and ok("end_percent") and float(v["start_percent"]) > float(v["end_percent"]):
             must.add("start_percent")
+    elif kind == "SparseContextAttentionSelector":
+        g["model"] = node("SCTest_TinyModel", family=F, seed=1)
+        g["apply"] = default_apply(["model", 0], cache=draw(st.sampled_from(["off", "reference_only", "first_step"])))
+        g["cond"] = node("SCTest_Conditioning", family=F, seed=3, tokens=8)
+        g["ref"] = node("SCTest_Latent", family=F, seed=4, width=64, height=64, batch_size=1, empty=False)
+        if draw(st.booleans()):
+            g["sel"] = node("SparseContextGridSelector", image=picture(g, draw), weight=1.0)
+            v["selection"] = ["sel", 0]
+        g["T"] = node(kind, **v)
+        g["pos"] = node("SparseContextReferenceLatent", conditioning=["cond", 0], latent=["ref", 0], selection=["T", 0])
+        sampling(g, ["apply", 0], positive=["pos", 0])
     elif kind == "SparseContextReferenceLatent":
         g["model"] = node("SCTest_TinyModel", family=F, seed=1)
         g["apply"] = default_apply(["model", 0])
