@@ -8,7 +8,8 @@
    pack's host-derived config) from scratch on crops of real photographs (``tasks.py``: subject, aligned edit,
    composition), whole photos held out;
 2. fine-tunes it twice with random reference-token dropping: the pack's drop-robust LoRA trainer
-   (``sparse_context.training.LoraTrainer``) and, for comparison, a full-weight fine-tune (``train.py``);
+   (``sparse_context.training.LoraTrainer``) and, for comparison, a full-weight fine-tune (the miniature's
+   ``train.py`` loop with ``keep_ratios``);
 3. evaluates base, LoRA and full fine-tune on held-out items through ``apply_sparse_context`` with every selector
    at keep 1 / 0.5 / 0.25 / 0.1, and the classical baseline (biharmonic inpainting of the same dropped tokens,
    then the exact change) on the same selections;
@@ -277,7 +278,19 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
     from sc_miniature import model
-    from sc_natural import evaluate, photos, tasks, train
+    from sc_miniature.train import train as train_weights
+    from sc_natural import evaluate, photos, tasks
+
+    def train(m, steps, **kw):
+        """Every weight of ``m``, the natural tasks, sigma where ComfyUI's sampler goes (the miniature's loop)."""
+        params = list(m.model.diffusion_model.parameters())
+        for p in params:
+            p.requires_grad_(True)
+        losses = train_weights(m, params, steps, task_list=tasks.TASKS, sigma_sampling="shifted",
+                               make_batch=tasks.make_batch, **kw)
+        for p in params:
+            p.requires_grad_(False)
+        return losses
     from sparse_context.training import KeepRatioDistribution, LoraConfig, LoraTrainer, TrainConfig
 
     torch.set_num_threads(args.threads)
@@ -291,8 +304,8 @@ def main(argv: list[str] | None = None) -> dict:
     base = model.build_model(seed=SEED)
     n_params = sum(p.numel() for p in base.model.diffusion_model.parameters())
     log(f"base model: {n_params} parameters; {cfg['base_steps']} steps x batch {cfg['batch']}; load {_load()}")
-    base_losses = train.train(base, cfg["base_steps"], batch=cfg["batch"], lr=cfg["lr"], seed=SEED, log=log,
-                              log_every=max(1, cfg["base_steps"] // 10))
+    base_losses = train(base, cfg["base_steps"], batch=cfg["batch"], lr=cfg["lr"], seed=SEED, log=log,
+                        log_every=max(1, cfg["base_steps"] // 10))
     model.save_model(base, out, metadata={"trained_steps": cfg["base_steps"], "tasks": list(tasks.TASKS),
                                           "experiment": "natural"})
     timing["train_base"] = round(time.time() - t_start, 1)
@@ -318,8 +331,8 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.time()
     full = model.load_trained_model(out, lora=False)
     log(f"full fine-tune: {cfg['ft_steps']} steps x batch {cfg['batch']}, {keep.describe()}")
-    ft_losses = train.train(full, cfg["ft_steps"], batch=cfg["batch"], lr=cfg["ft_lr"], seed=SEED + 1,
-                            keep_ratios=keep, warmup=20, log=log, log_every=max(1, cfg["ft_steps"] // 5))
+    ft_losses = train(full, cfg["ft_steps"], batch=cfg["batch"], lr=cfg["ft_lr"], seed=SEED + 1, keep_ratios=keep,
+                      warmup=20, log=log, log_every=max(1, cfg["ft_steps"] // 5))
     from safetensors.torch import save_file
 
     save_file({k: v.detach().to(torch.float16).contiguous() for k, v in full.model.diffusion_model.state_dict().items()},
@@ -361,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
                        "lora": {"trainer": "sparse_context.training.LoraTrainer", "rank": lora_cfg.rank,
                                 "alpha": lora_cfg.alpha, "targets": lora_cfg.targets, "steps": cfg["lora_steps"],
                                 "examples_per_step": cfg["lora_accum"], "learning_rate": cfg["lora_lr"]},
-                       "full_ft": {"trainer": "experiments/natural/train.py (every weight)", "steps": cfg["ft_steps"],
+                       "full_ft": {"trainer": "experiments/miniature/train.py (every weight, keep_ratios)", "steps": cfg["ft_steps"],
                                    "batch": cfg["batch"], "learning_rate": cfg["ft_lr"]}},
         "sampling": {"how": "ComfyUI comfy.sample.sample, one item at a time", "sampler": "euler",
                      "scheduler": "simple", "steps": cfg["sample_steps"], "cfg": 1.0},
