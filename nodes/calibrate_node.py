@@ -34,8 +34,9 @@ class SparseContextCalibrate(SparseNode):
                 io.Int.Input("seed", default=0, min=0, max=2**63 - 1, control_after_generate=False,
                              tooltip="Noise seed: dense and sparse runs use the same one."),
                 io.Float.Input("min_psnr", default=30.0, min=0.0, max=100.0, step=0.5,
-                               tooltip="Threshold: a keep ratio passes when its result is at least this many dB "
-                                       "PSNR from the dense result (higher = stricter; ~30 dB is hard to tell apart)."),
+                               tooltip="Threshold: a keep ratio passes when the PSNR of its result against the dense "
+                                       "result is at least this many dB (higher = stricter; at 30 dB differences are "
+                                       "small)."),
                 io.Vae.Input("vae", optional=True,
                              tooltip="Optional: compare decoded images (recommended). Not connected: the latents "
                                      "are compared."),
@@ -47,8 +48,8 @@ class SparseContextCalibrate(SparseNode):
                 io.String.Input("keep_ratios", default="0.1, 0.25, 0.5, 0.75", optional=True,
                                 tooltip="Candidate keep ratios, comma separated, each in (0, 1)."),
                 io.Int.Input("steps", default=4, min=1, max=100, optional=True,
-                             tooltip="Sampling steps of each calibration run (a short schedule; the ranking of "
-                                     "keep ratios rarely changes with more)."),
+                             tooltip="Sampling steps of each calibration run (a short schedule keeps calibration "
+                                     "cheap; use your KSampler's steps for the exact picture)."),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, optional=True,
                                tooltip="Classifier-free guidance of the calibration runs (as in your KSampler)."),
                 io.Combo.Input("sampler_name", options=_samplers(), default="euler", optional=True,
