@@ -89,6 +89,7 @@ class SparseContextPreview(SparseNode):
 
     @classmethod
     def execute(cls, image, selection, bucket: int, budget=None) -> io.NodeOutput:
+        cls.check_inputs(locals())
         if not hasattr(selection, "scores"):
             raise fail(cls.NAME, f"selection: expected a SPARSE_SELECTION, got {type(selection).__name__}")
         if budget is not None and not isinstance(budget, Budget):
