@@ -79,8 +79,3 @@ def image_tensor(img) -> torch.Tensor:
     import numpy as np
 
     return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0)[None]
-
-
-def loss_curve_image(losses: list[float], validation: list[dict] | None = None) -> torch.Tensor:
-    """``curves_image`` as a ComfyUI IMAGE."""
-    return image_tensor(curves_image(losses, validation))
