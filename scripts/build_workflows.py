@@ -354,7 +354,7 @@ def calibrate(g: Graph) -> None:
     calib = g.sparse("SparseContextCalibrate", 4, [42, 30.0, 0.0, "0.1, 0.25, 0.5, 0.75", 4, 1.0, "euler", "simple"],
                      height=420)
     plot = g.core("PreviewImage", 5, height=330)
-    report = g.core("PreviewAny", 5, height=220)
+    report = g.core("PreviewAny", 5, height=220, title="Calibration report")
     apply = g.sparse("SparseContextApply", 4, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
     preview = g.sparse("SparseContextPreview", 1, [64], height=380)
     g.wire((n["scale"], 0, preview, "image"), (edge, 0, preview, "selection"))
