@@ -16,6 +16,10 @@ the cell's variants so drift on a shared machine hits all of them alike) of:
     ideal   the unpatched model with each reference cropped to the kept token count (the best a token
             dropper can do; at keep 1.0 it is the dense run);
     noref   the unpatched model without references (the ceiling of any reference speed-up).
+With ``--kv-cache`` (hosts with core's Flux KV Cache node, ComfyUI 0.30+), each cell also times a cached step
+(the cache filled by the warm-up call, as in every sampling step after the first):
+    kv_dense   core's Flux KV Cache on the dense model (cache only);
+    kv_sparse  Apply Sparse Context, then core's Flux KV Cache (drop + cache: only kept tokens are cached).
 Peak memory: CUDA ``max_memory_allocated``; CPU the process's resident high-water mark (VmHWM, reset
 through /proc/self/clear_refs) during one forward. ``act`` = that peak minus the memory before the call.
 """
@@ -204,6 +208,14 @@ class Bench:
             self._patched[keep] = apply_sparse_context(self.base, cfg)
         return self._patched[keep]
 
+    def core_cached(self, model):
+        """A fresh clone of ``model`` with core's Flux KV Cache (its cache starts empty), or None on older hosts."""
+        try:
+            from comfy_extras.nodes_flux import FluxKVCache
+        except ImportError:
+            return None
+        return FluxKVCache.execute(model).result[0]
+
     def call(self, model, refs: list) -> tuple[float, object]:
         """One timed forward; returns (seconds, the patch's last direct-run report or None)."""
         import torch
@@ -268,18 +280,25 @@ def run(args) -> dict:
           f"text {size.text_tokens}, target {size.grid}x{size.grid}, references {size.grid}x{size.grid} "
           f"({n_ref} tokens each); {device} {args.dtype}; warmup {args.warmup}, median of {args.repeats}", flush=True)
 
+    if args.kv_cache and bench.core_cached(bench.base) is None:
+        print("  --kv-cache: this ComfyUI has no Flux KV Cache node (0.30+); cache columns left out", flush=True)
     noref = measure_group(bench, {"noref": (bench.base, [])}, args.warmup, args.repeats)["noref"]
     print(f"  no references: {noref['s'] * 1000:.1f} ms", flush=True)
     records = []
     for r in refs_list:
         refs = bench.refs[:r]
         variants: dict[str, tuple] = {"dense": (bench.base, refs)}
+        kv = args.kv_cache and bench.core_cached(bench.base) is not None
+        if kv:  # fresh caches per cell: one per reference set
+            variants["kv_dense"] = (bench.core_cached(bench.base), refs)
         for keep in args.keeps:
             variants[f"sparse@{keep}"] = (bench.patched(keep), refs)
             k = kept_count(keep, n_ref)
             if k != n_ref:
                 variants[f"ideal@{keep}"] = (bench.base, [crop_to(x, k) for x in refs])
-        res = measure_group(bench, variants, args.warmup, args.repeats)
+            if kv:
+                variants[f"kv_sparse@{keep}"] = (bench.core_cached(bench.patched(keep)), refs)
+        res = measure_group(bench, variants, max(1, args.warmup), args.repeats)
         dense = res["dense"]
         for keep in args.keeps:
             sparse = res[f"sparse@{keep}"]
@@ -304,10 +323,16 @@ def run(args) -> dict:
                 "attention_work_ratio": report.get("attention_work_ratio"),
                 "times_s": {"dense": dense["all_s"], "sparse": sparse["all_s"], "ideal": ideal["all_s"]},
             }
+            if kv:
+                rec.update(kv_dense_s=res["kv_dense"]["s"], kv_sparse_s=res[f"kv_sparse@{keep}"]["s"],
+                           kv_dense_speedup=dense["s"] / res["kv_dense"]["s"],
+                           kv_sparse_speedup=dense["s"] / res[f"kv_sparse@{keep}"]["s"])
             records.append(rec)
             print(f"  refs {r} keep {keep:<4}: dense {rec['dense_s'] * 1000:8.1f} ms  sparse {rec['sparse_s'] * 1000:8.1f} ms"
                   f"  ideal {rec['ideal_s'] * 1000:8.1f} ms  speed-up {rec['speedup']:.2f}x"
-                  f"  sparse/ideal {rec['sparse_over_ideal']:.3f}", flush=True)
+                  f"  sparse/ideal {rec['sparse_over_ideal']:.3f}"
+                  + (f"  | core cache {rec['kv_dense_speedup']:.2f}x, drop + core cache {rec['kv_sparse_speedup']:.2f}x"
+                     if kv else ""), flush=True)
         if args.json:  # partial results survive a run cut short (e.g. a lent GPU's time limit)
             write_json(args.json, {"meta": dict(meta(args, size, device), partial=True), "records": records})
     return {"meta": meta(args, size, device), "records": records}
@@ -361,6 +386,20 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def kv_table(result: dict) -> str:
+    """Markdown table of the ``--kv-cache`` columns (per cached step), or "" without them."""
+    rows = [r for r in result["records"] if "kv_sparse_s" in r]
+    if not rows:
+        return ""
+    lines = ["| refs | keep | dense ms | drop only | core cache only | drop + core cache | no-ref ceiling |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['refs']} | {r['keep']} | {r['dense_s'] * 1000:.1f} | {r['speedup']:.2f}x "
+                     f"| {r['kv_dense_speedup']:.2f}x | {r['kv_sparse_speedup']:.2f}x "
+                     f"| {r['dense_s'] / r['noref_s']:.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -375,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=pathlib.Path, default=None, help="write the records here")
+    ap.add_argument("--kv-cache", action="store_true",
+                    help="also time core's Flux KV Cache alone and after the sparse patch (ComfyUI 0.30+)")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.config = args.config or ("small" if args.quick else "klein9b" if cuda else "mid")
@@ -396,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     result["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
     print()
     print(table(result))
+    if kv_table(result):
+        print("\nPer cached step (core Flux KV Cache), speed-up over dense:\n" + kv_table(result))
     print(f"\n(wall {result['meta']['wall_s']} s; {result['meta']['cpu']}"
           f"{'; ' + result['meta']['gpu'] if 'gpu' in result['meta'] else ''})")
     if args.json:

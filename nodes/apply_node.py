@@ -36,8 +36,10 @@ def format_report(report: dict | None, enabled: bool, seconds: float) -> str:
     kept = sum(r["kept"] for r in report["references"])
     total = sum(r["tokens"] for r in report["references"])
     share = 100.0 * kept / total if total else 100.0
+    cache = (" Reference keys/values cached by core's Flux KV Cache (computed in step 1, reused after)."
+             if report.get("kv_cache") else "")
     return (f"Kept {kept}/{total} reference tokens ({share:.0f}%): {refs}. Joint attention work "
-            f"{100 * report['attention_work_ratio']:.0f}% of dense. Sampling took {seconds:.2f} s.")
+            f"{100 * report['attention_work_ratio']:.0f}% of dense.{cache} Sampling took {seconds:.2f} s.")
 
 
 def _send_to_ui(text: str, node_id: str | None) -> None:
@@ -98,7 +100,9 @@ class SparseContextApply(SparseNode):
             description="Makes reference-image models (FLUX.1 Kontext, FLUX.2, Qwen-Image-Edit) faster: each "
                         "reference image keeps only a subset of its tokens, at their original positions. References "
                         "with a selection (Sparse Reference Latent / Bind Sparse Selections) use it; the others use "
-                        "`rule`. Reports kept tokens, attention work and sampling time on this node and in the log.",
+                        "`rule`. Reports kept tokens, attention work and sampling time on this node and in the log. "
+                        "Composes with core's Flux KV Cache (ComfyUI 0.30+) in either order: the cache then holds only "
+                        "the kept tokens, and the start/end window is ignored (the cache reuses step 1's references).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (FLUX.1 Kontext, FLUX.2 dev/klein or "
                                                 "Qwen-Image-Edit); other models run unchanged."),

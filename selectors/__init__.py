@@ -34,6 +34,7 @@ DEFAULT_COVERAGE: dict[str, float] = {
     "edge": 0.25,
     "saliency": 0.1,
     "mask": 0.5,
+    "attention": 0.1,  # the model's own attention is sharp: a small even floor keeps the layout
 }
 
 __all__ = [

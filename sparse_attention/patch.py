@@ -24,6 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -31,7 +32,7 @@ import torch
 from .config import SparseContextConfig
 from .run import ForwardKeep, SparseContextPatch, SparseRun, entry_binding, single_binding
 from .selection import BINDING_KEY, SelectionBinding
-from .token_math import latent_token_grid
+from .token_math import ReferencePlan, latent_token_grid, needs_attention
 
 log = logging.getLogger("SparseContext")
 
@@ -162,45 +163,51 @@ def _tokens(tensor: torch.Tensor | None, patch_size: int) -> int:
     return math.prod(latent_token_grid(tuple(tensor.shape), patch_size)) if tensor is not None else 0
 
 
+def core_reference_cache(transformer_options: dict) -> bool:
+    """Whether core's Flux KV Cache node (ComfyUI 0.30+) is active: an ``attn1_patch`` that stores the references'
+    keys/values of the first step and appends them in later steps (the references are trimmed from the input)."""
+    patches = transformer_options.get("patches", {}).get("attn1_patch", [])
+    return any(type(p).__name__ == "KV_Attn_Input" and type(p).__module__.endswith("nodes_flux") for p in patches)
+
+
+def _sparse_step(run: SparseRun, options: dict, core_cache: bool) -> bool:
+    """Whether this step thins references: inside the step window, or always with core's Flux KV Cache."""
+    if core_cache and run.sigma_window is not None:
+        if not run.warned_window:  # the cache keeps step 1's references: their token count cannot change mid-run
+            run.warned_window = True
+            log.warning("SparseContext: core's Flux KV Cache reuses the first step's reference keys/values, so the "
+                        "references stay sparse in every step (the start/end window is ignored).")
+        return True
+    return run.in_window(options)
+
+
 def sparse_apply_model_wrapper(executor, *args, **kwargs):
-    """APPLY_MODEL wrapper (outside any compiled module): what this forward keeps, as a forward kwarg."""
+    """APPLY_MODEL wrapper (outside any compiled module): what this forward keeps, as a forward kwarg.
+
+    Forwards whose steps differ (the reference cache, attention-guided selection) get no kwarg: the
+    DIFFUSION_MODEL wrapper plans them itself.
+    """
     named = _bind(executor.original, args, kwargs)
     refs = named.get("ref_latents")
-    patch, run = _run_for(named.get("transformer_options") or {})
-    if run is None or not refs:
-        return executor(*args, **kwargs)
-    x, context = named["x"], named.get("c_crossattn")
-    keep = run.forward_keep(refs, named.get(BINDING_KEY), patch.patch_size, x.device,
-                            named.get("transformer_options") or {},
-                            int(context.shape[1]) if context is not None else 0, _tokens(x, patch.patch_size))
+    options = named.get("transformer_options") or {}
+    patch, run = _run_for(options)
+    keep = None
+    if run is not None and refs and run.config.enabled:
+        binding = run.binding_for(named.get(BINDING_KEY), len(refs))
+        if run.needs_forward_planning(binding, len(refs)):
+            return executor(*args, **kwargs)
+        core_cache = core_reference_cache(options)
+        if _sparse_step(run, options, core_cache):
+            x, context = named["x"], named.get("c_crossattn")
+            keep = run.forward_keep(list(refs), binding, patch.patch_size, x.device,
+                                    int(context.shape[1]) if context is not None else 0, _tokens(x, patch.patch_size))
+            if core_cache and run.report is not None:
+                run.report["kv_cache"] = "core FluxKVCache"
     return executor(*args, **kwargs, **{KEEP_KEY: keep})
 
 
-def _plan_direct_call(subsetter: ReferenceSubsetter, args: tuple, kwargs: dict, refs) -> ForwardKeep | None:
-    """What a forward called directly (benchmarks, training; no apply_model) keeps."""
-    options = subsetter.argument(args, kwargs, "transformer_options") or {}
-    patch, run = _run_for(options)
-    if run is None or not refs:
-        return None
-    x, context = subsetter.argument(args, kwargs, "x"), subsetter.argument(args, kwargs, "context")
-    return run.forward_keep(list(refs), kwargs.get(BINDING_KEY), subsetter.patch_size, x.device, options,
-                            int(context.shape[1]) if context is not None else 0, _tokens(x, subsetter.patch_size))
-
-
-def sparse_forward_wrapper(executor, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper: hand the subsetter this forward's kept indices, then run the model.
-
-    Under torch.compile this is traced: in the sampling path it only moves tensors and constants around.
-    """
-    keep = kwargs.pop(KEEP_KEY, _UNPLANNED)
-    subsetter = getattr(executor.class_obj, "process_img", None)
-    if not isinstance(subsetter, ReferenceSubsetter):
-        return executor(*args, **kwargs)
-    refs = subsetter.argument(args, kwargs, "ref_latents")
-    if keep is _UNPLANNED:
-        keep = _plan_direct_call(subsetter, args, kwargs, refs)
-    if keep is None or not refs:
-        return executor(*args, **kwargs)
+def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict, refs, keep: ForwardKeep):
+    """Run the model with the subsetter keeping ``keep`` of ``refs``; warn once if a reference slipped past."""
     active = subsetter.active = _ActiveForward(list(refs), keep, subsetter.patch_size)
     try:
         out = executor(*args, **kwargs)
@@ -212,6 +219,77 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
         log.warning("SparseContext: reference(s) %s did not reach the model as expected (another patch or this "
                     "ComfyUI version changed them); they ran dense.", missed)
     return out
+
+
+def sparse_forward_wrapper(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: hand the subsetter this forward's kept indices, then run the model.
+
+    Under torch.compile this is traced: with the kwarg from the APPLY_MODEL wrapper it only moves tensors
+    and constants around.
+    """
+    keep = kwargs.pop(KEEP_KEY, _UNPLANNED)
+    subsetter = getattr(executor.class_obj, "process_img", None)
+    if not isinstance(subsetter, ReferenceSubsetter):
+        return executor(*args, **kwargs)
+    if keep is _UNPLANNED:
+        return _planned_forward(executor, subsetter, args, kwargs)
+    refs = subsetter.argument(args, kwargs, "ref_latents")
+    if keep is None or not refs:
+        return executor(*args, **kwargs)
+    return _run_keep(executor, subsetter, args, kwargs, refs, keep)
+
+
+def _planned_forward(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict):
+    """A forward planned in Python, here: direct calls (benchmarks, training: no apply_model), the reference
+    cache and attention-guided selection (their steps differ: fill, record, append, measure)."""
+    named = _bind(executor.original, args, kwargs)
+    refs = named.get("ref_latents")
+    options = named.get("transformer_options") or {}
+    _, run = _run_for(options)
+    if not refs or run is None or not run.config.enabled:
+        return executor(*args, **kwargs)
+    core_cache = core_reference_cache(options)
+    if not _sparse_step(run, options, core_cache):
+        return executor(*args, **kwargs)
+    refs = list(refs)
+    binding = run.binding_for(named.get(BINDING_KEY), len(refs))
+    x, context, patch_size = named["x"], named.get("context"), subsetter.patch_size
+    text, target = (int(context.shape[1]) if context is not None else 0), _tokens(x, patch_size)
+    if not run.needs_forward_planning(binding, len(refs)):
+        keep = run.forward_keep(refs, binding, patch_size, x.device, text, target)
+        if core_cache and run.report is not None:
+            run.report["kv_cache"] = "core FluxKVCache"
+        return executor(*args, **kwargs) if keep is None else _run_keep(executor, subsetter, args, kwargs, refs, keep)
+    if core_cache:
+        raise ValueError("SparseContext: core's Flux KV Cache and the pack's reference cache / attention rule "
+                         "cannot both be active; set Apply Sparse Context's cache to off and its rule to another "
+                         "one, or remove the Flux KV Cache node.")
+    _, plans = run.forward_plans(refs, binding, patch_size, text, target)
+    selections = run.selections(binding, len(refs))
+    cached = run.cached_run(patch_size)
+    out = cached.forward(executor, args, kwargs, named, refs, plans, needs_attention(selections, run.config),
+                         selections, run.config, _activator(subsetter))
+    final = cached.final_plans.get(cached._plan_key(refs))
+    if final is not None and run.report is not None and run.report.get("selected") is None:
+        run._record(final, run.report["text_tokens"], run.report["target_tokens"])
+        run.report["selected"] = "attention"
+    if run.report is not None:
+        run.report["cache"] = cached.report()
+    return out
+
+
+def _activator(subsetter: ReferenceSubsetter):
+    """``activate(refs, plans, indices)``: a context in which the subsetter keeps ``indices`` of ``refs``."""
+
+    @contextmanager
+    def activate(refs, plans: list[ReferencePlan], indices: list[torch.Tensor]):
+        subsetter.active = _ActiveForward(list(refs), tuple(indices), subsetter.patch_size)
+        try:
+            yield
+        finally:
+            subsetter.active = None
+
+    return activate
 
 
 def share_binding(conds: dict, binding: SelectionBinding) -> None:
@@ -239,6 +317,7 @@ def sparse_outer_sample_wrapper(executor, *args, **kwargs):
     if not isinstance(patch, SparseContextPatch):
         return executor(*args, **kwargs)
     run = patch.new_run(guider.model_patcher.get_model_object("model_sampling"))
+    run.model_key = (id(guider.model_patcher.model), str(getattr(guider.model_patcher, "patches_uuid", "")))
     conds = getattr(guider, "conds", None) or {}
     run.shared_binding = single_binding(conds)
     if run.shared_binding is not None:
@@ -297,7 +376,7 @@ def apply_sparse_context(model, config: SparseContextConfig):
 
     Models this pack does not support run dense, and the user is told once in the log.
     """
-    from comfy.patcher_extension import WrappersMP
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
 
     clone = model.clone()
     diffusion_model = clone.get_model_object("diffusion_model")
@@ -313,11 +392,15 @@ def apply_sparse_context(model, config: SparseContextConfig):
     patch_size = int(getattr(diffusion_model, "patch_size", 1))
     clone.add_object_patch("diffusion_model.process_img",
                            ReferenceSubsetter(original, patch_size, _positions(diffusion_model._forward)))
-    clone.model_options["transformer_options"][PATCH_KEY] = SparseContextPatch(config, patch_size)
+    patch = clone.model_options["transformer_options"][PATCH_KEY] = SparseContextPatch(config, patch_size)
     for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, sparse_outer_sample_wrapper),
                           (WrappersMP.PREPARE_SAMPLING, sparse_prepare_sampling_wrapper),
                           (WrappersMP.APPLY_MODEL, sparse_apply_model_wrapper),
                           (WrappersMP.DIFFUSION_MODEL, sparse_forward_wrapper)):
         clone.remove_wrappers_with_key(kind, WRAPPER_KEY)
         clone.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
+    # cached reference keys/values live on the model's device: dropped when ComfyUI unloads the model
+    detach = CallbacksMP.ON_DETACH
+    clone.remove_callbacks_with_key(detach, WRAPPER_KEY)
+    clone.add_callback_with_key(detach, WRAPPER_KEY, patch.store.on_detach)
     return clone

@@ -13,9 +13,18 @@ from typing import Any
 
 import torch
 
+from .cache_run import CachedRun
 from .config import SparseContextConfig
+from .reference_cache import CacheStore
 from .selection import BINDING_KEY, SelectionBinding
-from .token_math import ReferencePlan, attention_work_ratio, latent_token_grid, plan_references
+from .token_math import (
+    ReferencePlan,
+    attention_work_ratio,
+    keep_all,
+    latent_token_grid,
+    needs_attention,
+    plan_references,
+)
 
 log = logging.getLogger("SparseContext")
 
@@ -51,7 +60,10 @@ class SparseRun:
         self._keep: dict[tuple, ForwardKeep] = {}
         self._reported: set[tuple] = set()
         self.report: dict[str, Any] | None = None
-        self.warned_missed = False
+        self.warned_window = False
+        self.store: CacheStore | None = None  # the patch's cross-run store of reference keys/values
+        self.model_key: tuple = ("direct",)  # the weights' identity (model + weight patches), set per sampling run
+        self.cached: CachedRun | None = None
 
     def binding_for(self, binding: Any, n_refs: int) -> SelectionBinding | None:
         """The binding of a forward with ``n_refs`` references: its own, else the run's shared one cut to
@@ -83,8 +95,35 @@ class SparseRun:
                     f"conditioning has only {len(refs)} reference(s). Check the Sparse Reference Latent / "
                     "Bind Selections nodes."
                 )
-            selections = [binding.get(i) if binding is not None else None for i in range(len(refs))]
-            plans = self._plans[key] = plan_references([r[0] for r in refs], grids, selections, self.config)
+            selections = self.selections(binding, len(refs))
+            plans = plan_references([r[0] for r in refs], grids, selections, self.config)
+            # references chosen by the model's attention keep every token until it has been measured
+            plans = [keep_all(p) if a else p for p, a in zip(plans, needs_attention(selections, self.config),
+                                                               strict=True)]
+            self._plans[key] = plans
+        return key, plans
+
+    @staticmethod
+    def selections(binding: SelectionBinding | None, n_refs: int) -> list:
+        return [binding.get(i) if binding is not None else None for i in range(n_refs)]
+
+    def needs_forward_planning(self, binding: SelectionBinding | None, n_refs: int) -> bool:
+        """Whether the forward itself decides per step (the reference cache, attention-guided selection)."""
+        return self.config.cache != "off" or any(needs_attention(self.selections(binding, n_refs), self.config))
+
+    def cached_run(self, patch_size: int) -> CachedRun:
+        """The run's cache state (made on first use)."""
+        if self.cached is None:
+            self.cached = CachedRun(self.config.cache, self.store, self.model_key, patch_size)
+        return self.cached
+
+    def forward_plans(self, refs: list[torch.Tensor], binding: SelectionBinding | None, patch_size: int,
+                      text_tokens: int, target_tokens: int) -> tuple[tuple, list[ReferencePlan]]:
+        """``plans`` of a forward that runs them; the run's report names the first forward's."""
+        key, plans = self.plans(refs, patch_size, binding)
+        if key not in self._reported:
+            self._reported.add(key)
+            self._record(plans, text_tokens, target_tokens)
         return key, plans
 
     def prepare(self, conds: dict, patch_size: int, process_latent_in=None) -> None:
@@ -100,19 +139,14 @@ class SparseRun:
                     latents = [process_latent_in(r) for r in refs] if process_latent_in is not None else list(refs)
                     self.plans(latents, patch_size, self.binding_for(entry_binding(entry), len(refs)))
 
-    def forward_keep(self, refs: list[torch.Tensor] | None, binding: Any, patch_size: int, device: torch.device,
-                     transformer_options: dict, text_tokens: int, target_tokens: int) -> ForwardKeep | None:
+    def forward_keep(self, refs: list[torch.Tensor], binding: SelectionBinding | None, patch_size: int,
+                     device: torch.device, text_tokens: int, target_tokens: int) -> ForwardKeep | None:
         """What one forward keeps of each reference (see ``ForwardKeep``); None = run it unchanged."""
-        if not refs or not self.config.enabled or not self.in_window(transformer_options):
-            return None
-        key, plans = self.plans(list(refs), patch_size, self.binding_for(binding, len(refs)))
+        key, plans = self.forward_plans(list(refs), binding, patch_size, text_tokens, target_tokens)
         keep = self._keep.get((key, device))
         if keep is None:
             keep = tuple(None if p.kept == p.total else p.indices.to(device) for p in plans)
             self._keep[(key, device)] = keep
-        if key not in self._reported:
-            self._reported.add(key)
-            self._record(plans, text_tokens, target_tokens)
         return keep if any(k is not None for k in keep) else None
 
     def kept_tokens(self, refs: list[torch.Tensor], patch_size: int, binding: Any) -> list[tuple[int, int]]:
@@ -145,6 +179,7 @@ class SparseContextPatch:
         self.patch_size = patch_size  # the diffusion model's patchify size (token grids of latents)
         self.last_report: dict[str, Any] | None = None  # the latest sampling run's report (None: nothing thinned)
         self._direct: SparseRun | None = None
+        self.store = CacheStore(max_mib=config.cache_mib)  # reference_only keys/values, across runs
 
     def new_run(self, model_sampling=None) -> SparseRun:
         window = None
@@ -152,7 +187,9 @@ class SparseContextPatch:
         if model_sampling is not None and (c.start_percent > 0.0 or c.end_percent < 1.0):
             window = (float(model_sampling.percent_to_sigma(c.start_percent)),
                       float(model_sampling.percent_to_sigma(c.end_percent)))
-        return SparseRun(c, window)
+        run = SparseRun(c, window)
+        run.store = self.store
+        return run
 
     def direct_run(self) -> SparseRun:
         """The run used by forwards outside a sampling loop (benchmarks, training): persistent until

@@ -27,12 +27,15 @@ class ReferenceSelection:
         budget: how many tokens to keep; None = the model patch's own budget.
         rule: a short name for reports ("edge", "mask", ...).
         weight: share of a total budget split across references (relative).
+        attention: weight in [0, 1] of the attention the model itself gives each token (measured in the first
+            step that sees them all, see ``DEFAULT_RULES["attention"]``), mixed into ``scores``; 0 = scores only.
     """
 
     scores: torch.Tensor
     budget: Budget | None = None
     rule: str = "custom"
     weight: float = 1.0
+    attention: float = 0.0
     uid: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def __post_init__(self) -> None:
@@ -43,6 +46,8 @@ class ReferenceSelection:
             raise ValueError("scores: must be finite and >= 0")
         if not self.weight > 0:
             raise ValueError(f"weight: must be > 0, got {self.weight}")
+        if not 0.0 <= self.attention <= 1.0:
+            raise ValueError(f"attention: must be in [0, 1], got {self.attention}")
         object.__setattr__(self, "scores", s.detach().float().cpu())
 
     def __eq__(self, other: object) -> bool:  # identity of content, cheap (no tensor compare)

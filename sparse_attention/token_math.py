@@ -60,6 +60,8 @@ def default_scores(rule: str, latent: torch.Tensor, grid: tuple[int, int], seed:
         return random_scores(1, grid, seed)[0]
     if rule == "detail":
         return latent_detail_scores(latent, grid)
+    if rule == "attention":  # placeholder until the model measured its attention (every token is kept until then)
+        return grid_scores(grid)[0]
     raise ValueError(f"rule: unknown default rule {rule!r}")
 
 
@@ -146,6 +148,16 @@ def plan_references(
             for i, ((s, b, _, rule), k, grid) in enumerate(zip(inputs, counts, grids, strict=True))]
 
 
+def needs_attention(selections: list[ReferenceSelection | None], config: SparseContextConfig) -> list[bool]:
+    """Per reference: whether its tokens are chosen (partly) by the model's attention."""
+    return [(sel.attention > 0) if sel is not None else config.rule == "attention" for sel in selections]
+
+
+def keep_all(plan: ReferencePlan) -> ReferencePlan:
+    """A plan that keeps every token of the plan's reference (under the same rule name)."""
+    return ReferencePlan(plan.grid, torch.arange(plan.total), plan.rule)
+
+
 def attention_work_ratio(text_tokens: int, target_tokens: int, dense_refs: list[int], kept_refs: list[int]) -> float:
     """Sparse / dense joint-attention work, which grows with the squared sequence length."""
     dense = text_tokens + target_tokens + sum(dense_refs)
@@ -159,8 +171,10 @@ __all__ = [
     "attention_work_ratio",
     "bucket_round",
     "default_scores",
+    "keep_all",
     "latent_detail_scores",
     "latent_token_grid",
+    "needs_attention",
     "pick_reference",
     "plan_references",
     "plan_selection",

@@ -6,7 +6,7 @@ import pytest
 import sc_testpack
 import torch
 from sc_harness.forward import forward_inputs, run_forward
-from sc_harness.oracle import AttentionProbe
+from sc_harness.oracle import AttentionProbe, joint_keep
 from sc_harness.sampling import sample, with_references
 from sparse_context.selectors import Budget
 from sparse_context.sparse_attention import (
@@ -32,15 +32,6 @@ def _config(ratio: float, rule: str = "random", **kw) -> SparseContextConfig:
     return SparseContextConfig(budget=Budget(mode="ratio", ratio=ratio), rule=rule, bucket=kw.pop("bucket", 1), **kw)
 
 
-def _joint_keep(text: int, target: int, plans) -> torch.Tensor:
-    parts = [torch.ones(text + target, dtype=torch.bool)]
-    for p in plans:
-        keep = torch.zeros(p.total, dtype=torch.bool)
-        keep[p.indices] = True
-        parts.append(keep)
-    return torch.cat(parts)
-
-
 def _sizes(family: str) -> tuple[tuple[int, int], list[tuple[int, int]]]:
     d = sc_testpack.SPECS[family].downscale * (2 if family != "flux2_klein" else 1)  # pixels per token
     return (8 * d, 6 * d), [(6 * d, 6 * d), (4 * d, 7 * d)]
@@ -64,7 +55,7 @@ def test_subset_equals_masked_dense_oracle_and_attention_is_shorter(family, meth
     assert all(0 < p.kept < p.total for p in plans), [(p.kept, p.total) for p in plans]
     assert set(probe.lengths) == {kept_total}, (probe.lengths, kept_total, dense_total)
 
-    oracle = AttentionProbe(_joint_keep(text, n_target, plans))
+    oracle = AttentionProbe(joint_keep(text, n_target, plans))
     fwd = run_forward(base, inputs, probe=oracle, ids_probe=True, **extra)
     out_oracle, dense_ids = fwd.out, fwd.ids
     assert set(oracle.lengths) == {dense_total}
@@ -75,7 +66,7 @@ def test_subset_equals_masked_dense_oracle_and_attention_is_shorter(family, meth
     assert gap > 100 * max(err, 1e-7), f"dropping tokens should change the output (gap {gap}, err {err})"
 
     # the kept tokens carry exactly the ids the dense model gives them
-    keep = _joint_keep(text, n_target, plans)
+    keep = joint_keep(text, n_target, plans)
     assert torch.equal(sparse_ids[0], dense_ids[0][:, keep]), "kept tokens lost their original position ids"
 
 
@@ -105,7 +96,7 @@ def test_references_of_different_sizes_batch_two(n_refs):
     fwd = run_forward(sparse, inputs, probe=probe)
     out, plans = fwd.out, fwd.plans
     assert len(plans) == n_refs and [p.grid for p in plans] == [((h // 8 + 1) // 2, (w // 8 + 1) // 2) for w, h in refs]
-    oracle = AttentionProbe(_joint_keep(8, 16, plans))
+    oracle = AttentionProbe(joint_keep(8, 16, plans))
     expected = run_forward(base, inputs, probe=oracle).out
     assert out.shape == inputs["x"].shape
     assert (out - expected).abs().max().item() < 1e-5

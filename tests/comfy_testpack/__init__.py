@@ -9,7 +9,7 @@ import torch
 from comfy_api.latest import ComfyExtension, io
 
 from .demo_nodes import DEMO_NODES
-from .tiny_models import FAMILIES, SPECS, build_model_patcher, make_conditioning, make_latent
+from .tiny_models import FAMILIES, SPECS, VARIANTS, build_model_patcher, make_conditioning, make_latent
 
 _FAMILY = io.Combo.Input("family", options=sorted(FAMILIES), tooltip="Tiny model family.")
 _SEED = io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed.")
@@ -92,4 +92,4 @@ async def comfy_entrypoint() -> TinyTestExtension:
     return TinyTestExtension()
 
 
-__all__ = ["FAMILIES", "SPECS", "build_model_patcher", "make_conditioning", "make_latent", "comfy_entrypoint"]
+__all__ = ["FAMILIES", "SPECS", "VARIANTS", "build_model_patcher", "make_conditioning", "make_latent", "comfy_entrypoint"]

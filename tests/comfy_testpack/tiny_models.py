@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .host_config import config_for_sizes
+from .host_config import checkpoint_keys, host_model_config
 
 # Families: the SIZES of each tiny model (hidden size 32-64, one or two blocks, rope axes summing to the head
 # dimension) and the checkpoint keys they imply. Everything structural (rope theta, modulation, biases, the
@@ -53,8 +53,18 @@ SPECS = {
 }
 
 
+#: Checkpoint variants that a host's detection tells apart by a marker key: name -> (family, marker key).
+#: Qwen-Image-Edit-2511 modulates its references at t=0 (``index_timestep_zero``; ComfyUI 0.10+).
+VARIANTS: dict[str, tuple[str, str]] = {"qwen_image_edit_2511": ("qwen_image_edit", "__index_timestep_zero__")}
+
+
 def _model_config(family: str):
-    return config_for_sizes(dict(FAMILIES[family]))
+    base, marker = VARIANTS.get(family, (family, None))
+    sizes = dict(FAMILIES[base])
+    keys = checkpoint_keys(sizes["image_model"], sizes)
+    if marker is not None:
+        keys[marker] = torch.empty(0, device="meta")
+    return host_model_config(keys, sizes)
 
 
 @torch.no_grad()
@@ -75,8 +85,8 @@ def build_model_patcher(family: str, seed: int = 0, dtype: torch.dtype = torch.f
     """A ComfyUI ``ModelPatcher`` around a tiny real model of ``family``, on the CPU."""
     import comfy.model_patcher
 
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny model family {family!r}; choose from {sorted(FAMILIES)}")
+    if family not in FAMILIES and family not in VARIANTS:
+        raise ValueError(f"unknown tiny model family {family!r}; choose from {sorted(FAMILIES) + sorted(VARIANTS)}")
     config = _model_config(family)
     model = config.get_model({}, "")
     init_weights(model.diffusion_model, seed)

@@ -5,18 +5,34 @@ from __future__ import annotations
 import torch
 
 
+def joint_keep(text: int, target: int, plans) -> torch.Tensor:
+    """(L,) bool over the joint [text, target, references] order: True for text, target and kept reference tokens."""
+    parts = [torch.ones(text + target, dtype=torch.bool)]
+    for p in plans:
+        keep = torch.zeros(p.total, dtype=torch.bool)
+        keep[p.indices] = True
+        parts.append(keep)
+    return torch.cat(parts)
+
+
 class AttentionProbe:
-    """``transformer_options["optimized_attention_override"]``: records every joint sequence length and,
-    with ``key_keep`` (a (L,) bool over the joint [text, target, references] order), hides the other
-    keys with an additive -inf mask: the dense forward with dropped tokens masked out as keys."""
+    """``transformer_options["optimized_attention_override"]``: records every joint sequence length (and the
+    reference token counts the model recorded) and, with ``key_keep`` (a (L,) bool over the joint [text, target,
+    references] order), hides the other keys with an additive -inf mask: the dense forward with dropped tokens
+    masked out as keys."""
 
     def __init__(self, key_keep: torch.Tensor | None = None):
         self.key_keep = key_keep
-        self.lengths: list[int] = []
+        self.lengths: list[int] = []  # keys per attention call
+        self.query_lengths: list[int] = []
+        self.reference_counts: list = []  # transformer_options["reference_image_num_tokens"] where the host records it
 
     def __call__(self, func, *args, **kwargs):
         q, k, v, heads = args[:4]
-        self.lengths.append(int(k.shape[2] if kwargs.get("skip_reshape") else k.shape[1]))
+        seq = 2 if kwargs.get("skip_reshape") else 1
+        self.lengths.append(int(k.shape[seq]))
+        self.query_lengths.append(int(q.shape[seq]))
+        self.reference_counts.append((kwargs.get("transformer_options") or {}).get("reference_image_num_tokens"))
         if self.key_keep is None:
             return func(*args, **kwargs)
         mask = args[4] if len(args) > 4 else kwargs.pop("mask", None)
