@@ -85,7 +85,7 @@ class ReferenceSubsetter:
         position = active.position_of(x)
         if position is None:
             return out
-        idx = active.keep[position]
+        idx = active.indices[position]
         if idx is None:
             return out
         tokens, ids = out[0], out[1]
@@ -107,7 +107,7 @@ class _ActiveForward:
 
     def __init__(self, refs: list[torch.Tensor], keep: ForwardKeep, patch_size: int):
         self.refs = refs[:len(keep)]
-        self.keep = keep
+        self.indices = keep
         self.totals = [math.prod(latent_token_grid(tuple(r.shape), patch_size)) for r in self.refs]
         self._calls = 0
         self.thinned: set[int] = set()
