@@ -16,6 +16,12 @@ the cell's variants so drift on a shared machine hits all of them alike) of:
     ideal   the unpatched model with each reference cropped to the kept token count (the best a token
             dropper can do; at keep 1.0 it is the dense run);
     noref   the unpatched model without references (the ceiling of any reference speed-up).
+With ``--cache``, each cell also times the pack's reference cache on top of dropping (``cache`` modes
+reference_only and first_step): ``cache_first_s`` = the first call of a run (reference_only: the fill forward of
+the kept references + a cached step; first_step: a sparse step that records), ``cache_sparse_s`` = every later
+(cached) step, ``cache_mib`` = the cached keys/values, and whole runs of 4 and 28 steps against dense
+(``run4_speedup``, ``run28_speedup``: first call + the cached steps). Top-level fields are reference_only's;
+``first_step`` holds the same fields for that mode.
 With ``--kv-cache`` (hosts with core's Flux KV Cache node, ComfyUI 0.30+), each cell also times a cached step
 (the cache filled by the warm-up call, as in every sampling step after the first):
     kv_dense   core's Flux KV Cache on the dense model (cache only);
@@ -216,6 +222,32 @@ class Bench:
             return None
         return FluxKVCache.execute(model).result[0]
 
+    def cached(self, keep: float, mode: str):
+        """A fresh model with the pack's reference cache in ``mode`` (its own empty store and run)."""
+        from sparse_context.selectors import Budget
+        from sparse_context.sparse_attention import SparseContextConfig, apply_sparse_context
+
+        cfg = SparseContextConfig(budget=Budget(mode="ratio", ratio=keep), rule="grid", bucket=1, cache=mode)
+        return apply_sparse_context(self.base, cfg)
+
+    def cache_cell(self, keep: float, mode: str, refs: list, repeats: int) -> dict:
+        """(first call, median cached step, cache MiB) of ``mode``: each repeat starts a fresh run and store."""
+        from sparse_context.sparse_attention import PATCH_KEY
+
+        model = self.cached(keep, mode)
+        patch = model.model_options["transformer_options"][PATCH_KEY]
+        first, steady, report = [], [], {}
+        for _ in range(repeats + 1):  # the first repeat warms up
+            patch.reset_direct_run()
+            patch.store.clear()
+            first.append(self.call(model, refs)[0])
+            for _ in range(2):
+                seconds, report = self.call(model, refs)
+                steady.append(seconds)
+        cache = (report or {}).get("cache", {})
+        return {"first_s": statistics.median(first[1:]), "step_s": statistics.median(steady[2:]),
+                "mib": cache.get("mib"), "report": report}
+
     def call(self, model, refs: list) -> tuple[float, object]:
         """One timed forward; returns (seconds, the patch's last direct-run report or None)."""
         import torch
@@ -323,6 +355,17 @@ def run(args) -> dict:
                 "attention_work_ratio": report.get("attention_work_ratio"),
                 "times_s": {"dense": dense["all_s"], "sparse": sparse["all_s"], "ideal": ideal["all_s"]},
             }
+            if args.cache:
+                for mode in ("reference_only", "first_step"):
+                    c = bench.cache_cell(keep, mode, refs, args.repeats)
+                    fields = {"cache_first_s": c["first_s"], "cache_sparse_s": c["step_s"], "cache_mib": c["mib"],
+                              "cache_speedup": dense["s"] / c["step_s"],
+                              "run4_speedup": 4 * dense["s"] / (c["first_s"] + 3 * c["step_s"]),
+                              "run28_speedup": 28 * dense["s"] / (c["first_s"] + 27 * c["step_s"])}
+                    if mode == "reference_only":
+                        rec.update(fields)
+                    else:
+                        rec["first_step"] = fields
             if kv:
                 rec.update(kv_dense_s=res["kv_dense"]["s"], kv_sparse_s=res[f"kv_sparse@{keep}"]["s"],
                            kv_dense_speedup=dense["s"] / res["kv_dense"]["s"],
@@ -331,6 +374,8 @@ def run(args) -> dict:
             print(f"  refs {r} keep {keep:<4}: dense {rec['dense_s'] * 1000:8.1f} ms  sparse {rec['sparse_s'] * 1000:8.1f} ms"
                   f"  ideal {rec['ideal_s'] * 1000:8.1f} ms  speed-up {rec['speedup']:.2f}x"
                   f"  sparse/ideal {rec['sparse_over_ideal']:.3f}"
+                  + (f"  | drop + cache {rec['cache_speedup']:.2f}x/step, 28 steps {rec['run28_speedup']:.2f}x"
+                     if args.cache else "")
                   + (f"  | core cache {rec['kv_dense_speedup']:.2f}x, drop + core cache {rec['kv_sparse_speedup']:.2f}x"
                      if kv else ""), flush=True)
         if args.json:  # partial results survive a run cut short (e.g. a lent GPU's time limit)
@@ -386,6 +431,23 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def cache_table(result: dict) -> str:
+    """Markdown table of the ``--cache`` columns (speed-ups over dense), or "" without them."""
+    rows = [r for r in result["records"] if "cache_sparse_s" in r]
+    if not rows:
+        return ""
+    lines = ["| refs | keep | drop only | ideal drop | drop + cache, per step (reference_only / first_step) "
+             "| 4-step run | 28-step run | no-ref ceiling | cache MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["first_step"]
+        lines.append(f"| {r['refs']} | {r['keep']} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
+                     f"| {r['cache_speedup']:.2f}x / {f['cache_speedup']:.2f}x "
+                     f"| {r['run4_speedup']:.2f}x / {f['run4_speedup']:.2f}x "
+                     f"| {r['run28_speedup']:.2f}x / {f['run28_speedup']:.2f}x | {r['dense_s'] / r['noref_s']:.2f}x "
+                     f"| {r['cache_mib']:.1f} |")
+    return "\n".join(lines)
+
+
 def kv_table(result: dict) -> str:
     """Markdown table of the ``--kv-cache`` columns (per cached step), or "" without them."""
     rows = [r for r in result["records"] if "kv_sparse_s" in r]
@@ -414,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=pathlib.Path, default=None, help="write the records here")
+    ap.add_argument("--cache", action="store_true",
+                    help="also time the pack's reference cache (reference_only and first_step) on top of dropping")
     ap.add_argument("--kv-cache", action="store_true",
                     help="also time core's Flux KV Cache alone and after the sparse patch (ComfyUI 0.30+)")
     args = ap.parse_args(argv)
@@ -437,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
     result["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)
     print()
     print(table(result))
+    if cache_table(result):
+        print("\nReference cache (speed-up over dense):\n" + cache_table(result))
     if kv_table(result):
         print("\nPer cached step (core Flux KV Cache), speed-up over dense:\n" + kv_table(result))
     print(f"\n(wall {result['meta']['wall_s']} s; {result['meta']['cpu']}"

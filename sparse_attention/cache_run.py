@@ -191,9 +191,12 @@ class CachedRun:
         assembled_key = (tuple(uuids), rows)
         cached = self._assembled.get(assembled_key)
         if cached is None:
-            blocks = self.entries[uuids[0]].blocks.keys()
-            cached = {b: tuple(torch.cat([self.entries[u].blocks[b][j].expand(rows, -1, -1, -1) for u in uuids])
-                               for j in (0, 1)) for b in blocks}
+            entries = [self.entries[u] for u in uuids]
+            if all(e is entries[0] for e in entries):  # one entry for the whole batch: broadcast, no copy
+                cached = entries[0].blocks
+            else:
+                cached = {b: tuple(torch.cat([e.blocks[b][j].expand(rows, -1, -1, -1) for e in entries])
+                                   for j in (0, 1)) for b in entries[0].blocks}
             self._assembled[assembled_key] = cached
         empty = [self._empty_index(refs[0].device) for _ in refs]
         plans = [ReferencePlan(latent_token_grid(tuple(r.shape), self.patch_size), e, "cached")
@@ -201,6 +204,8 @@ class CachedRun:
         if measure:
             ov.target = self._target(named)
             ov.mass = torch.zeros(sum(self.entries[uuids[0]].counts), device=refs[0].device)
+        if ov.cached is not cached:
+            ov._buffers = {}
         ov.previous, ov.mode, ov.cached = options.get(OVERRIDE), "append", cached
         options[OVERRIDE] = ov
         try:

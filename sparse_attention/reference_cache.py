@@ -125,7 +125,7 @@ class CacheAttention:
     - ``mode="record"``: store the last ``tail`` keys/values of each block (the reference tokens) in
       ``recorded``; with ``hide_front`` every other key is masked out, so the references attend only to
       references (the fill forward of ``reference_only``).
-    - ``mode="append"``: append ``cached[block]`` to each block's keys/values.
+    - ``mode="append"``: append ``cached[block]`` to each block's keys/values (in a buffer per block and shape).
     - ``mass`` (a per-token tensor or None): accumulate the attention that a sample of the target's queries
       (positions ``target`` = (start, stop) of the queries) gives each of the last ``mass.numel()`` keys.
     - ``mode=None``: pass through.
@@ -141,6 +141,7 @@ class CacheAttention:
         self.cached: dict = {}
         self.mass: torch.Tensor | None = None
         self.target: tuple[int, int] = (0, 0)
+        self._buffers: dict = {}
 
     def __call__(self, func, *args, **kwargs):
         q, k, v, heads = args[:4]
@@ -160,8 +161,7 @@ class CacheAttention:
         elif self.mode == "append":
             ck, cv = self.cached[block]
             n = ck.shape[2]
-            k = torch.cat((k, ck.expand(k.shape[0], -1, -1, -1)), dim=2)
-            v = torch.cat((v, cv.expand(v.shape[0], -1, -1, -1)), dim=2)
+            k, v = self._buffered(block, k, v, ck, cv)
             mask = _extend_mask(mask, n)
         if self.mass is not None:
             self.mass += reference_attention_mass(q, k, self.target, self.mass.numel(), mask)
@@ -169,6 +169,23 @@ class CacheAttention:
         if self.previous is not None:
             return call(func, q, k, v, heads, mask=mask, **kwargs)
         return call(q, k, v, heads, mask=mask, **kwargs)
+
+    def _buffered(self, block, k, v, ck, cv):
+        """Keys/values written into per-block buffers that already hold the cached part: per step only the text
+        and target rows are copied. Concatenating the cache into new tensors instead is slower (a fresh allocation in
+        every block of every step; ``benchmarks/bench_cache_layout.py``)."""
+        key = (block, tuple(k.shape))
+        buf = self._buffers.get(key)
+        if buf is None:
+            n = ck.shape[2]
+            shape = (k.shape[0], k.shape[1], k.shape[2] + n, k.shape[3])
+            buf = (k.new_empty(shape), v.new_empty(shape))
+            buf[0][:, :, k.shape[2]:] = ck  # (1 or B rows) broadcast over the batch
+            buf[1][:, :, k.shape[2]:] = cv
+            self._buffers[key] = buf
+        buf[0][:, :, :k.shape[2]].copy_(k)
+        buf[1][:, :, :k.shape[2]].copy_(v)
+        return buf
 
     # ComfyUI may move patch objects with the model
     def to(self, device):

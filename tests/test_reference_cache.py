@@ -29,11 +29,12 @@ def _pixels_per_token(family: str) -> int:
     return sc_testpack.SPECS[family].downscale * (1 if family == "flux2_klein" else 2)
 
 
-def _case(family: str, ref_seed: int = 20):
+def _case(family: str, ref_seed: int = 20, method: str | None = None):
+    family = sc_testpack.VARIANTS.get(family, (family,))[0]
     d = _pixels_per_token(family)
     refs = [sc_testpack.make_latent(family, ref_seed + i, w * d, h * d) for i, (w, h) in enumerate([(6, 6), (4, 5)])]
-    positive = with_references(sc_testpack.make_conditioning(family, 1), refs)
-    negative = with_references(sc_testpack.make_conditioning(family, 2), refs)
+    positive = with_references(sc_testpack.make_conditioning(family, 1), refs, method)
+    negative = with_references(sc_testpack.make_conditioning(family, 2), refs, method)
     empty = torch.zeros_like(sc_testpack.make_latent(family, 0, 8 * d, 6 * d))
     grids = [(6, 6), (5, 4)]
     return positive, negative, empty, grids
@@ -250,3 +251,25 @@ def test_attention_rule_picks_the_top_tokens_of_the_measured_attention_plus_the_
         expected = pick_tokens(scores, k, coverage=DEFAULT_COVERAGE["attention"], seed=4 + 104729 * r)
         for later in seen[1:]:
             assert torch.equal(later[r].cpu(), expected), (r, later[r], expected)
+
+
+def _has_t0(family: str) -> bool:
+    base = sc_testpack.VARIANTS.get(family, (family,))[0]
+    model = sc_testpack.build_model_patcher(base).model.diffusion_model
+    return "index_timestep_zero" in inspect.getsource(type(model)._forward)
+
+
+@pytest.mark.parametrize(("family", "method"), [("flux2_klein", "index_timestep_zero"), ("qwen_image_edit_2511", None)])
+@pytest.mark.parametrize("mode", ["first_step", "reference_only"])
+def test_cache_modes_with_references_at_timestep_zero_equal_their_oracles(family, method, mode):
+    """Newer hosts modulate references at t=0 (FLUX.2 on 0.30, Qwen-Image-Edit-2511 on 0.10+): cached steps then
+    have no reference tokens at all, and the t=0 slice is empty."""
+    if not _has_t0(family):
+        pytest.skip(f"this ComfyUI's {family} has no index_timestep_zero path")
+    base = sc_testpack.build_model_patcher(family, seed=6)
+    case = _case(family, method=method)
+    config = _config(0.4, mode)
+    out = _sample(apply_sparse_context(base, config), case)
+    expected = _oracle_run(base, case, mode, _plans(case, config))
+    err = (out - expected).abs().max().item()
+    assert err < 2e-5, f"{mode} with t=0 references differs from its oracle by {err}"
