@@ -8,7 +8,12 @@ import torch
 from sc_harness.forward import forward_inputs, run_forward
 from sc_harness.sampling import sample, with_references
 from sparse_context.selectors import Budget
-from sparse_context.sparse_attention import ReferenceSelection, SelectionBinding, SparseContextConfig, apply_sparse_context
+from sparse_context.sparse_attention import (
+    ReferenceSelection,
+    SelectionBinding,
+    SparseContextConfig,
+    apply_sparse_context,
+)
 
 FAMILY = "flux1_kontext"
 

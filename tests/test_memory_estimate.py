@@ -7,6 +7,7 @@ The estimate is the one core makes before loading the model (``comfy.sampler_hel
 from __future__ import annotations
 
 import comfy.patcher_extension
+import comfy.sampler_helpers
 import sc_testpack
 import torch
 from sc_harness.sampling import sample, with_references
@@ -18,8 +19,6 @@ FAMILY = "flux1_kontext"
 
 def _estimate(model, positive: list, negative: list) -> float:
     """Core's memory estimate (bytes) of a real sampling run of ``model``."""
-    import comfy.sampler_helpers
-
     records = []
 
     def record(executor, patcher, noise_shape, conds, *args, **kwargs):
