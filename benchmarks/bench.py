@@ -494,51 +494,46 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cache_table(result: dict) -> str:
-    """Markdown table of the ``--cache`` columns (speed-ups over dense), or "" without them."""
-    rows = [r for r in result["records"] if "cache_sparse_s" in r]
+def _table(result: dict, field: str, header: str, row) -> str:
+    """A markdown table with one ``row(record)`` per record that has ``field``, or "" when none has it."""
+    rows = [r for r in result["records"] if field in r]
     if not rows:
         return ""
-    lines = ["| refs | keep | drop only | ideal drop | drop + cache, per step (reference_only / first_step) "
-             "| 4-step run | 28-step run | no-ref ceiling | cache MiB |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    return "\n".join([header, "|" + "---|" * (header.count("|") - 1)] + [row(r) for r in rows])
+
+
+def cache_table(result: dict) -> str:
+    """Markdown table of the ``--cache`` columns (speed-ups over dense), or "" without them."""
+    def row(r: dict) -> str:
         f = r["first_step"]
-        lines.append(f"| {r['refs']} | {r['keep']} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
-                     f"| {r['cache_speedup']:.2f}x / {f['cache_speedup']:.2f}x "
-                     f"| {r['run4_speedup']:.2f}x / {f['run4_speedup']:.2f}x "
-                     f"| {r['run28_speedup']:.2f}x / {f['run28_speedup']:.2f}x | {r['dense_s'] / r['noref_s']:.2f}x "
-                     f"| {r['cache_mib']:.1f} |")
-    return "\n".join(lines)
+        return (f"| {r['refs']} | {r['keep']} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
+                f"| {r['cache_speedup']:.2f}x / {f['cache_speedup']:.2f}x "
+                f"| {r['run4_speedup']:.2f}x / {f['run4_speedup']:.2f}x "
+                f"| {r['run28_speedup']:.2f}x / {f['run28_speedup']:.2f}x | {r['dense_s'] / r['noref_s']:.2f}x "
+                f"| {r['cache_mib']:.1f} |")
+
+    return _table(result, "cache_sparse_s", "| refs | keep | drop only | ideal drop | drop + cache, per step "
+                  "(reference_only / first_step) | 4-step run | 28-step run | no-ref ceiling | cache MiB |", row)
 
 
 def kv_table(result: dict) -> str:
     """Markdown table of the ``--kv-cache`` columns (per cached step), or "" without them."""
-    rows = [r for r in result["records"] if "kv_sparse_s" in r]
-    if not rows:
-        return ""
-    lines = ["| refs | keep | dense ms | drop only | core cache only | drop + core cache | no-ref ceiling |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['refs']} | {r['keep']} | {r['dense_s'] * 1000:.1f} | {r['speedup']:.2f}x "
-                     f"| {r['kv_dense_speedup']:.2f}x | {r['kv_sparse_speedup']:.2f}x "
-                     f"| {r['dense_s'] / r['noref_s']:.2f}x |")
-    return "\n".join(lines)
+    return _table(result, "kv_sparse_s",
+                  "| refs | keep | dense ms | drop only | core cache only | drop + core cache | no-ref ceiling |",
+                  lambda r: f"| {r['refs']} | {r['keep']} | {r['dense_s'] * 1000:.1f} | {r['speedup']:.2f}x "
+                            f"| {r['kv_dense_speedup']:.2f}x | {r['kv_sparse_speedup']:.2f}x "
+                            f"| {r['dense_s'] / r['noref_s']:.2f}x |")
 
 
 def compile_table(result: dict) -> str:
     """Markdown table of the ``--compile`` columns, or "" without them."""
-    rows = [r for r in result["records"] if "compiled_sparse_s" in r]
-    if not rows:
-        return ""
-    lines = ["| refs | keep | eager speed-up | compiled dense ms | compiled sparse ms | compiled speed-up "
-             "| first call s (dense / sparse) | graphs / breaks (sparse) |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        first = r["compile_first_call_s"]
-        lines.append(f"| {r['refs']} | {r['keep']} | {r['speedup']:.2f}x | {r['compiled_dense_s'] * 1000:.1f} "
-                     f"| {r['compiled_sparse_s'] * 1000:.1f} | {r['compiled_speedup']:.2f}x "
-                     f"| {first['dense']:.1f} / {first['sparse']:.1f} "
-                     f"| {r['compile_graphs']['sparse']} / {r['compile_graph_breaks']['sparse']} |")
-    return "\n".join(lines)
+    return _table(result, "compiled_sparse_s",
+                  "| refs | keep | eager speed-up | compiled dense ms | compiled sparse ms | compiled speed-up "
+                  "| first call s (dense / sparse) | graphs / breaks (sparse) |",
+                  lambda r: f"| {r['refs']} | {r['keep']} | {r['speedup']:.2f}x | {r['compiled_dense_s'] * 1000:.1f} "
+                            f"| {r['compiled_sparse_s'] * 1000:.1f} | {r['compiled_speedup']:.2f}x "
+                            f"| {r['compile_first_call_s']['dense']:.1f} / {r['compile_first_call_s']['sparse']:.1f} "
+                            f"| {r['compile_graphs']['sparse']} / {r['compile_graph_breaks']['sparse']} |")
 
 
 def main(argv: list[str] | None = None) -> int:
