@@ -15,6 +15,7 @@ from comfy_api.latest import io
 
 from ..selectors import Budget
 from ..sparse_attention import (
+    CACHE_MODES,
     DEFAULT_RULES,
     RUN_KEY,
     SparseContextConfig,
@@ -38,6 +39,11 @@ def format_report(report: dict | None, enabled: bool, seconds: float) -> str:
     share = 100.0 * kept / total if total else 100.0
     cache = (" Reference keys/values cached by core's Flux KV Cache (computed in step 1, reused after)."
              if report.get("kv_cache") else "")
+    own = report.get("cache")
+    if own and own.get("mode") != "off":
+        hits = f"{own['hits']} hit(s), {own['misses']} miss(es)" if own["mode"] == "reference_only" else (
+            f"{own['misses']} entr{'y' if own['misses'] == 1 else 'ies'} recorded in the first step")
+        cache += f" Reference cache ({own['mode']}): {hits}, {own['mib']:.1f} MiB."
     return (f"Kept {kept}/{total} reference tokens ({share:.0f}%): {refs}. Joint attention work "
             f"{100 * report['attention_work_ratio']:.0f}% of dense.{cache} Sampling took {seconds:.2f} s.")
 
@@ -101,8 +107,9 @@ class SparseContextApply(SparseNode):
                         "reference image keeps only a subset of its tokens, at their original positions. References "
                         "with a selection (Sparse Reference Latent / Bind Sparse Selections) use it; the others use "
                         "`rule`. Reports kept tokens, attention work and sampling time on this node and in the log. "
-                        "Composes with core's Flux KV Cache (ComfyUI 0.30+) in either order: the cache then holds only "
-                        "the kept tokens, and the start/end window is ignored (the cache reuses step 1's references).",
+                        "With `cache` the kept references' keys/values are computed once. Composes with core's Flux KV "
+                        "Cache (ComfyUI 0.30+) in either order (with cache off): it then holds only the kept tokens, "
+                        "and the start/end window is ignored (that cache reuses step 1's references).",
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (FLUX.1 Kontext, FLUX.2 dev/klein or "
                                                 "Qwen-Image-Edit); other models run unchanged."),
@@ -111,7 +118,9 @@ class SparseContextApply(SparseNode):
                                        "reference's selection says otherwise. 0.2-0.3 keeps layout and most detail."),
                 io.Combo.Input("rule", options=list(DEFAULT_RULES), default="grid",
                                tooltip="Rule for references without their own selection: grid = even coverage, "
-                                       "detail = latent structure, random = seeded subset."),
+                                       "detail = latent structure, random = seeded subset, attention = the tokens "
+                                       "the model itself attends to most (measured in the first step, which then "
+                                       "sees every token)."),
                 io.Int.Input("total_tokens", default=0, min=0, max=262144, step=64,
                              tooltip="0 = each reference has its own budget. > 0 = one budget shared by all "
                                      "references of a step, split by score mass and weight."),
@@ -127,8 +136,18 @@ class SparseContextApply(SparseNode):
                              tooltip="Seed of the random rule and of tie-breaking between equal scores."),
                 io.Boolean.Input("enabled", default=True,
                                  tooltip="Off = dense references (the model is unchanged); handy for A/B tests."),
+                io.Combo.Input("cache", options=list(CACHE_MODES), default="off", optional=True,
+                               tooltip="Reference cache: the kept reference tokens' keys/values are computed once and "
+                                       "later steps run only the target and text. reference_only = once per run (and "
+                                       "reused across runs), references attending only to references at t=0: exact "
+                                       "for models trained that way (FLUX.2 [klein] 9B-KV), an approximation for "
+                                       "others. first_step = taken from the first step, as core's Flux KV Cache does, "
+                                       "for cond and uncond separately. off = recomputed every step."),
                 SparseBudget.Input("budget", optional=True,
                                    tooltip="Optional Sparse Budget; replaces keep_ratio as the default budget."),
+                io.Float.Input("cache_mib", default=4096.0, min=0.0, max=1048576.0, step=256.0, optional=True,
+                               tooltip="reference_only: most MiB of cached keys/values kept across runs (least "
+                                       "recently used first out; freed when ComfyUI unloads the model)."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -136,16 +155,18 @@ class SparseContextApply(SparseNode):
 
     @classmethod
     def execute(cls, model, keep_ratio: float, rule: str, total_tokens: int, bucket: int, start_percent: float,
-                end_percent: float, seed: int, enabled: bool, budget=None) -> io.NodeOutput:
+                end_percent: float, seed: int, enabled: bool, cache: str = "off", budget=None,
+                cache_mib: float = 4096.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         if budget is not None and not isinstance(budget, Budget):
             raise fail(cls.NAME, f"budget: expected a SPARSE_BUDGET from a Sparse Budget node, got {type(budget).__name__}")
         if start_percent > end_percent:
             raise fail(cls.NAME, f"start_percent: must be <= end_percent, got {start_percent} > {end_percent}")
-        with user_errors(cls.NAME):
+        with user_errors(cls.NAME, {"ratio": "keep_ratio"}):
             config = SparseContextConfig(
                 budget=budget if budget is not None else Budget(mode="ratio", ratio=keep_ratio),
                 rule=rule, total_tokens=total_tokens or None, bucket=bucket, start_percent=start_percent,
-                end_percent=end_percent, seed=seed, enabled=enabled,
+                end_percent=end_percent, seed=seed, enabled=enabled, cache=cache, cache_mib=cache_mib,
             )
             patched = apply_sparse_context(model, config)
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)

@@ -46,7 +46,8 @@ class SparseContextBudget(SparseNode):
     @classmethod
     def execute(cls, mode: str, keep_ratio: float, token_count: int, mass: float, min_ratio: float, max_ratio: float,
                 coverage: float) -> io.NodeOutput:
-        with user_errors(cls.NAME):
+        cls.check_inputs(locals())
+        with user_errors(cls.NAME, {"ratio": "keep_ratio", "count": "token_count"}):
             kind = AutoCoverageBudget if coverage < 0 else Budget
             return io.NodeOutput(kind(mode=mode, ratio=keep_ratio, count=token_count, mass=mass, min_ratio=min_ratio,
                                       max_ratio=max_ratio, coverage=max(0.0, coverage)))

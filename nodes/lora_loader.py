@@ -1,9 +1,10 @@
 """Load Sparse Context LoRA: a drop-robust LoRA from the ``loras`` folder, applied by core's LoRA code.
 
-The file is read only as safetensors (``comfy.utils.load_torch_file(..., safe_load=True)`` after its header
-was checked); pickle-based files are refused unread. The LoRA's metadata (base model family, training
-drop ratios, recommended keep ratio) is shown on the node, and the recommended keep ratio is an output
-that can drive Apply Sparse Context's ``keep_ratio``.
+The file is read only as safetensors (``.safetensors`` / ``.sft``, with ``comfy.utils.load_torch_file(...,
+safe_load=True)`` after its header was checked); pickle-based files are refused unread, and so are files with
+NaN/inf weights or an out-of-range recommended keep ratio (``training.lora_file.load_lora_file``). The LoRA's
+metadata (base model family, training drop ratios, recommended keep ratio) is shown on the node, and the
+recommended keep ratio is an output that can drive Apply Sparse Context's ``keep_ratio``.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class SparseContextLoraLoader(SparseNode):
                 io.Model.Input("model", tooltip="The base diffusion model (FLUX.1 Kontext, FLUX.2 or Qwen-Image-Edit)."),
                 io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
                                tooltip="A LoRA file from the loras folder (trained LoRAs land in output/loras, "
-                                       "which ComfyUI also lists). Only .safetensors files are loaded."),
+                                       "which ComfyUI also lists). Only safetensors files (.safetensors, .sft) are loaded."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="How strongly the LoRA modifies the model (1.0 = as trained)."),
             ],
@@ -53,6 +54,7 @@ class SparseContextLoraLoader(SparseNode):
 
     @classmethod
     def execute(cls, model, lora_name: str, strength: float) -> io.NodeOutput:
+        cls.check_inputs(locals())
         path = folder_paths.get_full_path("loras", lora_name)
         if path is None:
             raise fail(cls.NAME, f"lora_name: {lora_name!r} is not in the loras folder")

@@ -88,11 +88,12 @@ class SparseContextPreview(SparseNode):
     @classmethod
     def execute(cls, image, selection, bucket: int, reference: int = 1, seed: int = 0, keep_ratio: float = 0.25,
                 budget=None) -> io.NodeOutput:
+        cls.check_inputs(locals())
         if not hasattr(selection, "scores"):
             raise fail(cls.NAME, f"selection: expected a SPARSE_SELECTION, got {type(selection).__name__}")
         if budget is not None and not isinstance(budget, Budget):
             raise fail(cls.NAME, f"budget: expected a SPARSE_BUDGET, got {type(budget).__name__}")
-        with user_errors(cls.NAME):
+        with user_errors(cls.NAME, {"ratio": "keep_ratio"}):
             img = first_item(image, cls.NAME)
             if img.ndim != 4:
                 raise fail(cls.NAME, f"image: expected an IMAGE (B, H, W, C), got shape {tuple(img.shape)}")

@@ -71,6 +71,7 @@ class SparseContextEdgeSelector(SparseNode):
     @classmethod
     def execute(cls, image, low_threshold: float, high_threshold: float, spread: int, budget=None,
                 weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         with user_errors(cls.NAME):
             scores = edge_scores(first_item(image, cls.NAME), STRIDE, low_threshold, high_threshold, spread=spread)
             return _selection(scores[0], budget, "edge", weight)
@@ -97,6 +98,7 @@ class SparseContextSaliencySelector(SparseNode):
 
     @classmethod
     def execute(cls, image, blur_tokens: float, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         with user_errors(cls.NAME):
             scores = saliency_scores(first_item(image, cls.NAME), STRIDE, blur_tokens=blur_tokens)
             return _selection(scores[0], budget, "saliency", weight)
@@ -133,9 +135,12 @@ class SparseContextMaskSelector(SparseNode):
     @classmethod
     def execute(cls, mask, inside: float, outside: float, dilate_tokens: int, feather_tokens: int, budget=None,
                 weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         with user_errors(cls.NAME):
             m = first_item(mask, cls.NAME, "mask")
-            if isinstance(m, torch.Tensor) and not bool((m > 0).any()):
+            if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+                raise fail(cls.NAME, "mask: contains NaN or infinite values; expected values in [0, 1]")
+            if not bool((m > 0).any()):
                 raise fail(cls.NAME, "mask: is empty (all zeros). Paint a mask on the reference (Load Image: right "
                                      "click > Open in MaskEditor) or use another selector.")
             scores = mask_scores(m, stride=STRIDE, inside=inside, outside=outside, dilate_tokens=dilate_tokens,
@@ -170,6 +175,7 @@ class SparseContextRandomSelector(SparseNode):
 
     @classmethod
     def execute(cls, image, seed: int, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         with user_errors(cls.NAME):
             return _selection(random_scores(1, _grid_of(image, cls.NAME), seed)[0], budget, "random", weight)
 
@@ -189,6 +195,7 @@ class SparseContextGridSelector(SparseNode):
 
     @classmethod
     def execute(cls, image, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         with user_errors(cls.NAME):
             return _selection(grid_scores(_grid_of(image, cls.NAME))[0], budget, "grid", weight)
 
@@ -224,18 +231,61 @@ class SparseContextCombineSelections(SparseNode):
     @classmethod
     def execute(cls, selection_a, selection_b, weight_a: float, weight_b: float, weight_c: float, weight_d: float,
                 mode: str, selection_c=None, selection_d=None, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
         picked = [(n, s, w) for n, s, w in (("selection_a", selection_a, weight_a), ("selection_b", selection_b, weight_b),
                                               ("selection_c", selection_c, weight_c), ("selection_d", selection_d, weight_d))
                   if s is not None]
         for name, s, _ in picked:
             if not isinstance(s, ReferenceSelection):
                 raise fail(cls.NAME, f"{name}: expected a SPARSE_SELECTION, got {type(s).__name__}")
+        if not any(w > 0 for _, _, w in picked):
+            names = "/".join(f"weight_{n[-1]}" for n, _, _ in picked)
+            raise fail(cls.NAME, f"{names}: all 0 for the connected selections; give at least one a weight above 0")
         with user_errors(cls.NAME):
             scores = combine_scores([s.scores for _, s, _ in picked], [w for _, _, w in picked], mode)
             rule = "+".join(dict.fromkeys(s.rule for _, s, _ in picked))
             chosen = budget if budget is not None else selection_a.budget
             return io.NodeOutput(ReferenceSelection(scores=scores[0], budget=budget_for(chosen, rule.split("+")[0]),
-                                                    rule=rule, weight=weight))
+                                                    rule=rule, weight=weight,
+                                                    attention=max(s.attention for _, s, _ in picked)))
+
+
+class SparseContextAttentionSelector(SparseNode):
+    NAME = "Sparse Attention Selector"
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SparseContextAttentionSelector", display_name=cls.NAME, category=CATEGORY,
+            description="Lets the model choose: keeps the reference tokens its target attends to most (measured in the "
+                        "first step, which runs every token of this reference; ReCAST-style), plus a small even "
+                        "coverage floor. Optionally mixed with another selection's scores. Training-free and model-"
+                        "aware; combines with the reference cache (Apply Sparse Context: cache).",
+            inputs=[
+                io.Float.Input("attention", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Share of the model's measured attention in the scores; the rest comes from "
+                                       "the connected selection (1 = attention only)."),
+                SparseSelection.Input("selection", optional=True,
+                                      tooltip="Optional selection of the same reference (e.g. Edge) whose scores are "
+                                              "mixed with the measured attention."),
+                budget_input(), weight_input(),
+            ],
+            outputs=[SparseSelection.Output(display_name="selection")],
+        )
+
+    @classmethod
+    def execute(cls, attention: float, selection=None, budget=None, weight: float = 1.0) -> io.NodeOutput:
+        cls.check_inputs(locals())
+        if selection is not None and not isinstance(selection, ReferenceSelection):
+            raise fail(cls.NAME, f"selection: expected a SPARSE_SELECTION, got {type(selection).__name__}")
+        if selection is None:
+            scores, rule, chosen = torch.ones(1, 1), "attention", budget
+        else:
+            scores, rule = selection.scores, f"{selection.rule}+attention"
+            chosen = budget if budget is not None else selection.budget
+        with user_errors(cls.NAME):
+            return io.NodeOutput(ReferenceSelection(scores=scores, budget=budget_for(chosen, "attention"), rule=rule,
+                                                    weight=weight, attention=attention))
 
 
 SELECTOR_NODES: list[type[io.ComfyNode]] = [
@@ -245,4 +295,5 @@ SELECTOR_NODES: list[type[io.ComfyNode]] = [
     SparseContextRandomSelector,
     SparseContextGridSelector,
     SparseContextCombineSelections,
+    SparseContextAttentionSelector,
 ]

@@ -8,6 +8,7 @@ the recommended keep ratio and a loss curve. For long runs use ``scripts/train_l
 
 from __future__ import annotations
 
+import math
 import os
 
 import comfy.utils
@@ -27,7 +28,7 @@ from ..training import (
     save_example,
 )
 from ..training.plot import loss_curve_image
-from .common import SparseNode, fail, user_errors
+from .common import SparseNode, fail, prefix_problem, user_errors
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -36,16 +37,43 @@ def _first(value):
     return value[0] if isinstance(value, list) else value
 
 
+def _loras_dir() -> str:
+    return os.path.join(folder_paths.get_output_directory(), "loras")
+
+
+def _latent_channels(model) -> int | None:
+    fmt = getattr(getattr(model, "model", None), "latent_format", None)
+    return getattr(fmt, "latent_channels", None)
+
+
+def example_names(latent_input: str) -> dict[str, str]:
+    """``TrainingExample``'s field names -> the node inputs they come from."""
+    names = {"target": latent_input, "context": "conditioning", "pooled": "conditioning", "guidance": "conditioning"}
+    return names | {f"ref_{i}": "conditioning" for i in range(64)}
+
+
 def _pair_examples(node: str, latents: list, conditionings: list) -> list:
     """Examples from lists of LATENTs and CONDITIONINGs: pairwise, or one conditioning for all latents."""
     if len(conditionings) not in (1, len(latents)):
         raise fail(node, f"conditioning: {len(conditionings)} conditionings for {len(latents)} latents; give one "
                          "conditioning, or one per latent")
     examples = []
-    with user_errors(node):
+    with user_errors(node, example_names("latents")):
         for i, latent in enumerate(latents):
             examples += examples_from_comfy(latent, conditionings[i if len(conditionings) > 1 else 0])
     return examples
+
+
+def _check_trained(node: str, trainer: LoraTrainer, params: dict) -> None:
+    """A LoRA with NaN/inf weights would make every image NaN: say why and save nothing."""
+    bad_step = next((i + 1 for i, loss in enumerate(trainer.losses) if not math.isfinite(loss)), None)
+    if bad_step is not None:
+        raise fail(node, f"learning_rate: training diverged (the loss became NaN or inf at step {bad_step}); nothing "
+                         f"was saved. Lower learning_rate (now {params['learning_rate']:g}).")
+    weights = trainer.lora_state_dict(SAVE_DTYPES[params["save_dtype"]]).values()
+    if not all(bool(torch.isfinite(w).all()) for w in weights if w.is_floating_point()):
+        raise fail(node, f"save_dtype: the trained weights do not fit in {params['save_dtype']} (they would be saved "
+                         "as inf); nothing was saved. Use bf16 or fp32, or lower learning_rate.")
 
 
 class SparseContextTrainLora(SparseNode):
@@ -98,6 +126,12 @@ class SparseContextTrainLora(SparseNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None) -> bool | str:
+        """Queue time: the output path (the one input core cannot check; see nodes/common.py)."""
+        problem = prefix_problem(_first(filename_prefix), _loras_dir(), "LoRA")
+        return f"{cls.NAME}: {problem}" if problem else True
+
+    @classmethod
     def execute(cls, model, latents, conditioning, steps, learning_rate, rank, alpha, targets, keep_min, keep_max,
                 dense_share, recommended_keep_ratio, seed, save_dtype, filename_prefix) -> io.NodeOutput:
         model = _first(model)
@@ -105,13 +139,22 @@ class SparseContextTrainLora(SparseNode):
             steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, targets=targets, keep_min=keep_min,
             keep_max=keep_max, dense_share=dense_share, recommended_keep_ratio=recommended_keep_ratio, seed=seed,
             save_dtype=save_dtype, filename_prefix=filename_prefix).items()}
-        problem = cls.validate_inputs(**params)
-        if problem is not True:
-            raise fail(cls.NAME, problem.split(": ", 1)[1])
+        # The whole configuration, the output path and the dtype are checked before the first step.
+        cls.check_inputs(params)
         if params["keep_min"] > params["keep_max"]:
             raise fail(cls.NAME, f"keep_min: {params['keep_min']} is above keep_max {params['keep_max']}")
+        loras_dir = _loras_dir()
+        problem = prefix_problem(params["filename_prefix"], loras_dir, "LoRA")
+        if problem:
+            raise fail(cls.NAME, problem)
         examples = _pair_examples(cls.NAME, list(latents), list(conditioning))
-        with user_errors(cls.NAME):
+        channels = _latent_channels(model)
+        for i, example in enumerate(examples):
+            got = int(example.target.shape[1])
+            if channels is not None and got != channels:
+                raise fail(cls.NAME, f"latents: example {i + 1} has {got} latent channels, but the model takes "
+                                     f"{channels}; encode the targets with this model's VAE")
+        with user_errors(cls.NAME, {"low/high": "keep_min/keep_max"}):
             trainer = LoraTrainer(
                 model, LoraConfig(rank=int(params["rank"]), alpha=float(params["alpha"]), targets=params["targets"]),
                 TrainConfig(steps=int(params["steps"]), learning_rate=float(params["learning_rate"]),
@@ -120,8 +163,8 @@ class SparseContextTrainLora(SparseNode):
                             seed=int(params["seed"]), recommended_keep_ratio=float(params["recommended_keep_ratio"])))
         bar = comfy.utils.ProgressBar(int(params["steps"]))
         trainer.fit(examples, callback=lambda step, loss: bar.update_absolute(step))
+        _check_trained(cls.NAME, trainer, params)
 
-        loras_dir = os.path.join(folder_paths.get_output_directory(), "loras")
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(params["filename_prefix"], loras_dir)
         name = f"{filename}_{counter:05}_.safetensors"
         path = trainer.save(os.path.join(folder, name), dtype=SAVE_DTYPES[params["save_dtype"]])
@@ -158,15 +201,27 @@ class SparseContextSaveTrainingExample(SparseNode):
         )
 
     @classmethod
+    def validate_inputs(cls, filename_prefix=None) -> bool | str:
+        """Queue time: the output path (the one input core cannot check; see nodes/common.py)."""
+        problem = prefix_problem(filename_prefix, folder_paths.get_output_directory(), "training examples")
+        return f"{cls.NAME}: {problem}" if problem else True
+
+    @classmethod
     def execute(cls, latent, conditioning, filename_prefix: str, prompt: str = "") -> io.NodeOutput:
-        with user_errors(cls.NAME):
-            examples = examples_from_comfy(latent, conditioning)
         out_dir = folder_paths.get_output_directory()
+        problem = prefix_problem(filename_prefix, out_dir, "training examples")
+        if problem:
+            raise fail(cls.NAME, problem)
+        if not isinstance(latent, dict) or not isinstance(latent.get("samples"), torch.Tensor):
+            raise fail(cls.NAME, f"latent: expected a LATENT, got {type(latent).__name__}")
+        with user_errors(cls.NAME, example_names("latent")):
+            examples = examples_from_comfy(latent, conditioning)
         folder, filename, counter, _, _ = folder_paths.get_save_image_path(filename_prefix, out_dir)
         paths = []
         for i, example in enumerate(examples):
             path = os.path.join(folder, f"{filename}_{counter + i:05}_.safetensors")
-            save_example(path, example, prompt=prompt or None)
+            # own copies: a target also wired as a reference shares its memory, which safetensors refuses
+            save_example(path, example.detached(), prompt=prompt or None)
             paths.append(path)
         text = "\n".join(paths)
         return io.NodeOutput(text, ui={"text": (text,)})

@@ -22,6 +22,20 @@ from .edges import to_gray
 from .tokens import token_canvas, token_grid_shape
 
 
+def gaussian_blur(x: torch.Tensor, sigma_px: float, reach: float) -> torch.Tensor:
+    """Gaussian blur of (B, C, H, W) with mirrored borders; the odd kernel covers +-``reach`` sigma.
+
+    Mirroring needs a kernel no wider than ``2 * side - 1``, so on small or thin maps the kernel is
+    clamped per axis to that (a blur wider than the map then acts as a truncated Gaussian; a side of
+    one pixel is not blurred along).
+    """
+    k = 2 * int(reach * sigma_px + 0.5) + 1
+    kh, kw = min(k, 2 * x.shape[-2] - 1), min(k, 2 * x.shape[-1] - 1)
+    if sigma_px <= 0 or kh == kw == 1:
+        return x
+    return kornia.filters.gaussian_blur2d(x, (kh, kw), (sigma_px, sigma_px), border_type="reflect")
+
+
 def spectral_residual(gray: torch.Tensor, blur_px: float) -> torch.Tensor:
     """Spectral-residual saliency of (B, 1, H, W) grey -> (B, 1, H, W) >= 0, max 1 per item.
 
@@ -37,9 +51,7 @@ def spectral_residual(gray: torch.Tensor, blur_px: float) -> torch.Tensor:
     smooth = F.avg_pool2d(F.pad(log_amp, (1, 1, 1, 1), mode="circular"), 3, stride=1)
     resid = torch.exp(torch.complex(log_amp - smooth, torch.angle(spec)))
     sal = torch.fft.ifft2(resid).abs().square()[..., :h, :w].float()
-    if blur_px > 0:
-        k = 2 * int(3 * blur_px + 0.5) + 1
-        sal = kornia.filters.gaussian_blur2d(sal, (k, k), (blur_px, blur_px), border_type="reflect")
+    sal = gaussian_blur(sal, blur_px, 3.0)
     peak = sal.amax(dim=(-2, -1), keepdim=True)
     # A flat picture has no residual worth keeping (its map is numerical noise): report zeros.
     flat = gray.flatten(1).std(1).view(-1, 1, 1, 1) < 1e-6
@@ -49,9 +61,7 @@ def spectral_residual(gray: torch.Tensor, blur_px: float) -> torch.Tensor:
 def colour_contrast(rgb: torch.Tensor, blur_px: float) -> torch.Tensor:
     """Frequency-tuned saliency of (B, 3, H, W) RGB in [0, 1] -> (B, 1, H, W) >= 0, max 1 per item."""
     lab = kornia.color.rgb_to_lab(rgb.clamp(0, 1))
-    if blur_px > 0:
-        k = 2 * int(2 * blur_px + 0.5) + 1
-        lab = kornia.filters.gaussian_blur2d(lab, (k, k), (blur_px, blur_px), border_type="reflect")
+    lab = gaussian_blur(lab, blur_px, 2.0)
     dist = (lab - lab.mean(dim=(-2, -1), keepdim=True)).square().sum(1, keepdim=True).sqrt()
     peak = dist.amax(dim=(-2, -1), keepdim=True)
     return torch.where(peak > 1e-6, dist / peak.clamp_min(1e-6), torch.zeros_like(dist))
@@ -68,7 +78,8 @@ def saliency_scores(
         stride: pixels per token.
         work_size: the saliency is computed with the longer token-grid side at about this many
             pixels (Hou & Zhang work at 64 px; the method is scale-dependent, coarser = bigger blobs).
-        blur_tokens: Gaussian smoothing sigma, in tokens.
+        blur_tokens: Gaussian smoothing sigma, in tokens (any value >= 0 works on any picture size:
+            on a map smaller than the blur the kernel is clamped, see ``gaussian_blur``).
         contrast_weight: share of colour contrast in the mix (0 = spectral residual only).
 
     Returns:

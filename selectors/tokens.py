@@ -19,16 +19,17 @@ def token_grid_shape(height: int, width: int, stride: int = 16) -> tuple[int, in
     ``= ((H // (stride // 2)) + 1) // 2`` (same for the width). 1024 px -> 64 tokens; 1000 px -> 63
     (the last token row covers 8 real pixels plus padding).
 
-    Raises ``ValueError`` if a side is shorter than ``stride // 2`` pixels (no token at all).
+    A side shorter than ``stride // 2`` px (the VAE would crop it away) counts as one token, so any
+    picture of at least 1 x 1 px has a grid and the selectors score it (``token_canvas`` pads it).
+
+    Raises ``ValueError`` if a side is not an int >= 1.
     """
     stride = check_stride(stride)
     half = stride // 2
     for name, v in (("height", height), ("width", width)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < half:
-            raise ValueError(
-                f"{name}: expected an int >= {half} px (stride // 2) to give at least one token, got {v!r}"
-            )
-    return ((height // half) + 1) // 2, ((width // half) + 1) // 2
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}: expected a picture side of at least 1 px, got {v!r}")
+    return max(1, ((height // half) + 1) // 2), max(1, ((width // half) + 1) // 2)
 
 
 def resize_scores(scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -62,13 +63,13 @@ def resize_scores(scores: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 def token_canvas(x: torch.Tensor, grid: tuple[int, int], stride: int, px_per_token: int | None) -> torch.Tensor:
     """Lay a (B, C, H, W) picture onto the model's token grid at ``px_per_token`` pixels per token.
 
-    Mirrors the model: crop to a multiple of ``stride // 2`` (VAE), pad bottom/right to a whole
-    token (replicate, so the padding adds no edges), then area-resize so each token is exactly
-    ``p x p`` pixels. Returns (B, C, h_tok * p, w_tok * p).
+    Mirrors the model: crop to a multiple of ``stride // 2`` (VAE; a side shorter than that is kept
+    whole), pad bottom/right to a whole token (replicate, so the padding adds no edges), then
+    area-resize so each token is exactly ``p x p`` pixels. Returns (B, C, h_tok * p, w_tok * p).
     """
     h, w = grid
     half = stride // 2
-    H, W = (x.shape[-2] // half) * half, (x.shape[-1] // half) * half
+    H, W = ((side // half) * half or side for side in x.shape[-2:])
     x = x[..., :H, :W]
     pad_h, pad_w = h * stride - H, w * stride - W
     if pad_h or pad_w:

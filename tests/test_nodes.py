@@ -233,8 +233,6 @@ def test_preview_shows_kept_tokens_brighter(photo, tmp_path, monkeypatch):
          r"^Sparse Edge Selector: low_threshold: .*<= high_threshold"),
         (lambda p: SparseContextEdgeSelector.execute(torch.rand(1, 4, 64, 64), 0.1, 0.2, 1, None, 1.0),
          r"^Sparse Edge Selector: image: expected a ComfyUI IMAGE"),
-        (lambda p: SparseContextGridSelector.execute(torch.rand(1, 4, 4, 3), None, 1.0),
-         r"^Sparse Grid Selector: height: expected an int >= 8"),
         (lambda p: _budget(mode="adaptive", min_ratio=0.6, max_ratio=0.5),
          r"^Sparse Budget: min_ratio: must be <= max_ratio"),
         (lambda p: SparseContextApply.execute(sc_testpack.build_model_patcher("flux1_kontext", 1), 0.25, "grid", 0,
@@ -245,8 +243,7 @@ def test_preview_shows_kept_tokens_brighter(photo, tmp_path, monkeypatch):
         (lambda p: SparseContextReferenceLatent.execute(_cond(), None, _out(SparseContextGridSelector.execute(p, None, 1.0))),
          r"^Sparse Reference Latent: selection: is connected but latent is not"),
     ],
-    ids=["empty-mask", "mask-0-255", "inside-eq-outside", "canny-order", "not-an-image", "tiny-image",
-         "budget-min-max", "apply-window", "preview-wiring", "ref-latent-missing"],
+    ids=["empty-mask", "mask-0-255", "inside-eq-outside", "canny-order", "not-an-image", "budget-min-max", "apply-window", "preview-wiring", "ref-latent-missing"],
 )
 def test_bad_inputs_give_clear_messages(photo, call, pattern):
     with pytest.raises(SparseContextInputError, match=pattern):
@@ -338,15 +335,3 @@ def test_server_reports_bad_values_by_node_and_input_and_keeps_running(server):
     log = server.log(400)
     assert "SparseContext: kept reference tokens #1 16/64 (mask)" in log, log
     assert "SparseContext (node 8): Kept 16/64 reference tokens" in log, log
-
-
-@pytest.mark.server
-def test_server_refuses_out_of_range_widget_values_and_names_the_input(server):
-    from sc_harness.server import PromptFailed
-
-    graph = _graph({"class_type": "SolidMask", "inputs": {"value": 1.0, "width": 128, "height": 128}})
-    graph["8"]["inputs"]["keep_ratio"] = 1.5
-    del graph["11"], graph["12"]  # every output depends on the bad node, so ComfyUI refuses the whole prompt
-    with pytest.raises(PromptFailed, match=r"Apply Sparse Context: keep_ratio: 1.5 is above its maximum 1.0"):
-        server.submit(graph)
-    assert server.proc.poll() is None

@@ -216,7 +216,8 @@ class _MassOracle:
         self.done = False
 
     def __call__(self, func, q, k, v, heads, *rest, **kwargs):
-        if not self.done and k.shape[2] == q.shape[2] == self.text + self.target + self.n_refs:
+        if not self.done:
+            assert k.shape[2] == q.shape[2] == self.text + self.target + self.n_refs, (k.shape, self.n_refs)
             logits = q[:, :, self.text:self.text + self.target] @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
             self.mass += logits.softmax(-1)[..., -self.n_refs:].sum(dim=(0, 1, 2))
         return func(q, k, v, heads, *rest, **kwargs)
@@ -273,3 +274,42 @@ def test_cache_modes_with_references_at_timestep_zero_equal_their_oracles(family
     expected = _oracle_run(base, case, mode, _plans(case, config))
     err = (out - expected).abs().max().item()
     assert err < 2e-5, f"{mode} with t=0 references differs from its oracle by {err}"
+
+
+def test_attention_selector_node_mixes_measured_attention_with_another_selection():
+    import comfy.conds
+    from sparse_context.nodes.selector_nodes import SparseContextAttentionSelector, SparseContextEdgeSelector
+    from sparse_context.selectors import normalize_scores, pick_tokens
+    from sparse_context.sparse_attention import BINDING_KEY, ReferenceSelection, SelectionBinding
+    from sparse_context.sparse_attention.token_math import selection_budget
+
+    family = "flux1_kontext"
+    base = sc_testpack.build_model_patcher(family, seed=6)
+    positive, negative, empty, grids = _case(family)
+    picture = torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(3))
+    edge = SparseContextEdgeSelector.execute(picture, 0.1, 0.2, 1).args[0]
+    mixed = SparseContextAttentionSelector.execute(0.5, selection=edge).args[0]
+    assert mixed.attention == 0.5 and mixed.rule == "edge+attention"
+    binding = SelectionBinding().with_selection(0, mixed)
+    positive = [[positive[0][0], dict(positive[0][1], model_conds={BINDING_KEY: comfy.conds.CONDConstant(binding)})]]
+    model = apply_sparse_context(base, _config(0.3, "off"))
+    h, w = grids[0]
+    kept_second = round(0.3 * grids[1][0] * grids[1][1])  # the unbound reference: the random rule, as usual
+    oracle = _MassOracle(8, 8 * 6, h * w + kept_second)
+    model.model_options["transformer_options"]["optimized_attention_override"] = oracle
+    seen = []
+
+    def kept_indices(executor, *args, **kwargs):
+        seen.append([i.clone() for i in executor.class_obj.process_img.active.indices])
+        oracle.done = oracle.done or len(seen) > 1
+        return executor(*args, **kwargs)
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "zz_probe", kept_indices)
+    sample(model, positive, negative, empty, steps=3, cfg=1.0, seed=1)
+    own = torch.nn.functional.interpolate(edge.scores[None, None], size=(h, w), mode="area")[0, 0]
+    measured = normalize_scores(oracle.mass[:h * w].view(1, h, w))[0]
+    scores = 0.5 * normalize_scores(own[None])[0] + 0.5 * measured
+    # the measured map is a selection of rule "attention": its floor (the edge map's own floor no longer applies)
+    budget = selection_budget(ReferenceSelection(scores, rule="attention"), _config(0.3, "off").budget)
+    expected = pick_tokens(scores, budget.token_count(scores, h * w), coverage=budget.coverage, seed=4)
+    assert len(seen[0][0]) == h * w and torch.equal(seen[-1][0].cpu(), expected)

@@ -6,13 +6,16 @@ qwen_image), ``architecture`` (JSON sizes), ``rank``, ``alpha``, ``targets`` (JS
 ``keep_ratio_distribution`` (JSON), ``recommended_keep_ratio``, ``steps``, ``pack_version``; plus
 ``modelspec.title`` for tools that list LoRAs.
 
-Loading reads safetensors only (``comfy.utils.load_torch_file(path, safe_load=True)``); pickle-based
-files are refused before anything in them is read.
+Loading reads safetensors only (``comfy.utils.load_torch_file(path, safe_load=True)``; ``.safetensors`` or
+``.sft``, the suffixes core reads as safetensors); pickle-based files are refused before anything in them is
+read. A file whose weights hold NaN or inf, or whose metadata recommends a keep ratio outside (0, 1], is
+refused at load, naming the file and the first bad key: applied, it would make every image NaN (black).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,7 @@ import torch
 
 NS = "sparse_context."
 FORMAT_VERSION = "1"
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # what comfy.utils.load_torch_file reads as safetensors
 
 
 def pack_version() -> str:
@@ -115,9 +119,10 @@ def read_header(path: str | Path) -> dict[str, str]:
 
 
 def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], LoraMetadata]:
-    """Tensors and metadata of a LoRA file. Only ``.safetensors`` is accepted; nothing is unpickled."""
+    """Tensors and metadata of a LoRA file: safetensors only (nothing is unpickled), finite weights, and
+    metadata in range; otherwise ``ValueError`` naming the file (and the first bad key)."""
     path = Path(path)
-    if path.suffix.lower() != ".safetensors":
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
         raise ValueError(f"{path.name} is not a .safetensors file; Sparse Context LoRAs are safetensors and "
                          "pickle-based files (.pt, .ckpt, .bin) are not loaded")
     header = read_header(path)  # validates the header before any tensor is read
@@ -127,7 +132,16 @@ def load_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], LoraMetad
         sd = comfy.utils.load_torch_file(str(path), safe_load=True)
     except Exception as err:
         raise ValueError(f"{path.name} could not be read as safetensors ({err})") from err
-    return sd, LoraMetadata.from_header(header)
+    bad = next((k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise ValueError(f"{path.name}: tensor {bad!r} contains NaN or infinite values; the file is damaged "
+                         "(or its training diverged) and would make every image NaN")
+    meta = LoraMetadata.from_header(header)
+    keep = meta.recommended_keep_ratio
+    if keep is not None and not (math.isfinite(keep) and 0 < keep <= 1):
+        raise ValueError(f"{path.name}: metadata {NS}recommended_keep_ratio is {header[NS + 'recommended_keep_ratio']}, "
+                         "not a keep ratio in (0, 1]")
+    return sd, meta
 
 
 @dataclass

@@ -83,9 +83,25 @@ class LatentToImage(io.ComfyNode):
         return io.NodeOutput(torch.sigmoid(rgb))
 
 
+class CheckFinite(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SCTest_CheckFinite", category="SparseContextTest", is_output_node=True,
+            description="Reports in its UI output whether an IMAGE / LATENT holds only finite values (tests only).",
+            inputs=[io.Image.Input("image", optional=True, tooltip="Image to check."),
+                    io.Latent.Input("latent", optional=True, tooltip="Latent to check.")],
+        )
+
+    @classmethod
+    def execute(cls, image=None, latent=None) -> io.NodeOutput:
+        x = image if latent is None else latent["samples"]
+        return io.NodeOutput(ui={"finite": [bool(torch.isfinite(x).all())], "shape": list(x.shape)})
+
+
 class TinyTestExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinyModel, TinyConditioning, TinyLatent, LatentToImage, *DEMO_NODES]
+        return [TinyModel, TinyConditioning, TinyLatent, LatentToImage, CheckFinite, *DEMO_NODES]
 
 
 async def comfy_entrypoint() -> TinyTestExtension:

@@ -27,6 +27,12 @@ def comfyui_version(path: Path | None = None) -> str:
     return text.split("__version__", 1)[1].split('"')[1]
 
 
+def core_checks_v3_combos() -> bool:
+    """Whether core refuses an unknown V3 ``io.Combo`` value at queue time: 0.3.75's ``validate_inputs`` checks
+    only V1-style option lists; 0.10.0 and later also check ``COMBO`` inputs."""
+    return tuple(int(p) for p in comfyui_version().split(".")[:2]) >= (0, 10)
+
+
 def import_comfy_on_cpu() -> Path:
     """Put ComfyUI on sys.path (once) and make it run on the CPU before ``comfy.model_management`` loads."""
     path = comfyui_path()

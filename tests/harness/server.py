@@ -133,6 +133,29 @@ class ComfyServer:
             raise PromptFailed(f"/prompt refused the graph ({err.code}): {detail}") from err
         return answer["prompt_id"]
 
+    def queue(self, prompt: dict) -> tuple[str | None, dict | None]:
+        """POST an API-format graph (floats as JSON allows them: ``NaN`` / ``Infinity`` literals, which the
+        server's parser accepts). Returns ``(prompt_id, None)``, or ``(None, refusal)`` with ComfyUI's 400
+        answer (``error`` + ``node_errors``) parsed."""
+        try:
+            return self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"], None
+        except urllib.error.HTTPError as err:
+            if err.code != 400:
+                raise
+            return None, json.loads(err.read())
+
+    def outcome(self, prompt_id: str, timeout: float = 300.0, poll: float = 0.2) -> dict:
+        """Wait for a queued prompt and return its history entry, failed or not."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = (self.get(f"/history/{prompt_id}") or {}).get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                return entry
+            if self.proc.poll() is not None:
+                raise PromptFailed(f"ComfyUI died while running the prompt:\n{self.log()}")
+            time.sleep(poll)
+        raise PromptFailed(f"prompt {prompt_id} did not finish in {timeout}s:\n{self.log(80)}")
+
     def wait(self, prompt_id: str, timeout: float = 300.0) -> dict:
         """Poll ``/history`` until the prompt finished; returns its history entry."""
         deadline = time.monotonic() + timeout
