@@ -130,7 +130,7 @@ def kontext_edge(g: Graph) -> None:
     budget = g.sparse("SparseContextBudget", 2, ["ratio", 0.25, 1024, 0.8, 0.05, 0.5, -1.0])
     edge = g.sparse("SparseContextEdgeSelector", 3, [0.1, 0.2, 1, 1.0])
     ref = g.sparse("SparseContextReferenceLatent", 3)
-    apply = g.sparse("SparseContextApply", 4, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True])
+    apply = g.sparse("SparseContextApply", 4, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
     preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.25], height=380)
     g.wire((n["scale"], 0, edge, "image"), (budget, 0, edge, "budget"), (n["text"], 0, ref, "conditioning"),
            (n["encode"], 0, ref, "latent"), (edge, 0, ref, "selection"), (n["unet"], 0, apply, "model"),
@@ -150,7 +150,7 @@ def masked_edit(g: Graph) -> None:
     combine = g.sparse("SparseContextCombineSelections", 3, [1.0, 0.5, 1.0, 1.0, "max", 1.0])
     budget = g.sparse("SparseContextBudget", 3, ["ratio", 0.3, 1024, 0.8, 0.05, 0.5, -1.0])
     ref = g.sparse("SparseContextReferenceLatent", 3)
-    apply = g.sparse("SparseContextApply", 4, [0.3, "grid", 0, 64, 0.0, 1.0, 0, True])
+    apply = g.sparse("SparseContextApply", 4, [0.3, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
     preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.3], height=380)
     g.wire((n["image"], 1, mask, "mask"), (n["scale"], 0, edge, "image"), (mask, 0, combine, "selection_a"),
            (edge, 0, combine, "selection_b"), (budget, 0, combine, "budget"), (n["text"], 0, ref, "conditioning"),
@@ -186,7 +186,7 @@ def klein_multi(g: Graph) -> None:
         cond = ref
         if i == 0:
             first_image, first_sel = scale, sal
-    apply = g.sparse("SparseContextApply", 5, [0.25, "grid", 3072, 64, 0.0, 1.0, 0, True])
+    apply = g.sparse("SparseContextApply", 5, [0.25, "grid", 3072, 64, 0.0, 1.0, 0, True, "off", 4096.0])
     noise = g.core("RandomNoise", 5, [0, "randomize"])
     select = g.core("KSamplerSelect", 5, ["euler"])
     sched = g.core("Flux2Scheduler", 5, [4, 1024, 1024])
@@ -230,7 +230,7 @@ def qwen_2509(g: Graph) -> None:
     bind_neg = g.sparse("SparseContextBindSelections", 4)
     shift = g.core("ModelSamplingAuraFlow", 4, [3.0])
     norm = g.core("CFGNorm", 4, [1.0])
-    apply = g.sparse("SparseContextApply", 4, [0.3, "grid", 0, 64, 0.0, 1.0, 0, True])
+    apply = g.sparse("SparseContextApply", 4, [0.3, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
     sampler = g.core("KSampler", 5, [0, "randomize", 4, 1.0, "euler", "simple", 1.0])
     decode = g.core("VAEDecode", 5)
     save = g.core("SaveImage", 5, ["SparseContext_qwen_2509"], height=400)
@@ -257,8 +257,8 @@ def dense_vs_sparse(g: Graph) -> None:
     edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
     budget = g.sparse("SparseContextBudget", 2, ["ratio", 0.25, 1024, 0.8, 0.05, 0.5, -1.0])
     ref = g.sparse("SparseContextReferenceLatent", 3)
-    dense = g.sparse("SparseContextApply", 4, [0.25, "grid", 0, 64, 0.0, 1.0, 0, False], title="Dense (enabled = false)")
-    sparse = g.sparse("SparseContextApply", 6, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True], title="Sparse (keep 25 %)")
+    dense = g.sparse("SparseContextApply", 4, [0.25, "grid", 0, 64, 0.0, 1.0, 0, False, "off", 4096.0], title="Dense (enabled = false)")
+    sparse = g.sparse("SparseContextApply", 6, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0], title="Sparse (keep 25 %)")
     preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.25], height=380)
     g.wire((budget, 0, edge, "budget"), (n["scale"], 0, edge, "image"), (n["text"], 0, ref, "conditioning"),
            (n["encode"], 0, ref, "latent"), (edge, 0, ref, "selection"), (n["unet"], 0, dense, "model"),
@@ -302,7 +302,7 @@ def train_lora(g: Graph) -> None:
     train = g.sparse("SparseContextTrainLora", 4, [500, 0.0001, 16, 16.0, "attention_mlp", 0.1, 1.0, 0.1, 0.25, 0, "bf16",
                                                    "sparse_context/drop_robust_lora"])
     curve = g.core("PreviewImage", 4, height=330)
-    apply = g.sparse("SparseContextApply", 5, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True])
+    apply = g.sparse("SparseContextApply", 5, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
     g.wire((clip, 0, text, "clip"), (ref_img, 0, ref_scale, "image"), (tgt_img, 0, tgt_scale, "image"),
            (ref_scale, 0, ref_enc, "pixels"), (vae, 0, ref_enc, "vae"), (tgt_scale, 0, tgt_enc, "pixels"),
            (vae, 0, tgt_enc, "vae"), (text, 0, ref, "conditioning"), (ref_enc, 0, ref, "latent"),
