@@ -4,6 +4,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .apply_node import SparseContextApply
 from .budget_node import SparseContextBudget
+from .calibrate_node import SparseContextCalibrate
 from .lora_loader import SparseContextLoraLoader
 from .preview_node import SparseContextPreview
 from .reference_nodes import REFERENCE_NODES
@@ -16,6 +17,7 @@ NODES: list[type[io.ComfyNode]] = [
     *SELECTOR_NODES,
     SparseContextBudget,
     SparseContextPreview,
+    SparseContextCalibrate,
     SparseContextLoraLoader,
     *TRAINING_NODES,
 ]

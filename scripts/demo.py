@@ -1,36 +1,37 @@
-"""SparseContext demo: one multi-reference graph, sampled dense and sparse on a real headless ComfyUI.
+"""SparseContext demo: a reference-conditioned graph, sampled dense and sparse on a real headless ComfyUI.
 
-Run it with ``bash scripts/demo.sh`` (sets everything up first); options:
+Run it with ``bash scripts/demo.sh`` (sets everything up first; with no arguments it runs three cases, see
+there); options:
     --out demo_output                               where images, keep maps, comparison.png, timings.json go
-    --model miniature                               (default) the trained miniature model of experiments/miniature
-                                                    (base + its drop-robust LoRA) on one of its own tasks:
-    --task edit --example 0 --repeats 10            which task (edit, the default: recolour; subject; multi
-                                                    --refs 2..3: several references), example, repeats
-    --selector grid                                 selector node (default: the experiment's best for the task and keep)
-    --threads N                                     CPU threads for ComfyUI (miniature default 1)
-    --no-lora                                       the base model only (dense and sparse alike)
+    --model natural                                 (default) the natural-image model of experiments/natural, trained
+                                                    here on photographs, on a held-out photo task:
+    --task subject --example 0 --repeats 10         subject (default: a global change), edit (a region), composition
+                                                    (2-3 references: odd examples have 3); which held-out example
+    --variant full_ft                               base | lora (+ the drop-robust LoRA) | full_ft (the drop-robust
+                                                    full fine-tune, default), the same in both runs
+    --model miniature                               the miniature model of experiments/miniature (generated shapes):
+    --task edit --refs 3 --no-lora                  edit (default), subject, multi (--refs 2..3); base only
+    --selector grid                                 selector node (default: the experiment's best for task/keep/model)
+    --threads N                                     CPU threads for ComfyUI (natural/miniature default 1)
     --steps N --keep 0.5 --bucket N                 sampling steps (default: the experiment's), keep ratio
-                                                    (default 0.5 for the miniature, 0.25 otherwise), bucket
+                                                    (default 0.5 for the trained models, 0.25 otherwise), bucket
     --model tiny --size 512                         the test pack's seeded FLUX.2-klein-shaped model (noise images)
     --model small.safetensors                       a small trained model, its JSON config beside it
-                                                    (``SCTest_SafetensorsModel``; e.g. experiments/miniature)
+                                                    (``SCTest_SafetensorsModel``)
     --model flux-2-klein-9b.safetensors --clip qwen_3_8b.safetensors --vae flux2-vae.safetensors
                                                     a real FLUX.2 [klein] with real loaders (set COMFYUI_PATH
                                                     to your ComfyUI; a GPU is used if that ComfyUI has one)
-    --images a.png b.png ...                        your own references (default: drawn synthetic scenes)
+    --images a.png b.png ...                        your own references (tiny/real; default: drawn synthetic scenes)
 
-The graph mirrors ``workflows/sparse_flux2_klein_multi_reference.json``: each reference image is
-encoded, scored by Sparse Saliency Selector and added with Sparse Reference Latent; Apply Sparse Context
-patches the model; KSampler samples. Dense = the same graph with the unpatched model, same seed.
-
-The default miniature model (a 1.4M-parameter FLUX.1-Kontext-shaped ComfyUI ``Flux`` trained by
-``experiments/miniature/run.py``) was trained on generated tasks, so its pictures are a real result: the
-test pack's nodes give it a task example (references, ground-truth target, one-hot "text"), its
-invertible pixel "VAE" and its safetensors weights (+ LoRA through core's LoraLoaderModelOnly); the demo
-prints the PSNR of dense and sparse against the target next to the timings and writes
-``comparison.png`` (references | keep maps | dense | sparse | target). The seeded tiny model and other
-small models have no meaningful pictures (their timings and keep maps are real). Per-step times come
-from ComfyUI's websocket progress events.
+The trained models (1.4M-parameter FLUX.1-Kontext-shaped ComfyUI ``Flux`` models) give real pictures: the test
+pack's nodes give them a task example (references, ground-truth target, one-hot "text"), their invertible pixel
+"VAE" and their safetensors weights (+ LoRA through core's LoraLoaderModelOnly). Each reference is scored by a
+selector node and added with Sparse Reference Latent; Apply Sparse Context patches the model; KSampler samples;
+dense = the same graph without Apply Sparse Context, same seed. The demo prints the PSNR of dense and sparse
+against the target next to the timings and writes ``comparison.png`` (references | keep maps | dense | sparse |
+target). Timings: a warm-up run first, then ``--repeats`` runs per mode (alternating), per-step medians on a fixed
+thread count. The seeded tiny model and other small models have no meaningful pictures (their timings and keep
+maps are real).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILY_OF_CONFIG = {"Flux": "flux1_kontext", "Flux2": "flux2_klein", "QwenImage": "qwen_image_edit"}
 MINIATURE = ROOT / "experiments" / "miniature" / "results"
 MINIATURE_WEIGHTS, MINIATURE_LORA = "miniature_flux.safetensors", "miniature_flux_lora.safetensors"
+#: The natural-image model (experiments/natural): the miniature's architecture and file names, trained on photos;
+#: its variants: base, + the drop-robust LoRA, or the drop-robust full fine-tune (its own weights file).
+NATURAL = ROOT / "experiments" / "natural" / "results"
+NATURAL_FULL_FT = "natural_flux_full_ft.safetensors"
+NATURAL_TASKS = ("subject", "edit", "composition")
 MINIATURE_PX_PER_TOKEN = 4  # experiments/miniature/encoding.py: 2x2 folding x Flux patch 2
 SELECTOR_ZOOM = 16 // MINIATURE_PX_PER_TOKEN  # the selector nodes score 16 px tokens: enlarge the image to match
 #: Selector nodes the demo graph can use (they need only the reference image), by the experiment's names.
@@ -172,17 +178,17 @@ def build_prompt(opts, images: list[str], mode: str, sparse: bool, steps: int, h
     return g.nodes
 
 
-def miniature_settings(task: str, keep: float, lora: bool) -> tuple[int, str]:
-    """(sampling steps, selector) from the experiment (results/miniature.json): the selector measured best
-    for ``task`` at this keep ratio among those this demo has nodes for, else the task's default selector,
-    else (4, saliency)."""
+def experiment_settings(opts) -> tuple[int, str]:
+    """(sampling steps, selector) from the experiment's JSON (miniature.json / natural.json): the selector measured
+    best for the task at this keep ratio and model among those this demo has nodes for, else the task's default
+    selector, else (4, saliency)."""
     try:
-        info = json.loads((MINIATURE / "miniature.json").read_text(encoding="utf-8"))
+        info = json.loads((opts.results / f"{opts.experiment}.json").read_text(encoding="utf-8"))
         steps = int(info.get("sampling", {}).get("steps", 4))
-        selector = str(info.get("default_selector", {}).get(task, "saliency"))
-        model = "lora" if lora else "base"
-        measured = [r for r in info.get("results", []) if (r["task"], r["model"], r["keep_ratio"]) == (task, model, keep)
-                    and r["selector"] in SELECTOR_NODES]
+        selector = str(info.get("default_selector", {}).get(opts.task, "saliency"))
+        measured = [r for r in info.get("results", [])
+                    if (r["task"], r["model"], r["keep_ratio"]) == (opts.task, opts.variant, opts.keep)
+                    and r["selector"] in SELECTOR_NODES and r.get("mode", "drop") == "drop"]
     except (OSError, ValueError, KeyError, TypeError):
         return 4, "saliency"
     if measured:
@@ -197,7 +203,12 @@ def build_miniature_prompt(opts, sparse: bool, steps: int, seed: int, save_input
     model = g.add("model", "SCTest_SafetensorsModel", path=str(opts.weights))
     if opts.lora:  # in both runs, so dense and sparse differ only by the token dropping
         model = g.add("lora", "LoraLoaderModelOnly", model=model, lora_name=MINIATURE_LORA, strength_model=1.0)
-    task = g.add("task", "SCTest_MiniatureTask", task=opts.task, seed=opts.example, references=opts.refs)
+    if opts.experiment == "natural":
+        task = g.add("task", "SCTest_NaturalTask", task=opts.task, example=opts.example)
+        size = {"width": [task[0], 5], "height": [task[0], 6]}  # a zoom crop's target is smaller
+    else:
+        task = g.add("task", "SCTest_MiniatureTask", task=opts.task, seed=opts.example, references=opts.refs)
+        size = {"width": opts.size, "height": opts.size}
     refs, target, cond = [task[0], 0], [task[0], 1], [task[0], 2]
     node, widgets = SELECTOR_NODES[opts.selector]
     # the keep ratio travels in each selection too, so the keep maps show exactly what the patch keeps
@@ -218,7 +229,7 @@ def build_miniature_prompt(opts, sparse: bool, steps: int, seed: int, save_input
             g.add(f"save_ref_{i}", "SaveImage", images=big, filename_prefix=f"sc_demo_reference_{i}")
     if save_inputs:
         g.add("save_target", "SaveImage", images=target, filename_prefix="sc_demo_target")
-    empty = g.add("empty", "SCTest_MiniatureEmptyLatent", width=opts.size, height=opts.size, batch_size=1)
+    empty = g.add("empty", "SCTest_MiniatureEmptyLatent", batch_size=1, **size)
     if sparse:
         model = g.add("sparse", "SparseContextApply", model=model, keep_ratio=opts.keep, rule="grid", total_tokens=0,
                       bucket=opts.bucket, start_percent=0.0, end_percent=1.0, seed=0, enabled=True)
@@ -380,16 +391,21 @@ def parse_args(argv: list[str] | None):
                     help="CPU threads for ComfyUI's torch (OMP_NUM_THREADS; miniature default 1); fewer than the "
                          "cores if others share them")
     ap.add_argument("--text-tokens", type=int, default=64, help="tiny/small models: length of the seeded text")
-    ap.add_argument("--model", default="miniature",
-                    help="miniature (default) | tiny | a small .safetensors (+ JSON) | a real FLUX.2 .safetensors")
-    ap.add_argument("--task", default="edit", choices=["multi", "subject", "edit"],
-                    help="miniature: which task: edit (recolour, the default), subject, multi")
+    ap.add_argument("--model", default="natural",
+                    help="natural (default: trained on photographs) | miniature (trained on generated shapes) | tiny | "
+                         "a small .safetensors (+ JSON) | a real FLUX.2 .safetensors")
+    ap.add_argument("--task", default=None, choices=["subject", "edit", "composition", "multi"],
+                    help="natural: subject (default), edit, composition; miniature: edit (default), subject, multi")
     ap.add_argument("--selector", default=None, choices=sorted(SELECTOR_NODES),
-                    help="miniature: selector node (default: the one the experiment measured best for the task "
-                         "at this keep ratio)")
-    ap.add_argument("--example", type=int, default=0, help="miniature: which task example (its generator's seed)")
+                    help="natural/miniature: selector node (default: the one the experiment measured best for the "
+                         "task, model and keep ratio)")
+    ap.add_argument("--example", type=int, default=0,
+                    help="natural: which held-out example; miniature: which task example (its generator's seed)")
+    ap.add_argument("--variant", default=None, choices=["base", "lora", "full_ft"],
+                    help="natural: base, base + the drop-robust LoRA, or the drop-robust full fine-tune (default "
+                         "full_ft); miniature: base or lora (default lora)")
     ap.add_argument("--no-lora", dest="lora", action="store_false",
-                    help="miniature: base model only (default: base + the drop-robust LoRA, in both runs)")
+                    help="miniature: base model only (same as --variant base)")
     ap.add_argument("--repeats", type=int, default=None,
                     help="timed runs per mode, alternating dense/sparse (miniature default 10: its steps are ~10 ms); "
                          "images and PSNR come from the first, later repeats use seed+1, seed+2, ...")
@@ -399,24 +415,40 @@ def parse_args(argv: list[str] | None):
                                         "image 3, in the street of image 4.", help="real model: the prompt")
     ap.add_argument("--images", nargs="+", type=Path, default=None, help="tiny/real: your own reference images")
     opts = ap.parse_args(argv)
-    opts.mode, opts.family = "tiny", "flux2_klein"
-    if opts.model == "miniature" or (opts.model != "tiny" and Path(opts.model).expanduser().resolve()
-                                     == (MINIATURE / MINIATURE_WEIGHTS).resolve()):
-        opts.mode, opts.family = "miniature", "flux1_kontext"
-        opts.weights = (MINIATURE / MINIATURE_WEIGHTS).resolve()
+    opts.mode, opts.family, opts.experiment = "tiny", "flux2_klein", None
+    for name, folder in (("natural", NATURAL), ("miniature", MINIATURE)):
+        if opts.model == name or (opts.model != "tiny" and Path(opts.model).expanduser().resolve()
+                                  == (folder / MINIATURE_WEIGHTS).resolve()):
+            opts.mode, opts.family, opts.experiment, opts.results = "miniature", "flux1_kontext", name, folder
+    if opts.mode == "miniature":  # a trained model of experiments/: its own tasks, pixel "VAE" and ground truth
+        natural = opts.experiment == "natural"
+        tasks = NATURAL_TASKS if natural else ("edit", "subject", "multi")
+        opts.task = opts.task or tasks[0]
+        if opts.task not in tasks:
+            ap.error(f"--task: the {opts.experiment} model has the tasks {', '.join(tasks)}")
+        opts.variant = opts.variant or (("full_ft" if natural else "lora") if opts.lora else "base")
+        if opts.variant == "full_ft" and not natural:
+            ap.error("--variant full_ft: only the natural model has a full fine-tune")
+        opts.lora = opts.variant == "lora"
+        weights = NATURAL_FULL_FT if opts.variant == "full_ft" else MINIATURE_WEIGHTS
+        opts.weights = (opts.results / weights).resolve()
+        run = f"experiments/{opts.experiment}/run.py"
         if not opts.weights.is_file() or not opts.weights.with_suffix(".json").is_file():
-            ap.error(f"--model miniature: no {MINIATURE_WEIGHTS} + JSON in {MINIATURE}; run experiments/miniature/run.py")
-        if opts.lora and not (MINIATURE / MINIATURE_LORA).is_file():
-            ap.error(f"--model miniature: no {MINIATURE_LORA} in {MINIATURE} (or pass --no-lora)")
+            ap.error(f"--model {opts.experiment}: no {weights} + JSON in {opts.results}; run {run}")
+        if opts.lora and not (opts.results / MINIATURE_LORA).is_file():
+            ap.error(f"--model {opts.experiment}: no {MINIATURE_LORA} in {opts.results} (or pass --variant base)")
         if opts.images is not None:
-            ap.error("--images: the miniature model works on its own tasks' images (use --task / --example)")
-        opts.refs = 3 if opts.refs is None else opts.refs
-        if opts.task == "multi" and not 2 <= opts.refs <= 3:
-            ap.error("--refs: 2 to 3 for the miniature's multi-reference task")
-        if opts.task != "multi":
-            opts.refs = 1
+            ap.error(f"--images: the {opts.experiment} model works on its own tasks' images (use --task / --example)")
+        if natural:  # composition examples alternate 2 and 3 references (tasks.eval_items)
+            opts.refs = 2 + opts.example % 2 if opts.task == "composition" else 1
+        else:
+            opts.refs = 3 if opts.refs is None else opts.refs
+            if opts.task == "multi" and not 2 <= opts.refs <= 3:
+                ap.error("--refs: 2 to 3 for the miniature's multi-reference task")
+            if opts.task != "multi":
+                opts.refs = 1
         opts.keep = 0.5 if opts.keep is None else opts.keep
-        steps, experiment_selector = miniature_settings(opts.task, opts.keep, opts.lora)
+        steps, experiment_selector = experiment_settings(opts)
         if opts.selector is None:
             opts.selector = experiment_selector
         if opts.selector not in SELECTOR_NODES:  # e.g. a mask selector: this demo's graph has no mask input
@@ -490,8 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     if opts.mode == "real":  # the real files come in through their own extra_model_paths.yaml
         paths = {"diffusion_models": opts.model, "text_encoders": opts.clip, "vae": opts.vae}
         server_kwargs["cpu"] = False
-    elif opts.mode == "miniature":  # core's LoraLoaderModelOnly finds the miniature's LoRA in its results folder
-        paths = {"loras": str(MINIATURE / MINIATURE_LORA)}
+    elif opts.mode == "miniature":  # core's LoraLoaderModelOnly finds the LoRA in the experiment's results folder
+        paths = {"loras": str(opts.results / MINIATURE_LORA)}
     if paths:
         yaml = scratch / "demo_models.yaml"
         yaml.write_text("sc_demo_models:\n" + "".join(
@@ -503,11 +535,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.start()
         if opts.mode == "miniature":
-            missing = {"SCTest_MiniatureTask", "LoraLoaderModelOnly"} - set(server.object_info())
+            missing = {"SCTest_MiniatureTask", "SCTest_NaturalTask", "LoraLoaderModelOnly"} - set(server.object_info())
             if missing:
                 raise RuntimeError(f"ComfyUI lacks the nodes {sorted(missing)}:\n{server.log(60)}")
-            lora = "base + drop-robust LoRA (core LoraLoaderModelOnly) in both runs" if opts.lora else "base only"
-            print(f"[demo] model: the trained miniature model {opts.weights.relative_to(ROOT)} ({lora}); task "
+            lora = {"lora": "base + drop-robust LoRA (core LoraLoaderModelOnly) in both runs", "base": "base only",
+                    "full_ft": "the drop-robust full fine-tune"}[opts.variant]
+            print(f"[demo] model: the trained {opts.experiment} model {opts.weights.relative_to(ROOT)} ({lora}); task "
                   f"{opts.task!r} example {opts.example}: {opts.refs} reference(s) -> a {opts.size}x{opts.size} px "
                   f"target; {opts.selector} selector, keep {opts.keep}, bucket {opts.bucket}, {opts.steps} euler "
                   f"steps, seed {opts.seed}, {opts.repeats} timed run(s) each, {opts.threads} CPU thread(s)", flush=True)
@@ -568,11 +601,12 @@ def main(argv: list[str] | None = None) -> int:
             name = r["run"] + (f" #{k + 1}" if opts.repeats > 1 else "")
             print(f"  {name:<20}" + " ".join(f"{s:8.3f}" for s in steps))
     speedup = dense["median_step_s"] / sparse["median_step_s"]
+    threads = f", {opts.threads} CPU thread(s)" if opts.threads else ""
     print(f"\nmedian step (steps 2..{opts.steps}" + (f", {opts.repeats} runs each" if opts.repeats > 1 else "")
-          + f"): dense {dense['median_step_s']:.4f} s, sparse {sparse['median_step_s']:.4f} s -> speed-up "
+          + f"{threads}): dense {dense['median_step_s']:.4f} s, sparse {sparse['median_step_s']:.4f} s -> speed-up "
           f"{speedup:.2f}x")
-    print(f"sampling wall time (first run): dense {dense['sampling_s']:.2f} s, sparse {sparse['sampling_s']:.2f} s "
-          f"-> {dense['sampling_s'] / sparse['sampling_s']:.2f}x")
+    print(f"first run's sampling wall time, warm-up included (model patching, token planning; not a speed "
+          f"measure): dense {dense['sampling_s']:.2f} s, sparse {sparse['sampling_s']:.2f} s")
     if report:
         print(f"patch report: {report}")
     quality = {}
@@ -584,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
         labels = {"dense": f"dense {quality['dense']:.1f} dB", "sparse": f"sparse {quality['sparse']:.1f} dB",
                   "target": "target (truth)"}
         refs = [out / f"reference_{i}.png" for i in range(1, opts.refs + 1)]
-        title = (f"SparseContext on the trained miniature model ({opts.task}, {opts.refs} references, keep "
+        title = (f"SparseContext on the trained {opts.experiment} model ({opts.variant}; {opts.task}, {opts.refs} "
+                 f"reference(s), {opts.selector} selector, keep "
                  f"{opts.keep}, {opts.steps} steps, seed {opts.seed}): median step dense "
                  f"{1000 * dense['median_step_s']:.1f} ms, sparse {1000 * sparse['median_step_s']:.1f} ms "
                  f"({speedup:.2f}x, {opts.threads} CPU thread(s)); PSNR vs target dense {quality['dense']:.2f} dB, "
@@ -596,8 +631,8 @@ def main(argv: list[str] | None = None) -> int:
                "speedup_median_step": speedup, "patch_report": report, "keep_maps": [p.name for p in keep_maps],
                "wall_s": round(time.perf_counter() - t0, 1)}
     if opts.mode == "miniature":
-        summary |= {"task": opts.task, "example": opts.example, "lora": opts.lora, "selector": opts.selector,
-                    "psnr_vs_target_db": quality}
+        summary |= {"experiment": opts.experiment, "task": opts.task, "example": opts.example, "lora": opts.lora,
+                    "variant": opts.variant, "selector": opts.selector, "psnr_vs_target_db": quality}
     (out / "timings.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
     written = "dense.png, sparse.png, " + ("target.png, comparison.png, " if opts.mode == "miniature" else "")
     print(f"\n[demo] wrote {out}/: {written}keepmap_1..{opts.refs}.png, reference_*.png, timings.json "

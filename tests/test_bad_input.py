@@ -142,6 +142,7 @@ def _valid_arguments(node, lora_name: str | None) -> dict:
         "CONDITIONING": lambda: sc_testpack.make_conditioning(F, 3, references=[latent]),
         "SPARSE_SELECTION": lambda: _out(SparseContextGridSelector.execute(image, None, 1.0)),
         "SPARSE_BUDGET": lambda: None,
+        "VAE": lambda: None,  # optional (Sparse Context Calibrate then compares latents); no tiny VAE exists
     }
     schema = node.define_schema()
     args = {}

@@ -15,6 +15,7 @@ import torch
 from sc_harness.host import REPO
 
 MINIATURE = REPO / "experiments" / "miniature" / "results"
+NATURAL = REPO / "experiments" / "natural" / "results"
 
 
 def test_miniature_nodes_encode_decode_and_task():
@@ -33,13 +34,22 @@ def test_miniature_nodes_encode_decode_and_task():
         demo_nodes.MiniatureEncode.execute(torch.zeros(1, 33, 32, 3))
 
 
+def test_natural_task_node_gives_held_out_examples():
+    refs, target, cond, count, change, width, height = demo_nodes.NaturalTask.execute("composition", 1).args
+    assert count == 3 and refs.shape == (3, 32, 32, 3) and target.shape == (1, 64, 64, 3) and (width, height) == (64, 64)
+    assert change == "3_refs" and cond[0][0].shape == (1, 4, 16) and "reference_latents" not in cond[0][1]
+    refs, target, _, count, change, width, height = demo_nodes.NaturalTask.execute("subject", 7).args
+    assert change == "zoom_crop" and target.shape == (1, 32, 32, 3) and (width, height) == (32, 32)
+    assert torch.equal(target, refs[:, 16:48, 16:48])
+
+
 @pytest.mark.server
 @pytest.mark.skipif(not (MINIATURE / "miniature_flux.safetensors").is_file(), reason="no trained miniature model")
 def test_demo_runs_the_trained_miniature_dense_and_sparse(tmp_path):
     out = tmp_path / "demo"
     res = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), "--task", "multi", "--refs", "3",
-         "--repeats", "1"],
+        [sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), "--model", "miniature", "--task", "multi",
+         "--refs", "3", "--repeats", "1"],
         capture_output=True, text=True, cwd="/", timeout=170,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -59,3 +69,22 @@ def test_demo_runs_the_trained_miniature_dense_and_sparse(tmp_path):
     assert all(math.isfinite(psnr[tag]) and psnr[tag] > 0 for tag in ("dense", "sparse")), psnr
     assert f"PSNR dense {psnr['dense']:.2f} dB, sparse {psnr['sparse']:.2f} dB" in text
     assert len(summary["dense"]["step_s"]) == summary["steps"] == len(summary["sparse"]["step_s"])
+
+
+@pytest.mark.server
+@pytest.mark.skipif(not (NATURAL / "natural_flux_full_ft.safetensors").is_file(), reason="no trained natural model")
+def test_demo_runs_the_natural_model_with_the_experiment_settings(tmp_path):
+    out = tmp_path / "demo"
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--out", str(out), "--task", "subject",
+                          "--example", "7", "--repeats", "2"], capture_output=True, text=True, cwd="/", timeout=170)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    summary = json.loads((out / "timings.json").read_text(encoding="utf-8"))
+    assert summary["experiment"] == "natural" and summary["variant"] == "full_ft" and summary["task"] == "subject"
+    info = json.loads((NATURAL / "natural.json").read_text(encoding="utf-8"))
+    measured = [r for r in info["results"] if (r["task"], r["model"], r["keep_ratio"]) == ("subject", "full_ft", 0.5)
+                and r["selector"] in ("edge", "saliency", "grid", "random") and "mode" not in r]
+    assert summary["selector"] == max(measured, key=lambda r: r["psnr"])["selector"]  # the experiment's best
+    from PIL import Image
+
+    assert Image.open(out / "target.png").size == (32, 32)  # a zoom crop: the empty latent follows the target
+    assert len(summary["dense"]["runs_step_s"]) == 2 and "median" in res.stdout

@@ -42,12 +42,19 @@ EXAMPLES = {
     "SparseContextRandomSelector": 40, "SparseContextGridSelector": 40, "SparseContextCombineSelections": 50,
     "SparseContextBudget": 40, "SparseContextPreview": 30, "SparseContextLoraLoader": 50,
     "SparseContextTrainLora": 16, "SparseContextSaveTrainingExample": 40, "SparseContextAttentionSelector": 30,
+    "SparseContextCalibrate": 20,
 }
 SCALE = float(os.environ.get("SPARSECONTEXT_FUZZ", "0") or 0)
 #: valid draws narrower than the schema where the full range only costs time (training steps, LoRA rank) or would
 #: mostly give keep_min > keep_max, so that training rarely runs (that case has its own test in test_bad_input.py)
 CHEAP = {("SparseContextTrainLora", "steps"): (1, 2), ("SparseContextTrainLora", "rank"): (1, 8),
-         ("SparseContextTrainLora", "keep_min"): (0.01, 0.5), ("SparseContextTrainLora", "keep_max"): (0.5, 1.0)}
+         ("SparseContextTrainLora", "keep_min"): (0.01, 0.5), ("SparseContextTrainLora", "keep_max"): (0.5, 1.0),
+         ("SparseContextCalibrate", "steps"): (1, 2)}
+#: valid combo draws narrowed the same way (every sampler runs; these are the quick ones)
+CHEAP_CHOICES = {("SparseContextCalibrate", "sampler_name"): ["euler", "euler_ancestral", "heun", "dpmpp_2m"],
+                 ("SparseContextCalibrate", "scheduler"): ["simple", "normal", "karras", "beta"]}
+KEEP_LISTS = ["0.1, 0.25, 0.5, 0.75", "0.5", "0.3;0.6", " 0.2 ,0.9 "]
+BAD_KEEP_LISTS = ["", "abc", "0.5, 1.5", "0, 0.5", "nan", "1", "0.5,,x"]
 #: picture sizes: anything from 1 px, plus the thin strips of the fuzz run that found the saliency crash
 STRIPS = [(1024, 16), (16, 1024), (1, 512), (512, 1), (1, 1), (16, 16), (48, 48), (64, 48)]
 GOOD_PREFIXES = ["sc_fuzz/run", "sc_fuzz/deep/er/name", "x", "sc_fuzz/%year%-run"]
@@ -111,11 +118,14 @@ def value_strategies(node: str, name: str, kind: str, opts: dict):
                                                  None]))
         return valid, invalid
     if kind == "COMBO":
-        return st.sampled_from(opts["options"]), st.text(max_size=8).filter(lambda t: t not in opts["options"])
+        valid = st.sampled_from(CHEAP_CHOICES.get((node, name), opts["options"]))
+        return valid, st.text(max_size=8).filter(lambda t: t not in opts["options"])
     if kind == "BOOLEAN":
         return st.booleans(), st.sampled_from([0, 1, "yes", ""])  # core's bool(): any value is a boolean
     if name == "filename_prefix":
         return st.sampled_from(GOOD_PREFIXES), st.sampled_from(BAD_PREFIXES)
+    if name == "keep_ratios":
+        return st.sampled_from(KEEP_LISTS), st.one_of(st.sampled_from(BAD_KEEP_LISTS), st.text(max_size=12))
     return st.text(max_size=40), st.text(max_size=40)
 
 
@@ -341,6 +351,27 @@ def build(kind: str, draw, values: dict, lora_names: dict) -> Plan:
             g["ref"] = node("SCTest_Latent", family=F, seed=8, width=32, height=32, batch_size=1, empty=False)
         g["pos"] = node("ReferenceLatent", conditioning=["cond", 0], latent=["tgt" if shared else "ref", 0])
         g["T"] = node(kind, latent=["tgt", 0], conditioning=["pos", 0], **v)
+    elif kind == "SparseContextCalibrate":
+        from sparse_context.nodes.calibration import parse_keeps
+
+        g["model"] = node("SCTest_TinyModel", family=F, seed=1)
+        g["cond"] = node("SCTest_Conditioning", family=F, seed=3, tokens=8)
+        g["ref"] = node("SCTest_Latent", family=F, seed=4, width=64, height=64, batch_size=1, empty=False)
+        positive = ["cond", 0]
+        if draw(st.integers(0, 3)):
+            g["pos"] = node("ReferenceLatent", conditioning=["cond", 0], latent=["ref", 0])
+            positive = ["pos", 0]
+        else:
+            must.add("positive")  # no reference: nothing to calibrate
+        g["empty"] = node("SCTest_Latent", family=F, seed=0, width=64, height=64, batch_size=1, empty=True)
+        g["T"] = node(kind, model=["model", 0], positive=positive, latent=["empty", 0], **v)
+        g["plot"] = node("SCTest_CheckFinite", image=["T", 1])
+        g["apply"] = default_apply(["model", 0], keep_ratio=["T", 0])
+        sampling(g, ["apply", 0], positive=positive)
+        try:
+            parse_keeps(str(v["keep_ratios"]))
+        except ValueError:
+            must.add("keep_ratios")
     else:
         raise AssertionError(f"no graph for {kind}: add one (every pack node is fuzzed)")
     return Plan(g, v, must or None, may)

@@ -71,7 +71,7 @@ def test_node_ids_are_unique_and_all_registered():
     assert len(ids) == len(set(ids))
     registered = asyncio.run(asyncio.run(sparse_context.comfy_entrypoint()).get_node_list())
     assert {n.define_schema().node_id for n in registered} == set(ids)
-    assert len(ids) == 15
+    assert len(ids) == 16
 
 
 # -- conditioning plumbing ---------------------------------------------------------------------

@@ -26,7 +26,7 @@ API_DIR = REPO / "tests" / "workflows_api"
 NAMES = sorted(p.stem for p in UI_DIR.glob("*.json"))
 EXPECTED = {
     "sparse_kontext_edit_edge", "sparse_masked_edit", "sparse_flux2_klein_multi_reference",
-    "sparse_qwen_image_edit_2509", "sparse_dense_vs_sparse", "sparse_train_lora",
+    "sparse_qwen_image_edit_2509", "sparse_dense_vs_sparse", "sparse_train_lora", "sparse_calibrate_keep",
 }
 TRAINING = {"sparse_train_lora"}  # runs end to end in tests/test_training.py (it trains), not below
 FILE_WIDGETS = {"UNETLoader", "DualCLIPLoader", "CLIPLoader", "VAELoader", "LoraLoaderModelOnly", "LoadImage"}
@@ -93,9 +93,14 @@ def _problems(workflow: dict, info: dict) -> list[str]:
             elif k == "STRING" and not isinstance(value, str):
                 problems.append(f"{where}: {name}={value!r} is not STRING")
         sockets = socket_inputs(spec)
-        if [(i["name"], i["type"]) for i in node["inputs"]] != [(n, t) for n, t, _ in sockets]:
-            problems.append(f"{where}: inputs {[i['name'] for i in node['inputs']]} != {[n for n, _, _ in sockets]}")
-        for (name, _, optional), inp in zip(sockets, node["inputs"], strict=False):
+        plain = [i for i in node["inputs"] if "widget" not in i]
+        if [(i["name"], i["type"]) for i in plain] != [(n, t) for n, t, _ in sockets]:
+            problems.append(f"{where}: inputs {[i['name'] for i in plain]} != {[n for n, _, _ in sockets]}")
+        for inp in node["inputs"]:  # a widget driven by a link: a real widget of that type
+            if "widget" in inp and (inp["widget"].get("name") != inp["name"] or inp["name"] not in slots
+                                    or declared[inp["name"]][0] != inp["type"]):
+                problems.append(f"{where}: widget input {inp['name']} ({inp['type']}) is not a widget of that type")
+        for (name, _, optional), inp in zip(sockets, plain, strict=False):
             if not optional and inp.get("link") is None and node["mode"] == 0:
                 problems.append(f"{where}: required input {name} is not connected")
         if [o["type"] for o in node["outputs"]] != spec["output"]:
@@ -134,6 +139,32 @@ def test_ui_workflow_is_valid_for_the_real_server(name, object_info):
         if node["type"] in FILE_WIDGETS - {"LoadImage"}:  # real model files with download links, like the templates
             models = node["properties"]["models"]
             assert models and all(m["url"].startswith("https://huggingface.co/") and m["directory"] for m in models)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_seeds_are_fixed_where_notes_compare_runs(name):
+    """Every note tells the user to compare with dense at the same seed: a randomized seed would change it."""
+    workflow = _load(UI_DIR, name)
+    for node in workflow["nodes"]:
+        if node["type"] in ("KSampler", "RandomNoise"):
+            assert node["widgets_values"][1] == "fixed", f"{name}: node {node['id']} {node['type']} randomizes its seed"
+
+
+ALIGNED_EDITS = ("sparse_kontext_edit_edge", "sparse_masked_edit", "sparse_dense_vs_sparse")
+
+
+@pytest.mark.parametrize("name", ALIGNED_EDITS)
+def test_aligned_edit_workflows_keep_what_the_evidence_recommends(name):
+    """An aligned edit copies every token it does not change: the natural-image run's recommended keep for edits
+    (with the drop-robust fine-tune; none without) is the floor, and the note says how to go lower."""
+    evidence = json.loads((REPO / "docs" / "natural.json").read_text(encoding="utf-8"))["summary"]["recommended_keep"]
+    floor = min(evidence["edit"]["lora"], evidence["edit"]["full_ft"])
+    workflow = _load(UI_DIR, name)
+    keeps = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "SparseContextApply"]
+    keeps += [n["widgets_values"][1] for n in workflow["nodes"] if n["type"] == "SparseContextBudget"]
+    assert keeps and min(keeps) >= floor, (keeps, floor)
+    note = next(n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "MarkdownNote")
+    assert "LoRA" in note and "sparse_calibrate_keep" in note
 
 
 def test_validator_catches_broken_workflows():
@@ -230,6 +261,9 @@ def swap_for_tiny_models(prompt: dict) -> dict:
             p[node_id] = {"class_type": "SCTest_LatentToImage", "inputs": {"samples": inputs["samples"]}}
         elif kind in ("KSampler", "Flux2Scheduler"):
             inputs["steps"] = 2
+        elif kind == "SparseContextCalibrate":
+            inputs.pop("vae", None)  # no tiny VAE: it compares latents
+            inputs["steps"] = 2
         elif kind == "SparseContextApply":
             inputs["bucket"] = 1
             inputs["total_tokens"] = inputs["total_tokens"] * TINY_REF_PX**2 // 1024**2
@@ -276,7 +310,7 @@ def _kept(log: str) -> list[list[tuple[int, int]]]:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("name", sorted(EXPECTED - {"sparse_dense_vs_sparse"} - TRAINING))
+@pytest.mark.parametrize("name", sorted(EXPECTED - {"sparse_dense_vs_sparse", "sparse_calibrate_keep"} - TRAINING))
 def test_shipped_workflow_runs_dense_and_sparse_on_tiny_models(server, name):
     _example_png(server.tmp / "input")
     sparse = swap_for_tiny_models(_load(API_DIR, name))
@@ -311,6 +345,31 @@ def test_dense_vs_sparse_workflow_shows_both_branches(server):
     half = stitched.shape[1] // 2
     left, right = stitched[:, : half - 8], stitched[:, half + 8:]
     assert left.shape == right.shape and np.abs(left - right).max() > 0
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("min_psnr", [None, 0.0])
+def test_calibrate_workflow_drives_apply_with_the_calibrated_keep(server, min_psnr):
+    _example_png(server.tmp / "input")
+    prompt = swap_for_tiny_models(_load(API_DIR, "sparse_calibrate_keep"))
+    [calib] = [n for n in prompt.values() if n["class_type"] == "SparseContextCalibrate"]
+    if min_psnr is not None:
+        calib["inputs"]["min_psnr"] = min_psnr
+    entry, log = _run(server, prompt)
+    found = re.search(r"Sparse Context Calibrate \(latent, 2 steps, seed 42\): recommended keep_ratio ([\d.]+)", log)
+    assert found, log[-3000:]
+    keep = float(found.group(1))
+    measured = {float(k): float(v) for k, v in re.findall(r"keep ([\d.]+): PSNR ([\d.inf-]+) dB", log)}
+    assert sorted(measured) == [0.1, 0.25, 0.5, 0.75]
+    threshold = calib["inputs"]["min_psnr"]
+    assert all(v >= threshold for k, v in measured.items() if k >= keep), (keep, measured)
+    if min_psnr == 0.0:
+        assert keep == 0.1
+    runs = _kept(log)
+    assert len(runs) == 5, runs  # four calibration runs, then the workflow's own sampler
+    [(kept, total)] = runs[-1]
+    assert abs(kept / total - keep) <= 1 / total, (kept, total, keep)
+    assert len(_saved(server, entry)) == 1
 
 
 def test_swap_is_a_pure_function_of_the_shipped_file():

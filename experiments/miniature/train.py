@@ -41,33 +41,45 @@ def _sigmas(kind: str, n: int, gen: torch.Generator, model=None) -> torch.Tensor
 
 def train(model, params: list[torch.nn.Parameter], steps: int, *, batch: int = 8, lr: float = 2e-3, seed: int = 0,
           task_list: tuple[str, ...] = tasks.TASKS, warmup: int = 50, sigma_sampling: str = "uniform",
-          log: Callable[[str], None] = print, log_every: int = 100) -> list[float]:
+          log: Callable[[str], None] = print, log_every: int = 100, make_batch: Callable | None = None,
+          keep_ratios=None) -> list[float]:
     """Train ``params`` of ``model`` (a ComfyUI ModelPatcher) for ``steps`` AdamW steps (cosine decay after
     ``warmup``); the tasks of ``task_list`` take turns, one task per batch (repeat a task name to weight it).
     ``sigma_sampling``: "uniform" (U(0, 1)), "logit_normal" (sigmoid(N(0, 1))) or "sqrt" (sqrt(U), density
-    2 sigma). Returns the loss per step."""
+    2 sigma). ``make_batch(task, batch, seed)``: the batches (default: this folder's tasks). ``keep_ratios`` (a
+    ``KeepRatioDistribution``): drop-robust training, one random keep ratio and subset per batch through the pack's
+    own patch (``training.sparse_run_for``, as the LoRA trainer does); None = dense. Returns the loss per step."""
+    from sparse_context.sparse_attention import RUN_KEY, SparseContextConfig, apply_sparse_context
     from sparse_context.sparse_attention.direct import patched_diffusion_model
+    from sparse_context.training import sparse_run_for
+    from sparse_context.training.host_ops import differentiable_host_ops
 
+    make_batch = make_batch or tasks.make_batch
+    runner = model if keep_ratios is None else apply_sparse_context(model, SparseContextConfig(rule="random", bucket=1))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
     losses: list[float] = []
     t0 = time.time()
-    with patched_diffusion_model(model) as (dm, base_options):
+    with patched_diffusion_model(runner) as (dm, base_options):
         dm.train()
         for step in range(steps):
             task = task_list[step % len(task_list)]
-            b = tasks.make_batch(task, batch, seed=seed * 1_000_003 + step)
+            b = make_batch(task, batch, seed=seed * 1_000_003 + step)
             x0 = model_latents(model, b.target)
             refs = [model_latents(model, r) for r in b.refs]
             noise = torch.randn(x0.shape, generator=gen)
             sigma = _sigmas(sigma_sampling, batch, gen, model)
             s = sigma.view(-1, 1, 1, 1)
             x_t = s * noise + (1 - s) * x0
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            options = dict(base_options)
+            if keep_ratios is not None:
+                options[RUN_KEY] = sparse_run_for(keep_ratios.sample(gen), seed * 7_000_003 + step)
+            # ComfyUI 0.10+ runs RoPE through fused kernels without a backward: the pack's training switch
+            with differentiable_host_ops(), torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
                 pred = dm(x_t, sigma, b.context, y=b.pooled, ref_latents=refs, ref_latents_method="offset",
-                          transformer_options=dict(base_options))
+                          transformer_options=options)
             loss = torch.nn.functional.mse_loss(pred, noise - x0)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -247,5 +247,67 @@ class MiniatureEmptyLatent(io.ComfyNode):
         return io.NodeOutput({"samples": torch.zeros(batch_size, 16, height // 2, width // 2)})
 
 
+# -- the natural-image model (experiments/natural): held-out photo tasks; encoding is the miniature's -------
+NATURAL_DIR = MINIATURE_DIR.parent / "natural"
+NATURAL_PACKAGE = "sc_natural"  # the name experiments/natural/bootstrap.py gives it too
+
+
+def natural() -> ModuleType:
+    """``experiments/natural`` as the package ``sc_natural`` (by file path, like ``miniature()``)."""
+    miniature()
+    if NATURAL_PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(NATURAL_PACKAGE, NATURAL_DIR / "__init__.py",
+                                                      submodule_search_locations=[str(NATURAL_DIR)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[NATURAL_PACKAGE] = module
+        spec.loader.exec_module(module)
+    package = sys.modules[NATURAL_PACKAGE]
+    if not hasattr(package, "tasks"):
+        __import__(f"{NATURAL_PACKAGE}.tasks")
+    return package
+
+
+class NaturalTask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SCTest_NaturalTask", category="SparseContextTest",
+            description="One held-out example of the natural-image experiment (experiments/natural/tasks.py, crops of "
+                        "photographs never trained on): its references, the ground-truth target and the one-hot 'text' "
+                        "conditioning the trained model expects (tests and demo only).",
+            inputs=[
+                io.Combo.Input("task", options=["subject", "edit", "composition"], default="subject",
+                               tooltip="subject: a global change (colour grade, shift, zoom crop); edit: a region "
+                                       "changed, the rest copied; composition: 2-3 references arranged."),
+                io.Int.Input("example", default=0, min=0, max=999,
+                             tooltip="Which held-out example (the experiment's evaluation items, in order)."),
+            ],
+            outputs=[
+                io.Image.Output(display_name="references",
+                                tooltip="The reference images as one batch (N, H, W, 3); split with ImageFromBatch."),
+                io.Image.Output(display_name="target", tooltip="The ground truth."),
+                io.Conditioning.Output(display_name="conditioning",
+                                       tooltip="One-hot text tokens (1, 4, 16) + pooled vector (1, 24), no references."),
+                io.Int.Output(display_name="count", tooltip="Number of references."),
+                io.String.Output(display_name="change", tooltip="What the condition asks for."),
+                io.Int.Output(display_name="width", tooltip="Target width in pixels (for the empty latent)."),
+                io.Int.Output(display_name="height", tooltip="Target height in pixels."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, task: str, example: int) -> io.NodeOutput:
+        nat = natural()
+        if task not in nat.tasks.TASKS:
+            raise ValueError(f"SCTest_NaturalTask: task: expected one of {nat.tasks.TASKS}, got {task!r}")
+        from sc_natural.run import EVAL_SEED
+
+        item = nat.tasks.eval_items(task, example + 1, EVAL_SEED)[example]
+        cond = [[item.context, {"pooled_output": item.pooled}]]
+        target = item.target
+        return io.NodeOutput(torch.cat(item.refs, 0), target, cond, len(item.refs), item.change, target.shape[2],
+                             target.shape[1])
+
+
 DEMO_NODES: list[type[io.ComfyNode]] = [ImageToLatent, SafetensorsModel, MiniatureTask, MiniatureEncode,
-                                        MiniatureDecode, MiniatureEmptyLatent]
+                                        MiniatureDecode, MiniatureEmptyLatent, NaturalTask]

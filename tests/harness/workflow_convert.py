@@ -127,6 +127,14 @@ class UIWorkflow:
         source["outputs"][out]["links"].append(link_id)
         target["inputs"][slot]["link"] = link_id
 
+    def link_widget(self, src: int, out: int, dst: int, name: str) -> None:
+        """Drive the widget ``name`` of ``dst`` from an output (the frontend's widget input): the link wins over
+        the widget value, which stays in ``widgets_values``."""
+        target = self.nodes[dst - 1]
+        kind = next(k for n, k, _, _ in _inputs(self.info[target["type"]]) if n == name)
+        target["inputs"].append({"name": name, "type": kind, "widget": {"name": name}, "link": None})
+        self.link(src, out, dst, name)
+
     def to_json(self) -> dict:
         nodes = copy.deepcopy(self.nodes)
         for node in nodes:
