@@ -3,14 +3,18 @@
 The training node runs ``training.LoraTrainer`` for N steps on examples given as LATENT (targets) +
 CONDITIONING (text + ReferenceLatent references), writes the LoRA to ``<output>/loras/`` (which ComfyUI
 lists as a loras folder), and outputs the model with the LoRA applied by core's LoRA code, the file name,
-the recommended keep ratio and a loss curve. For long runs use ``scripts/train_lora.py``.
+the recommended keep ratio and the training curves. While it trains, ComfyUI's progress bar advances per
+step and its preview shows the curves; checkpoints (optional) let a later run resume. For long runs on a
+folder of examples use ``scripts/train_lora.py``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
+import comfy.model_management
 import comfy.utils
 import folder_paths
 import torch
@@ -27,14 +31,18 @@ from ..training import (
     load_lora_file,
     save_example,
 )
-from ..training.plot import loss_curve_image
+from ..training.plot import curves_image, image_tensor
+from ..training.trainer import latest_checkpoint
 from .common import SparseNode, fail, prefix_problem, user_errors
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+#: Training examples validated when no held-out examples are connected.
+TRAIN_EXAMPLES_VALIDATED = 4
+CHECKPOINTS = "sparse_context_checkpoints"  # under the output folder; not under loras (not a LoRA file)
 
 
 def _first(value):
-    return value[0] if isinstance(value, list) else value
+    return value[0] if isinstance(value, (list, tuple)) else value
 
 
 def _loras_dir() -> str:
@@ -116,12 +124,31 @@ class SparseContextTrainLora(SparseNode):
                                tooltip="dtype of the saved LoRA weights."),
                 io.String.Input("filename_prefix", default="sparse_context/drop_robust_lora",
                                 tooltip="File name prefix under output/loras (a counter and .safetensors are added)."),
+                io.Boolean.Input("gradient_checkpointing", default=True, optional=True,
+                                 tooltip="Recompute each transformer block during the backward instead of keeping its "
+                                         "activations: far less memory, about one more forward per step, same result."),
+                io.Int.Input("validate_every", default=50, min=0, max=100000, optional=True,
+                             tooltip="Every N steps, measure the PSNR of the one-step x0 estimate, dense and at the "
+                                     "recommended keep ratio, and draw it in the curves (0 = never)."),
+                io.Latent.Input("validation_latents", optional=True,
+                                tooltip="Held-out target latents for the validation (not trained on). Not connected: "
+                                        f"the first {TRAIN_EXAMPLES_VALIDATED} training examples are measured."),
+                io.Conditioning.Input("validation_conditioning", optional=True,
+                                      tooltip="Conditioning (with reference latents) of the held-out latents; one for "
+                                              "all, or one per latent."),
+                io.Int.Input("checkpoint_every", default=0, min=0, max=100000, optional=True,
+                             tooltip=f"Every N steps (and when the run is cancelled), save a resumable checkpoint to "
+                                     f"output/{CHECKPOINTS}/<filename_prefix>/ (0 = none)."),
+                io.Boolean.Input("resume", default=False, optional=True,
+                                 tooltip="Continue from the newest checkpoint of this filename_prefix (same LoRA "
+                                         "settings), up to `steps` in total."),
             ],
             outputs=[
                 io.Model.Output(display_name="model", tooltip="The model with the trained LoRA applied (core LoRA code)."),
                 io.String.Output(display_name="lora_name", tooltip="The saved file, relative to output/loras."),
                 io.Float.Output(display_name="keep_ratio", tooltip="The recommended keep ratio for Apply Sparse Context."),
-                io.Image.Output(display_name="loss_curve", tooltip="Training loss per step (and its running mean)."),
+                io.Image.Output(display_name="curves", tooltip="Training loss per step (and its running mean) and, if "
+                                                             "validated, PSNR dense vs sparse per validation."),
             ],
         )
 
@@ -133,12 +160,15 @@ class SparseContextTrainLora(SparseNode):
 
     @classmethod
     def execute(cls, model, latents, conditioning, steps, learning_rate, rank, alpha, targets, keep_min, keep_max,
-                dense_share, recommended_keep_ratio, seed, save_dtype, filename_prefix) -> io.NodeOutput:
+                dense_share, recommended_keep_ratio, seed, save_dtype, filename_prefix, gradient_checkpointing=(True,),
+                validate_every=(50,), validation_latents=None, validation_conditioning=None, checkpoint_every=(0,),
+                resume=(False,)) -> io.NodeOutput:
         model = _first(model)
         params = {k: _first(v) for k, v in dict(
             steps=steps, learning_rate=learning_rate, rank=rank, alpha=alpha, targets=targets, keep_min=keep_min,
             keep_max=keep_max, dense_share=dense_share, recommended_keep_ratio=recommended_keep_ratio, seed=seed,
-            save_dtype=save_dtype, filename_prefix=filename_prefix).items()}
+            save_dtype=save_dtype, filename_prefix=filename_prefix, gradient_checkpointing=gradient_checkpointing,
+            validate_every=validate_every, checkpoint_every=checkpoint_every, resume=resume).items()}
         # The whole configuration, the output path and the dtype are checked before the first step.
         cls.check_inputs(params)
         if params["keep_min"] > params["keep_max"]:
@@ -148,21 +178,53 @@ class SparseContextTrainLora(SparseNode):
         if problem:
             raise fail(cls.NAME, problem)
         examples = _pair_examples(cls.NAME, list(latents), list(conditioning))
+        if (validation_latents is None) != (validation_conditioning is None):
+            raise fail(cls.NAME, "validation_latents: connect validation_latents and validation_conditioning together")
+        held_out = validation_latents is not None
+        validation = (_pair_examples(cls.NAME, list(validation_latents), list(validation_conditioning)) if held_out
+                      else examples[:TRAIN_EXAMPLES_VALIDATED])
         channels = _latent_channels(model)
-        for i, example in enumerate(examples):
-            got = int(example.target.shape[1])
-            if channels is not None and got != channels:
-                raise fail(cls.NAME, f"latents: example {i + 1} has {got} latent channels, but the model takes "
-                                     f"{channels}; encode the targets with this model's VAE")
+        for what, group in (("latents", examples), ("validation_latents", validation if held_out else [])):
+            for i, example in enumerate(group):
+                got = int(example.target.shape[1])
+                if channels is not None and got != channels:
+                    raise fail(cls.NAME, f"{what}: example {i + 1} has {got} latent channels, but the model takes "
+                                         f"{channels}; encode the targets with this model's VAE")
+        total = int(params["steps"])
         with user_errors(cls.NAME, {"low/high": "keep_min/keep_max"}):
             trainer = LoraTrainer(
                 model, LoraConfig(rank=int(params["rank"]), alpha=float(params["alpha"]), targets=params["targets"]),
-                TrainConfig(steps=int(params["steps"]), learning_rate=float(params["learning_rate"]),
+                TrainConfig(steps=total, learning_rate=float(params["learning_rate"]),
                             keep_ratios=KeepRatioDistribution(low=params["keep_min"], high=params["keep_max"],
                                                               dense_share=params["dense_share"]),
-                            seed=int(params["seed"]), recommended_keep_ratio=float(params["recommended_keep_ratio"])))
-        bar = comfy.utils.ProgressBar(int(params["steps"]))
-        trainer.fit(examples, callback=lambda step, loss: bar.update_absolute(step))
+                            seed=int(params["seed"]), recommended_keep_ratio=float(params["recommended_keep_ratio"]),
+                            gradient_checkpointing=bool(params["gradient_checkpointing"])))
+        root = os.path.join(folder_paths.get_output_directory(), CHECKPOINTS)
+        folder, filename, _, _, _ = folder_paths.get_save_image_path(params["filename_prefix"], root)  # stays inside
+        checkpoints = Path(folder) / filename
+        resumed = latest_checkpoint(checkpoints) if params["resume"] else None
+        if resumed is not None:
+            with user_errors(cls.NAME):
+                trainer.load_checkpoint(resumed)
+        bar = comfy.utils.ProgressBar(total)
+        bar.update_absolute(min(trainer.step, total), total)
+        preview_every = max(1, total // 50)
+
+        def progress(step: int, loss: float) -> None:  # ComfyUI's bar; raises if the user cancels the run
+            preview = None
+            if step % preview_every == 0 or step == total:
+                preview = ("PNG", curves_image(trainer.losses, trainer.validation), 640)
+            bar.update_absolute(step, total, preview)
+
+        every = int(params["checkpoint_every"])
+        try:
+            with user_errors(cls.NAME):
+                trainer.fit(examples, callback=progress, checkpoint_every=every, checkpoint_dir=checkpoints,
+                            validation=validation, validate_every=int(params["validate_every"]))
+        except comfy.model_management.InterruptProcessingException:
+            if every:
+                trainer.save_checkpoint(checkpoints / f"checkpoint_{trainer.step:06d}.safetensors")
+            raise
         _check_trained(cls.NAME, trainer, params)
 
         folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(params["filename_prefix"], loras_dir)
@@ -171,11 +233,18 @@ class SparseContextTrainLora(SparseNode):
         sd, meta = load_lora_file(path)  # the model output uses exactly what the loader will read
         patched = apply_lora(model, sd, 1.0)
         lora_name = os.path.join(subfolder, name) if subfolder else name
-        curve = loss_curve_image(trainer.losses)
-        text = (f"Saved output/loras/{lora_name} after {trainer.step} steps; loss {trainer.losses[0]:.4f} -> "
-                f"{trainer.losses[-1]:.4f}. {meta.summary()}")
-        return io.NodeOutput(patched, lora_name, float(meta.recommended_keep_ratio), curve,
-                             ui={"text": (text,), **ui.PreviewImage(curve, cls=cls).as_dict()})
+        curves = image_tensor(curves_image(trainer.losses, trainer.validation))
+        text = (f"Saved output/loras/{lora_name} after {trainer.step} steps"
+                + (f" (resumed from {resumed.name})" if resumed is not None else "")
+                + (f"; loss {trainer.losses[0]:.4f} -> {trainer.losses[-1]:.4f}" if trainer.losses else ""))
+        if trainer.validation:
+            first, last = trainer.validation[0], trainer.validation[-1]
+            text += (f". Validation ({'held-out' if held_out else 'training'} examples), one-step x0 PSNR dense "
+                     f"{first['dense_psnr']:.2f} -> {last['dense_psnr']:.2f} dB, keep {last['keep']:g} "
+                     f"{first['sparse_psnr']:.2f} -> {last['sparse_psnr']:.2f} dB")
+        text += f". {meta.summary()}"
+        return io.NodeOutput(patched, lora_name, float(meta.recommended_keep_ratio), curves,
+                             ui={"text": (text,), **ui.PreviewImage(curves, cls=cls).as_dict()})
 
 
 class SparseContextSaveTrainingExample(SparseNode):

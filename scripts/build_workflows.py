@@ -19,6 +19,8 @@ PACK = {"cnr_id": "sparse-context", "ver": "0.1.0"}
 CORE = {"cnr_id": "comfy-core", "ver": "0.3.75"}
 SPARSE_COLOR = "#2a4d3a"
 MODELS = {  # file -> (url, models/ folder), as the official templates list them
+    "flux1-kontext-dev.safetensors":  # the bf16 original (gated: accept the license on Hugging Face first)
+        (f"{HF}/black-forest-labs/FLUX.1-Kontext-dev/resolve/main/flux1-kontext-dev.safetensors", "diffusion_models"),
     "flux1-dev-kontext_fp8_scaled.safetensors":
         (f"{HF}/Comfy-Org/flux1-kontext-dev_ComfyUI/resolve/main/split_files/diffusion_models/"
          "flux1-dev-kontext_fp8_scaled.safetensors", "diffusion_models"),
@@ -98,9 +100,9 @@ class Graph:
             self.wf.link(src, out, dst, name)
 
 
-def kontext_loaders(g: Graph, col: int = 0) -> tuple[int, int, int]:
-    unet = g.core("UNETLoader", col, ["flux1-dev-kontext_fp8_scaled.safetensors", "default"],
-                  properties=_models("flux1-dev-kontext_fp8_scaled.safetensors"))
+def kontext_loaders(g: Graph, col: int = 0, unet_file: str = "flux1-dev-kontext_fp8_scaled.safetensors",
+                    weight_dtype: str = "default") -> tuple[int, int, int]:
+    unet = g.core("UNETLoader", col, [unet_file, weight_dtype], properties=_models(unet_file))
     clip = g.core("DualCLIPLoader", col, ["clip_l.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors", "flux", "default"],
                   properties=_models("clip_l.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"))
     vae = g.core("VAELoader", col, ["ae.safetensors"], properties=_models("ae.safetensors"))
@@ -301,16 +303,20 @@ or thresholds change. Once you know the value, type it into Apply Sparse Context
 TRAIN_NOTE = """# Train a drop-robust Sparse Context LoRA (FLUX.1 Kontext)
 Fine-tunes a LoRA while **randomly dropping reference tokens** (a keep ratio drawn per step between `keep_min` and `keep_max`, plus `dense_share` fully dense steps), through the same patch Apply Sparse Context uses, so the model learns to work from any subset of the reference.
 
-**Data**: one example = reference image (left) + the wanted result (target, same size) + the instruction prompt. This graph trains on ONE pair (a quick test / style lock-in); for real datasets save examples with **Save Sparse Context Training Example** and run `scripts/train_lora.py` (progress bar, checkpoints, resume).
+**Data**: one example = reference image (left) + the wanted result (target, same size) + the instruction prompt. This graph trains on ONE pair (a quick test / style lock-in); for real datasets use `scripts/train_lora.py` on a folder of examples (images + captions, or files from **Save Sparse Context Training Example**).
+
+**Model**: the bf16 Kontext file loaded with `weight_dtype` fp8_e4m3fn (half the memory; the LoRA trains against the fp8 weights). GGUF and other quantized formats cannot be trained through: the node says so before the first step.
+
+**Feedback**: the node's progress bar previews the loss and validation curves while it trains (`validate_every`: PSNR of the one-step estimate, dense vs keep 0.25; connect `validation_latents` + `validation_conditioning` for held-out examples); the `curves` output shows them at the end. `checkpoint_every` saves resumable checkpoints (also when you cancel); `resume` continues from the newest.
 
 **Output**: the LoRA goes to `output/loras/sparse_context/` (ComfyUI lists it as a LoRA); the MODEL output already has it applied. Later, load it with **Load Sparse Context LoRA**, whose `keep_ratio` output can drive Apply Sparse Context.
 
-**Cost**: training holds activations for backward: use bf16 weights (not fp8) on a 40-80 GB GPU; ~1-3 s per step at 1024 px with one reference (estimate). 500 steps is a first useful run.
+**Memory**: `gradient_checkpointing` (on) keeps only each block's inputs for the backward; see the README's training memory table. 500 steps is a first useful run.
 """
 
 
 def train_lora(g: Graph) -> None:
-    unet, clip, vae = kontext_loaders(g)
+    unet, clip, vae = kontext_loaders(g, unet_file="flux1-kontext-dev.safetensors", weight_dtype="fp8_e4m3fn")
     ref_img = g.core("LoadImage", 1, ["example.png", "image"], height=330, title="Reference image")
     ref_scale = g.core("FluxKontextImageScale", 1)
     tgt_img = g.core("LoadImage", 1, ["example.png", "image"], height=330, title="Target image (the wanted result)")
@@ -321,7 +327,7 @@ def train_lora(g: Graph) -> None:
     ref = g.core("ReferenceLatent", 3)
     zero = g.core("ConditioningZeroOut", 3)
     train = g.sparse("SparseContextTrainLora", 4, [500, 0.0001, 16, 16.0, "attention_mlp", 0.1, 1.0, 0.1, 0.25, 0, "bf16",
-                                                   "sparse_context/drop_robust_lora"])
+                                                   "sparse_context/drop_robust_lora", True, 50, 100, False])
     curve = g.core("PreviewImage", 4, height=330)
     apply = g.sparse("SparseContextApply", 5, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
     g.wire((clip, 0, text, "clip"), (ref_img, 0, ref_scale, "image"), (tgt_img, 0, tgt_scale, "image"),

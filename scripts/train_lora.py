@@ -1,22 +1,27 @@
-"""Train a drop-robust Sparse Context LoRA from the command line (long runs, checkpoints, resume).
+"""Train a drop-robust Sparse Context LoRA from the command line (long runs, validation, checkpoints, resume).
 
-Data: a folder of ``*.safetensors`` examples (``target``, ``ref_0``.., ``context``[, ``pooled``]; see
-``training/examples.py``), written by the ComfyUI node "Save Sparse Context Training Example" (VAE-encoded
-target + ReferenceLatent conditioning) or by ``training.save_example``.
+Data (``--data``, and ``--validation`` for held-out examples): a folder of example sub-folders, each with
+``target.png`` (the wanted result), ``ref.png`` (or ``ref1.png``, ``ref2.png``, ...) and ``caption.txt``,
+and/or ``.safetensors`` examples written by the node "Save Sparse Context Training Example" (already
+encoded). Image examples are encoded with the model's VAE (``--vae``) and text encoder(s)
+(``--text-encoder``), the files a ComfyUI graph of that model loads; they are unloaded before training.
 
-Example (FLUX.2 klein 9B on one GPU)::
+Example (FLUX.1 Kontext dev on one 24 GB GPU: fp8 base, gradient checkpointing on by default)::
 
-    .venv/bin/python scripts/train_lora.py --model /models/diffusion_models/flux-2-klein-9b.safetensors \\
-        --data output/sparse_context_examples --out loras/klein_drop_robust.safetensors \\
-        --steps 2000 --rank 16 --lr 1e-4 --checkpoint-every 250
+    python scripts/train_lora.py --model models/diffusion_models/flux1-kontext-dev.safetensors --dtype fp8_e4m3fn \\
+        --vae models/vae/ae.safetensors --text-encoder models/text_encoders/clip_l.safetensors \\
+        models/text_encoders/t5xxl_fp16.safetensors --data my_examples --validation my_held_out \\
+        --out loras/kontext_drop_robust.safetensors --steps 2000 --validate-every 100 --checkpoint-every 250
 
-Resume: the same command with ``--resume latest`` (or a checkpoint path). ComfyUI is found through
+Resume: the same command with ``--resume latest`` (or a checkpoint path). Output: the LoRA, its curves
+(``<out>.curves.png``: loss, and validation PSNR dense vs sparse) and checkpoints. ComfyUI is found through
 ``--comfyui``, ``$COMFYUI_PATH``, the pack's pinned dev copy, or the ComfyUI this pack is installed in.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -25,7 +30,9 @@ from pathlib import Path
 from packload import load_pack  # scripts/ is on sys.path when this file runs
 
 REPO = Path(__file__).resolve().parents[1]
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp8_e4m3fn": "float8_e4m3fn",
+          "fp8_e5m2": "float8_e5m2"}
+CLIP_TYPES = {"flux1": "flux", "flux2": "flux2", "qwen_image": "qwen_image"}  # CLIPLoader's type per family
 
 
 def find_comfyui(given: str | None) -> Path:
@@ -46,9 +53,16 @@ def import_pack():
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="diffusion model file (.safetensors), as UNETLoader loads it")
-    p.add_argument("--data", required=True, help="folder of training example .safetensors files")
+    p.add_argument("--model", required=True, help="diffusion model file (.safetensors), as Load Diffusion Model loads it")
+    p.add_argument("--data", required=True, help="folder of training examples (see above)")
     p.add_argument("--out", required=True, help="output LoRA path (.safetensors)")
+    p.add_argument("--validation", default=None, help="folder of held-out examples for the validation")
+    p.add_argument("--validate-every", type=int, default=100, help="steps between validations (0 = none)")
+    p.add_argument("--vae", default=None, help="the model's VAE file (needed for image examples)")
+    p.add_argument("--text-encoder", nargs="+", default=None,
+                   help="the model's text encoder file(s) (FLUX.1: clip_l and t5xxl; needed for image examples)")
+    p.add_argument("--resolution", type=int, default=1024, help="images are scaled to about this many pixels squared")
+    p.add_argument("--guidance", type=float, default=2.5, help="FLUX.1 guidance written into encoded examples")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--warmup", type=int, default=50, help="linear warm-up steps")
@@ -63,14 +77,99 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--recommended-keep", type=float, default=0.25, help="keep ratio written into the metadata")
     p.add_argument("--timestep-sampling", default="logit_normal", choices=["logit_normal", "uniform", "shifted"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES), help="base model weights / compute dtype")
-    p.add_argument("--save-dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPES),
+                   help="base model weights (fp8_*: stored in fp8, computed in bf16, as weight_dtype fp8 in ComfyUI)")
+    p.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"], help="LoRA parameters while training")
+    p.add_argument("--no-gradient-checkpointing", action="store_true",
+                   help="keep all activations (faster, far more memory)")
+    p.add_argument("--save-dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--checkpoint-every", type=int, default=250, help="0 = only the final LoRA")
     p.add_argument("--checkpoint-dir", default=None, help="default: <out without suffix>_checkpoints")
     p.add_argument("--resume", default=None, help="checkpoint file, or 'latest' (newest in --checkpoint-dir)")
     p.add_argument("--comfyui", default=None, help="ComfyUI folder (with main.py)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (tests; far too slow for real models)")
     return p.parse_args(argv)
+
+
+def comfy_encoder(args, training, family: str):
+    """The model's VAE + text encoder(s) as an ``ExampleEncoder`` (loaded only when image examples exist)."""
+    if not args.vae or not args.text_encoder:
+        sys.exit("image examples need the model's VAE and text encoder: pass --vae and --text-encoder")
+    import comfy.sd
+    import comfy.utils
+    import folder_paths
+
+    vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(args.vae, safe_load=True))
+    clip_type = getattr(comfy.sd.CLIPType, CLIP_TYPES[family].upper(), comfy.sd.CLIPType.STABLE_DIFFUSION)
+    clip = comfy.sd.load_clip(ckpt_paths=list(args.text_encoder), clip_type=clip_type,
+                              embedding_directory=folder_paths.get_folder_paths("embeddings"))
+    return training.ComfyEncoder(vae, clip, family, guidance=args.guidance)
+
+
+def load_examples(args, training, family: str, make_encoder) -> tuple[list, list]:
+    """(training examples, validation examples); image examples are encoded, then the encoder is released."""
+    folders = [Path(args.data)] + ([Path(args.validation)] if args.validation else [])
+    needs_encoder = any(training.find_image_examples(f) for f in folders if f.is_dir())
+    encoder = make_encoder(family) if needs_encoder else None
+    try:
+        train = training.load_example_folder(args.data, encoder, args.resolution)
+        held_out = training.load_example_folder(args.validation, encoder, args.resolution) if args.validation else []
+    except ValueError as err:
+        sys.exit(str(err))
+    del encoder
+    import comfy.model_management as mm
+
+    mm.cleanup_models_gc()  # the VAE and text encoder are unreferenced now: their memory goes back
+    mm.soft_empty_cache()
+    return train, held_out
+
+
+def train(args, training, model, make_encoder) -> Path:
+    """Everything after loading the diffusion model: data, trainer, resume, fit, outputs."""
+    import torch
+
+    family = training.family.base_family(model)[0]
+    examples, held_out = load_examples(args, training, family, make_encoder)
+    print(f"{len(examples)} training examples from {args.data}"
+          + (f", {len(held_out)} validation examples from {args.validation}" if held_out else ""))
+    trainer = training.LoraTrainer(
+        model,
+        training.LoraConfig(rank=args.rank, alpha=float(args.alpha if args.alpha is not None else args.rank),
+                            targets=args.targets),
+        training.TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
+                             grad_accumulation=args.grad_accum, seed=args.seed,
+                             keep_ratios=training.KeepRatioDistribution(low=args.keep_min, high=args.keep_max,
+                                                                        dense_share=args.dense_share),
+                             timestep_sampling=args.timestep_sampling, recommended_keep_ratio=args.recommended_keep,
+                             lora_dtype=getattr(torch, DTYPES[args.lora_dtype]),
+                             gradient_checkpointing=not args.no_gradient_checkpointing),
+    )
+    print(f"{trainer.family_name}: LoRA rank {args.rank} on {len(trainer.lora.deltas)} layers "
+          f"({trainer.lora.num_parameters() / 1e6:.1f} M parameters); {trainer.config.keep_ratios.describe()}; "
+          f"gradient checkpointing {'on' if trainer.config.gradient_checkpointing else 'off'}")
+    out = Path(args.out)
+    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.stem + "_checkpoints")
+    if args.resume:
+        resume = training.latest_checkpoint(ckpt_dir) if args.resume == "latest" else Path(args.resume)
+        if resume is None:
+            sys.exit(f"--resume latest: no checkpoint in {ckpt_dir}")
+        trainer.load_checkpoint(resume)
+        print(f"resumed from {resume} at step {trainer.step}")
+    trainer.fit(examples, checkpoint_every=args.checkpoint_every, checkpoint_dir=ckpt_dir,
+                validation=held_out, validate_every=args.validate_every)
+    path = trainer.save(out, dtype=getattr(torch, DTYPES[args.save_dtype]))
+    from sparse_context.training.plot import curves_image
+
+    curves = out.with_name(out.stem + ".curves.png")
+    curves_image(trainer.losses, trainer.validation).save(curves)
+    (out.with_name(out.stem + ".log.json")).write_text(json.dumps(
+        {"losses": trainer.losses, "validation": trainer.validation}, indent=1), encoding="utf-8")
+    print(f"saved {path} (curves: {curves.name}): {trainer.metadata().summary()}")
+    if trainer.validation:
+        first, last = trainer.validation[0], trainer.validation[-1]
+        print(f"validation one-step x0 PSNR: dense {first['dense_psnr']:.2f} -> {last['dense_psnr']:.2f} dB, "
+              f"keep {last['keep']:g} {first['sparse_psnr']:.2f} -> {last['sparse_psnr']:.2f} dB")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,36 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     training = import_pack()
-    dtype = getattr(torch, DTYPES[args.dtype])
-    examples = training.load_example_folder(args.data)
-    print(f"{len(examples)} examples from {args.data}")
-    model = comfy.sd.load_diffusion_model(args.model, model_options={"dtype": dtype})
-    trainer = training.LoraTrainer(
-        model,
-        training.LoraConfig(rank=args.rank, alpha=float(args.alpha if args.alpha is not None else args.rank),
-                            targets=args.targets),
-        training.TrainConfig(steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
-                             grad_accumulation=args.grad_accum, seed=args.seed,
-                             keep_ratios=training.KeepRatioDistribution(low=args.keep_min, high=args.keep_max,
-                                                                        dense_share=args.dense_share),
-                             timestep_sampling=args.timestep_sampling, recommended_keep_ratio=args.recommended_keep),
-    )
-    print(f"{trainer.family_name}: LoRA rank {args.rank} on {len(trainer.lora.deltas)} layers "
-          f"({trainer.lora.num_parameters() / 1e6:.1f} M parameters); {trainer.config.keep_ratios.describe()}")
-    out = Path(args.out)
-    ckpt_dir = Path(args.checkpoint_dir) if args.checkpoint_dir else out.with_name(out.stem + "_checkpoints")
-    if args.resume:
-        resume = Path(args.resume)
-        if args.resume == "latest":
-            found = sorted(ckpt_dir.glob("checkpoint_*.safetensors"))
-            if not found:
-                sys.exit(f"--resume latest: no checkpoint in {ckpt_dir}")
-            resume = found[-1]
-        trainer.load_checkpoint(resume)
-        print(f"resumed from {resume} at step {trainer.step}")
-    trainer.fit(examples, checkpoint_every=args.checkpoint_every, checkpoint_dir=ckpt_dir)
-    path = trainer.save(out, dtype=getattr(torch, DTYPES[args.save_dtype]))
-    print(f"saved {path}: {trainer.metadata().summary()}")
+    model = comfy.sd.load_diffusion_model(args.model, model_options={"dtype": getattr(torch, DTYPES[args.dtype])})
+    train(args, training, model, lambda family: comfy_encoder(args, training, family))
     return 0
 
 

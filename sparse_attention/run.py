@@ -64,6 +64,7 @@ class SparseRun:
         self.store: CacheStore | None = None  # the patch's cross-run store of reference keys/values
         self.model_key: tuple = ("direct",)  # the weights' identity (model + weight patches), set per sampling run
         self.cached: CachedRun | None = None
+        self.log_kept = True  # one INFO line per run; training makes a run per forward and turns it off
 
     def binding_for(self, binding: Any, n_refs: int) -> SelectionBinding | None:
         """The binding of a forward with ``n_refs`` references: its own, else the run's shared one cut to
@@ -166,6 +167,8 @@ class SparseRun:
             "target_tokens": target_tokens,
             "attention_work_ratio": attention_work_ratio(text_tokens, target_tokens, dense, kept),
         }
+        if not self.log_kept:
+            return
         refs = ", ".join(f"#{i + 1} {p.kept}/{p.total} ({p.rule})" for i, p in enumerate(plans))
         log.info("SparseContext: kept reference tokens %s; joint attention work %.0f%% of dense",
                  refs, 100 * self.report["attention_work_ratio"])

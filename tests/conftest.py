@@ -30,3 +30,15 @@ def server():
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls on a shared 2-core machine: one thread is ~100x faster than two contending ones
+    (modules that train use it: ``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

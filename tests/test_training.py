@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import pickle
 from pathlib import Path
 
+import comfy.ops  # ComfyUI is importable: conftest put it on sys.path
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -21,13 +23,7 @@ API_WORKFLOW = REPO / "tests" / "workflows_api" / "sparse_train_lora.json"
 UI_WORKFLOW = REPO / "workflows" / "sparse_train_lora.json"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread is ~100x faster than two contending ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _training():
@@ -51,35 +47,57 @@ def _task(n: int, first_seed: int) -> list:
     return out
 
 
-def _trainer(model_seed: int = 0, dtype=torch.float32, **train):
+def _trainer(model_seed: int = 0, dtype=torch.float32, family: str = FAMILY, base_dtype=None, **train):
+    """A trainer on a tiny model; ``base_dtype`` stores the weights in that dtype (fp8) and computes in ``dtype``."""
     import sc_testpack
 
     tr = _training()
-    mp = sc_testpack.build_model_patcher(FAMILY, model_seed)
-    if dtype == torch.float64:
-        mp.model.diffusion_model.double()
+    if base_dtype is not None:
+        mp = sc_testpack.build_model_patcher(family, model_seed, dtype=base_dtype, manual_cast=dtype)
+    else:
+        mp = sc_testpack.build_model_patcher(family, model_seed, dtype=dtype)
     config = tr.TrainConfig(compute_dtype=dtype, lora_dtype=dtype, **train)
     return mp, tr.LoraTrainer(mp, tr.LoraConfig(rank=4, alpha=4.0), config)
 
 
-# -- gradients ----------------------------------------------------------------------------------------------
-def test_gradients_match_forward_mode_ad_with_sparse_references():
-    _, trainer = _trainer(dtype=torch.float64)
-    [example] = _task(1, 100)
+def _example(family: str):
+    """One example of ``family`` with one 4x4-token reference (FLUX.1: the permutation task)."""
+    import sc_testpack
+
+    if family == FAMILY:
+        return _task(1, 100)[0]
+    context, extra = sc_testpack.make_conditioning(family, 5)[0]
+    ref = sc_testpack.make_latent(family, 3, 64, 64)
+    return _training().TrainingExample(ref.flip(1).clone(), [ref], context, extra["pooled_output"])
+
+
+def _graph_nodes(loss: torch.Tensor, name: str) -> int:
+    """How many autograd nodes called ``name`` the graph of ``loss`` holds."""
+    seen, stack, count = set(), [loss.grad_fn], 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        count += type(node).__name__ == name
+        stack.extend(fn for fn, _ in node.next_functions)
+    return count
+
+
+def _check_against_forward_ad(trainer, example, keep: float = 0.5) -> tuple[dict, int]:
+    """Backward of the trainer's loss vs forward-mode AD, one random direction per LoRA module (float64).
+    Returns ({module: (backward, forward-AD)}, number of checkpointed blocks in the graph)."""
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():  # a LoRA with both factors non-zero, so every factor has a gradient
         for p in trainer.lora.parameters():
             p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     params = list(trainer.lora.parameters())
+    out = {}
     with trainer.session():
-        loss = trainer.loss(example, keep_ratio=0.5, seed=3, sigma=0.4)
-        [ref] = trainer.last_report["references"]
-        assert ref["kept"] == ref["tokens"] // 2 == 8, trainer.last_report  # the inference patch dropped half
-        loss.backward()
+        loss = trainer.loss(example, keep_ratio=keep, seed=3, sigma=0.4)
+        checkpointed = _graph_nodes(loss, "_CheckpointedBlockBackward")
+        loss.backward(inputs=params)
         grads = {id(p): p.grad.detach().clone() for p in params}
-
-        # forward-mode AD: one directional derivative per LoRA module (tangent only on that module's factors)
-        checked = 0
         for name, delta in trainer.lora.deltas.items():
             tangents = {n: torch.randn(getattr(delta, n).shape, generator=gen, dtype=torch.float64)
                         for n in ("lora_down", "lora_up")}
@@ -89,20 +107,174 @@ def test_gradients_match_forward_mode_ad_with_sparse_references():
                 with torch.no_grad(), fwAD.dual_level():
                     for n, t in tangents.items():
                         setattr(delta, n, fwAD.make_dual(saved[n].detach(), t))
-                    jvp = float(fwAD.unpack_dual(trainer.loss(example, 0.5, seed=3, sigma=0.4)).tangent)
+                    tangent = fwAD.unpack_dual(trainer.loss(example, keep, seed=3, sigma=0.4)).tangent
+                    jvp = 0.0 if tangent is None else float(tangent)  # None: the loss does not depend on it
             finally:
                 for n, p in saved.items():
                     delattr(delta, n)
                     delta._parameters[n] = p
-            print(f"{name}: backward {expected:+.10f}  forward-AD {jvp:+.10f}")
-            assert abs(jvp) > 1e-6, f"{name}: no signal to compare"
-            assert expected == pytest.approx(jvp, rel=1e-5, abs=1e-10), name  # RoPE runs in float32
-            checked += 1
-        assert checked == 10  # double block img/txt qkv, proj, mlp.0, mlp.2 + single block linear1, linear2
+            out[name] = (expected, jvp)
+    return out, checkpointed
 
-        # why the trainer records the graph with cloned saved tensors: ComfyUI's blocks add residuals in place
-        with pytest.raises(RuntimeError, match="inplace"):
-            trainer.loss(example, 0.5, seed=3, sigma=0.4, clone_saved=False).backward()
+
+# -- gradients ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family, checkpointing, base_dtype", [
+    (FAMILY, False, None), (FAMILY, True, None), ("flux2_klein", True, None), ("qwen_image_edit", True, None),
+    (FAMILY, True, torch.float8_e4m3fn), (FAMILY, False, torch.float8_e4m3fn),
+])
+def test_gradients_match_forward_mode_ad_with_sparse_references(family, checkpointing, base_dtype):
+    _, trainer = _trainer(dtype=torch.float64, family=family, base_dtype=base_dtype,
+                          gradient_checkpointing=checkpointing)
+    checked, checkpointed = _check_against_forward_ad(trainer, _example(family))
+    [ref] = trainer.last_report["references"]
+    assert ref["kept"] == ref["tokens"] // 2, trainer.last_report  # the inference patch dropped half
+    for name, (backward, jvp) in checked.items():
+        print(f"{family} checkpointing={checkpointing} base={base_dtype}: {name}: backward {backward:+.10f}  "
+              f"forward-AD {jvp:+.10f}")
+        assert backward == pytest.approx(jvp, rel=1e-5, abs=1e-10), name  # RoPE runs in float32
+    assert len(checked) == len(trainer.lora.deltas)
+    # every module has a signal to compare, but the text stream of Qwen's last block (its output is unused)
+    assert sum(abs(jvp) > 1e-6 for _, jvp in checked.values()) >= 8
+    # checkpointing on: one recomputing node per transformer block in the graph (Flux 1 + 1, Qwen 1); off: none
+    assert checkpointed == ((1 if family == "qwen_image_edit" else 2) if checkpointing else 0)
+
+
+def test_without_checkpointing_the_graph_needs_cloned_saved_tensors():
+    """Why the trainer records the graph with cloned saved tensors when it does not checkpoint: ComfyUI's
+    blocks add residuals in place."""
+    _, trainer = _trainer(dtype=torch.float64, gradient_checkpointing=False)
+    with trainer.session(), pytest.raises(RuntimeError, match="inplace"):
+        trainer.loss(_example(FAMILY), 0.5, seed=3, sigma=0.4, clone_saved=False).backward()
+
+
+def test_lora_on_an_fp8_base_is_exact_for_the_fp8_weights_upcast():
+    """Training on an fp8 base computes with the fp8 values upcast, LoRA added after the cast: the loss equals
+    that of a float64 model holding exactly those values, with the same LoRA."""
+    import sc_testpack
+
+    tr = _training()
+    fp8 = sc_testpack.build_model_patcher(FAMILY, 0, dtype=torch.float8_e4m3fn, manual_cast=torch.float64)
+    wide = sc_testpack.build_model_patcher(FAMILY, 0, dtype=torch.float64)
+    full = sc_testpack.build_model_patcher(FAMILY, 0, dtype=torch.float64)  # unrounded weights
+    fp8_weights = fp8.model.diffusion_model.state_dict()
+    assert {v.dtype for v in fp8_weights.values()} == {torch.float8_e4m3fn}
+    wide.model.diffusion_model.load_state_dict({k: v.double() for k, v in fp8_weights.items()})
+    config = tr.TrainConfig(compute_dtype=torch.float64, lora_dtype=torch.float64)
+    a, b, c = (tr.LoraTrainer(m, tr.LoraConfig(rank=4, alpha=4.0), config) for m in (fp8, wide, full))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p, q, r in zip(a.lora.parameters(), b.lora.parameters(), c.lora.parameters(), strict=True):
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+            q.copy_(p)
+            r.copy_(p)
+        example = _example(FAMILY)
+        la, lb, lc = (float(t.loss(example, 0.5, seed=3, sigma=0.4)) for t in (a, b, c))
+    print(f"\nloss with LoRA: fp8 base {la:.12f}, its values in float64 {lb:.12f}, unrounded float64 base {lc:.12f}")
+    assert la == pytest.approx(lb, rel=1e-12)
+    assert abs(la - lc) > 1e-6  # the comparison can tell fp8 rounding apart
+
+
+# -- low-precision and quantized bases ----------------------------------------------------------------------------
+@pytest.mark.parametrize("lora_dtype", [torch.bfloat16, torch.float32])
+def test_fp8_base_trains_and_its_lora_loads_through_core(lora_dtype, tmp_path):
+    """An fp8 base (ComfyUI's fp8_e4m3fn weight dtype, computing in float32 here): the LoRA trains, and core's
+    loader merges the saved file onto the fp8 weights (to within fp8 rounding of W + delta)."""
+    import comfy.lora
+    import comfy.sd
+    import sc_testpack
+
+    tr = _training()
+    mp = sc_testpack.build_model_patcher(FAMILY, 0, dtype=torch.float8_e4m3fn, manual_cast=torch.float32)
+    trainer = tr.LoraTrainer(mp, tr.LoraConfig(rank=4, alpha=4.0),
+                             tr.TrainConfig(steps=5, learning_rate=5e-2, lora_dtype=lora_dtype))
+    losses = trainer.fit(_task(2, 100), progress=False)
+    assert len(losses) == 5 and all(math.isfinite(v) for v in losses)
+    assert {p.dtype for p in trainer.lora.parameters()} == {lora_dtype}
+    sd, _ = tr.load_lora_file(trainer.save(tmp_path / "fp8.safetensors"))
+    assert len(comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(mp.model, {}), log_missing=False)) == 10
+    patched, _ = comfy.sd.load_lora_for_models(mp, None, sd, 1.0, 0)
+    with torch.inference_mode():  # as inside a ComfyUI run
+        patched.patch_model()
+        merged = {k: v.clone() for k, v in patched.model.diffusion_model.state_dict().items()}
+        patched.unpatch_model()
+    base = mp.model.diffusion_model.state_dict()
+    for name, delta in trainer.lora.deltas.items():
+        key = f"{name}.weight"
+        assert merged[key].dtype == torch.float8_e4m3fn
+        wanted = base[key].float() + delta.delta().detach().float()
+        size = delta.delta().detach().float().abs().mean()
+        assert (merged[key].float() - wanted).abs().mean() < 0.25 * size, name  # the unmerged base is 1.0 * size off
+
+
+class OwnKernelOps(comfy.ops.manual_cast):
+    """Ops as custom-quantization packs (ComfyUI-GGUF) make them: a core op whose forward computes from its own
+    copy of the weight, never applying ComfyUI's weight function."""
+
+    class Linear(comfy.ops.manual_cast.Linear):
+        def forward(self, input):
+            bias = None if self.bias is None else self.bias.to(input.dtype)
+            return torch.nn.functional.linear(input, self.weight.to(input.dtype), bias)
+
+
+@pytest.mark.parametrize("ops", ["own_kernel", "scaled_fp8"])
+def test_layers_that_bypass_the_weight_function_are_refused_before_the_first_step(ops):
+    """A core op subclass with its own weight path (as GGUF's), and core's own scaled-fp8 ops of hosts that
+    apply the weight function BEFORE the scale (the LoRA would train against other weights than inference's)."""
+    import sc_testpack
+
+    tr = _training()
+    if ops == "scaled_fp8":
+        if not hasattr(comfy.ops, "scaled_fp8_ops"):
+            pytest.skip("this ComfyUI has no scaled_fp8_ops (scaled fp8 files load as quantized tensors there)")
+        mp = sc_testpack.build_model_patcher(FAMILY, 0, dtype=torch.float8_e4m3fn, manual_cast=torch.float32,
+                                             operations=comfy.ops.scaled_fp8_ops())
+        kind = "scaled_fp8_op.Linear"
+    else:
+        mp, kind = sc_testpack.build_model_patcher(FAMILY, 0, operations=OwnKernelOps), "OwnKernelOps.Linear"
+    trainer = tr.LoraTrainer(mp, tr.LoraConfig(rank=4, alpha=4.0), tr.TrainConfig(steps=3))
+    before = trainer.lora_state_dict()
+    with pytest.raises(ValueError) as info:
+        trainer.fit(_task(2, 100), progress=False)
+    message = str(info.value)
+    print("\n" + message)
+    assert message.startswith("model: 10 of 10 layers the LoRA adapts compute without ComfyUI's weight function")
+    assert kind in message and "GGUF" in message and "weight_dtype" in message
+    assert trainer.step == 0 and trainer.losses == []
+    after = trainer.lora_state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# -- what training leaves alone ---------------------------------------------------------------------------------
+def test_training_leaves_the_shared_model_and_other_loaded_models_alone():
+    import logging
+
+    import comfy.model_management as mm
+    import sc_testpack
+
+    with torch.inference_mode():  # as a loader node makes them: inference tensors
+        mp = sc_testpack.build_model_patcher(FAMILY, 0)
+        other = sc_testpack.build_model_patcher("flux2_klein", 0)
+    dm = mp.model.diffusion_model
+    state = {n: (t, t.is_inference(), t.requires_grad, t.clone()) for n, t in
+             list(dm.named_parameters()) + list(dm.named_buffers())}
+    process_img = dm.process_img
+    mm.load_models_gpu([other])
+    try:
+        trainer = _training().LoraTrainer(mp, _training().LoraConfig(rank=4, alpha=4.0),
+                                          _training().TrainConfig(steps=2))
+        trainer.fit(_task(2, 100), progress=False)
+        assert any(m.model is other for m in mm.current_loaded_models)  # not unloaded for training
+        assert not any(m.model is trainer.model for m in mm.current_loaded_models)  # the training clone is
+    finally:
+        mm.free_memory(1e30, other.load_device, keep_loaded=[m for m in mm.current_loaded_models if m.model is not other])
+    now = dict(list(dm.named_parameters()) + list(dm.named_buffers()))
+    for n, (t, inference, grad, value) in state.items():
+        assert now[n] is t and t.is_inference() == inference and t.requires_grad == grad and t.grad is None, n
+        assert torch.equal(now[n], value), n
+    assert dm.process_img == process_img
+    assert all(not getattr(m, "weight_function", []) and not getattr(m, "bias_function", []) for m in dm.modules())
+    assert logging.getLogger("SparseContext.training").level == logging.NOTSET  # no logger set up on import
+    assert logging.getLogger("SparseContext").level == logging.NOTSET
 
 
 # -- a short training run --------------------------------------------------------------------------------------

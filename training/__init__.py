@@ -6,21 +6,29 @@ Modules (each usable on its own):
 * ``lora``: ``LoraConfig``, target presets, ``LoraDelta`` (a ComfyUI weight wrapper), ``attach_lora``;
 * ``lora_file``: safetensors LoRA files in core's key format with metadata; safe loading, key matching;
 * ``examples``: ``TrainingExample`` and its one-safetensors-file-per-example format;
+* ``example_folder``: a folder of examples (image sub-folders encoded by ``ComfyEncoder``, and example files);
 * ``autograd``: ``clone_saved_tensors``, exact backprop through ComfyUI's in-place residual blocks;
-* ``trainer``: ``TrainConfig``, ``LoraTrainer`` (``loss``, ``train_step``, ``evaluate``, ``fit``, ``save``,
-  checkpoints).
+* ``checkpointing``: exact per-block gradient checkpointing through core's block-replacement patches;
+* ``base_weights``: reading the frozen base (inference tensors, fp8) and refusing layers a LoRA cannot train;
+* ``host_ops``: autograd-capable host kernels during training;
+* ``trainer``: ``TrainConfig``, ``LoraTrainer`` (``loss``, ``train_step``, ``evaluate``, ``validate``, ``fit``,
+  ``save``, checkpoints);
+* ``progress``, ``plot``: the console progress bar and the curves image.
 
 Needs ComfyUI importable for everything that touches a model (imports are lazy where possible).
 """
 
 from .dropping import DENSE_ONLY, KeepRatioDistribution
-from .examples import TrainingExample, examples_from_comfy, load_example, load_example_folder, save_example
+from .example_folder import ComfyEncoder, ImageExample, find_image_examples, load_example_folder
+from .examples import TrainingExample, examples_from_comfy, load_example, save_example
 from .lora import PRESET_NAMES, TARGET_PRESETS, LoraConfig, LoraDelta, LoraSet, attach_lora
 from .lora_file import LoraMatch, LoraMetadata, apply_lora, load_lora_file, match_lora, read_header, save_lora
-from .trainer import LoraTrainer, TrainConfig, sparse_run_for
+from .trainer import LoraTrainer, TrainConfig, latest_checkpoint, sparse_run_for
 
 __all__ = [
     "DENSE_ONLY",
+    "ComfyEncoder",
+    "ImageExample",
     "PRESET_NAMES",
     "TARGET_PRESETS",
     "KeepRatioDistribution",
@@ -35,6 +43,8 @@ __all__ = [
     "apply_lora",
     "attach_lora",
     "examples_from_comfy",
+    "find_image_examples",
+    "latest_checkpoint",
     "load_example",
     "load_example_folder",
     "load_lora_file",

@@ -3,7 +3,9 @@
 A plain ``loss.backward()`` fails ("modified by an inplace operation"), and non-reentrant
 ``torch.utils.checkpoint`` silently gives wrong gradients there. Recording the graph while every tensor
 autograd saves is cloned at save time gives exact gradients (checked against forward-mode AD in
-float64 by ``tests/test_training.py``) at the cost of one copy per saved activation.
+float64 by ``tests/test_training.py``) at the cost of one copy per saved activation: the trainer does it
+for the whole forward without gradient checkpointing, and for one block at a time in each block's
+recompute with it (``training.checkpointing``).
 """
 
 from __future__ import annotations

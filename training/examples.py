@@ -1,7 +1,7 @@
 """Training examples: a target latent, its reference latents and its text conditioning.
 
 File format (one ``.safetensors`` per example, written by ``save_example`` or the
-``SparseContextSaveTrainingExample`` node, read by ``load_example`` / ``load_example_folder``):
+``SparseContextSaveTrainingExample`` node, read by ``load_example`` and ``example_folder.load_example_folder``):
 
 * ``target``: the target image's latent exactly as ComfyUI's VAEEncode gives it, (1, C, H, W), or
   (1, C, 1, H, W) for Qwen-Image (NOT ``process_latent_in``-scaled: the trainer scales, like sampling does);
@@ -130,12 +130,3 @@ def load_example(path: str | Path) -> TrainingExample:
                                None if guidance is None else float(guidance), method, meta)
     except ValueError as err:
         raise ValueError(f"{path.name}: {err}") from err
-
-
-def load_example_folder(folder: str | Path) -> list[TrainingExample]:
-    """All ``*.safetensors`` examples in ``folder`` (sorted by name)."""
-    folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise ValueError(f"{folder}: no .safetensors training examples (see training/examples.py for the format)")
-    return [load_example(p) for p in files]

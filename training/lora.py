@@ -211,14 +211,3 @@ def attach_lora(model_patcher, config: LoraConfig, arch: str, seed: int = 0,
         deltas[name] = delta
         clone.add_weight_wrapper(f"{PREFIX}{name}.weight", delta)
     return clone, LoraSet(deltas, config, patterns)
-
-
-def detach_lora(diffusion_model: torch.nn.Module, lora: LoraSet) -> None:
-    """Remove this LoRA's wrappers from the modules' weight functions (ComfyUI keeps them after a full
-    load until the next load; a direct call on the bare model must not see the LoRA)."""
-    mine = {id(d) for d in lora.deltas.values()}
-    for name in lora.deltas:
-        module = diffusion_model.get_submodule(name)
-        funcs = getattr(module, "weight_function", None)
-        if isinstance(funcs, list) and any(id(f) in mine for f in funcs):
-            module.weight_function = [f for f in funcs if id(f) not in mine]

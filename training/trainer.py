@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field, replace
@@ -35,18 +36,31 @@ import torch
 from ..selectors import Budget
 from ..sparse_attention import RUN_KEY, SparseContextConfig, SparseContextPatch, apply_sparse_context
 from .autograd import clone_saved_tensors
+from .base_weights import (
+    check_lora_reaches_weights,
+    guard_inference_tensors,
+    read_through_copy,
+    remove_weight_functions,
+)
+from .checkpointing import add_block_checkpointing, blocks
 from .dropping import KeepRatioDistribution
 from .examples import TrainingExample
 from .family import architecture, base_family
 from .host_ops import differentiable_host_ops
-from .lora import LoraConfig, attach_lora, detach_lora
+from .lora import PREFIX, LoraConfig, attach_lora
 from .lora_file import LoraMetadata, pack_version, save_lora
+from .progress import ConsoleProgress
 
 log = logging.getLogger("SparseContext.training")
-log.setLevel(logging.INFO)  # stays audible while the patch's per-run INFO lines are muted during training
 
 TIMESTEP_SAMPLING = ("logit_normal", "uniform", "shifted")
 CHECKPOINT_KEY = "sparse_context.checkpoint"
+#: Noise levels of the validation's one-step x0 estimates (fixed, so curves compare across steps).
+VALIDATION_SIGMAS = (0.25, 0.5, 0.75)
+#: Training activation memory with checkpointing, as a multiple of ComfyUI's own inference estimate for the
+#: same input (``BaseModel.memory_required``; without checkpointing: times the number of blocks). The session
+#: asks core to make this much room before loading, instead of unloading everything.
+MEMORY_FACTOR_CHECKPOINTED = 3.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +82,9 @@ class TrainConfig:
         lora_dtype: dtype of the LoRA parameters while training (float32 recommended).
         recommended_keep_ratio: written to the LoRA's metadata; the loader outputs it for Apply Sparse
             Context. Clamped into the trained range.
+        gradient_checkpointing: keep only each transformer block's inputs between forward and backward and
+            recompute the block in the backward (``training.checkpointing``): far less activation memory for
+            about one more forward per step. Same gradients.
     """
 
     steps: int = 1000
@@ -82,6 +99,7 @@ class TrainConfig:
     compute_dtype: torch.dtype | None = None
     lora_dtype: torch.dtype = torch.float32
     recommended_keep_ratio: float = 0.25
+    gradient_checkpointing: bool = True
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.grad_accumulation < 1 or self.warmup_steps < 0:
@@ -104,23 +122,37 @@ def _generator(*parts: int) -> torch.Generator:
 
 def sparse_run_for(keep_ratio: float, seed: int):
     """The ``SparseRun`` of one training forward: random ``keep_ratio`` of every reference, exact count
-    (bucket 1), or the patch disabled when ``keep_ratio >= 1``."""
+    (bucket 1), or the patch disabled when ``keep_ratio >= 1``. It does not log its kept counts."""
     if keep_ratio >= 1.0:
         config = SparseContextConfig(enabled=False)
     else:
         config = SparseContextConfig(budget=Budget(mode="ratio", ratio=float(keep_ratio)), rule="random",
                                      bucket=1, seed=int(seed))
-    return SparseContextPatch(config).new_run()
+    run = SparseContextPatch(config).new_run()
+    run.log_kept = False
+    return run
+
+
+@dataclass
+class _Forward:
+    """One training forward: the model's velocity prediction and what it is compared with."""
+
+    pred: torch.Tensor  # model output (velocity)
+    target: torch.Tensor  # noise - x0
+    x0: torch.Tensor  # the clean target latent (after process_latent_in)
+    x_t: torch.Tensor  # the noised input
+    sigma: torch.Tensor  # (1,)
 
 
 class LoraTrainer:
     """Trains a drop-robust LoRA on a ComfyUI ``ModelPatcher`` (which is left untouched).
 
     Attributes:
-        model: the training clone (sparse patch + LoRA weight wrappers).
+        model: the training clone (sparse patch + LoRA weight wrappers + block checkpointing).
         lora: the ``LoraSet`` being trained.
         step: optimizer steps done.
         losses: training loss per optimizer step.
+        validation: ``validate`` records (step, keep, dense_psnr, sparse_psnr) made during ``fit``.
         last_report: the sparse patch's report of the latest forward (kept tokens per reference).
     """
 
@@ -128,17 +160,26 @@ class LoraTrainer:
         self.config = config or TrainConfig()
         self.lora_config = lora or LoraConfig()
         self.base = model_patcher
-        self.family, self.family_name, arch = base_family(model_patcher)
+        self.family, self.family_name, self.arch = base_family(model_patcher)
         self.architecture = architecture(model_patcher)
         sparse = apply_sparse_context(model_patcher, SparseContextConfig(rule="random", bucket=1))
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable tensors must not be
-            self.model, self.lora = attach_lora(sparse, self.lora_config, arch, seed=self.config.seed,
+            self.model, self.lora = attach_lora(sparse, self.lora_config, self.arch, seed=self.config.seed,
                                                 dtype=self.config.lora_dtype)
+            guard_inference_tensors(self.model, {f"{PREFIX}{name}.weight" for name in self.lora.deltas})
+            if self.config.gradient_checkpointing:
+                add_block_checkpointing(self.model, self.arch, {name: [d.lora_down, d.lora_up]
+                                                                for name, d in self.lora.deltas.items()})
+            for p in self.lora.parameters():
+                p.requires_grad_(True)
             self.optimizer = torch.optim.AdamW(list(self.lora.parameters()), lr=self.config.learning_rate,
                                                weight_decay=self.config.weight_decay)
         self.step = 0
         self.losses: list[float] = []
+        self.validation: list[dict] = []
         self.last_report: dict | None = None
+        self.memory_required = 0.0  # activation bytes the session asks core to make room for (set by fit)
+        self._checked = False
         self._depth = 0
         self._dm = None
         self._options: dict | None = None
@@ -147,8 +188,9 @@ class LoraTrainer:
     # -- model session -------------------------------------------------------------------------
     @contextmanager
     def session(self) -> Iterator[LoraTrainer]:
-        """Load the training clone through ComfyUI's model management (as core's training node does) and
-        unload it afterwards. Re-entrant; ``train_step``/``evaluate`` open one when none is active."""
+        """Load the training clone through ComfyUI's model management and unload it (only it) afterwards.
+        Re-entrant; ``train_step``/``evaluate``/``validate`` open one when none is active. The first session
+        checks that every adapted layer applies ComfyUI's weight function (``check_lora_reaches_weights``)."""
         if self._depth:
             self._depth += 1
             try:
@@ -159,31 +201,35 @@ class LoraTrainer:
         import comfy.model_management as mm
         import comfy.patcher_extension as pe
 
-        sparse_log = logging.getLogger("SparseContext")
-        old_level = sparse_log.level
         with torch.inference_mode(False):
-            mm.load_models_gpu([self.model], memory_required=1e20, force_full_load=True)
+            # core frees what the clone's weights plus ``memory_required`` need on the device, not everything
+            mm.load_models_gpu([self.model], memory_required=self.memory_required, force_full_load=True)
             dm = self.model.model.diffusion_model
-            _ordinary_tensors(dm)
-            grad_flags = {n: p.requires_grad for n, p in dm.named_parameters()}
-            dm.requires_grad_(False)
-            for p in self.lora.parameters():
-                p.requires_grad_(True)
             options = pe.copy_nested_dicts(self.model.model_options.get("transformer_options", {}))
             options["wrappers"] = pe.copy_nested_dicts(self.model.wrappers)
             self._dm, self._options, self._device = dm, options, self.model.load_device
             self._depth = 1
-            sparse_log.setLevel(max(old_level, logging.WARNING))  # one "kept tokens" line per step is noise
             try:
+                if not self._checked:
+                    check_lora_reaches_weights(dm, self.lora, self._device, self._dtype())
+                    self._checked = True
                 yield self
             finally:
-                sparse_log.setLevel(old_level)
                 self._depth = 0
                 self._dm = self._options = None
-                mm.free_memory(1e30, self.model.load_device)  # unloads the clone: object patches restored
-                detach_lora(dm, self.lora)
-                for n, p in dm.named_parameters():
-                    p.requires_grad_(grad_flags.get(n, p.requires_grad))
+                _unload(self.model)  # object patches restored by core
+                remove_weight_functions(dm, [*self.lora.deltas.values(), read_through_copy])
+
+    def training_memory(self, example: TrainingExample) -> float:
+        """Bytes of activations one training step on ``example`` is expected to need on the device:
+        ComfyUI's inference estimate for the same input, times ``MEMORY_FACTOR_CHECKPOINTED`` with
+        checkpointing, or times the number of transformer blocks without it."""
+        base = self.model.model
+        inference = base.memory_required(tuple(example.target.shape),
+                                         cond_shapes={"ref_latents": [tuple(r.shape) for r in example.references]})
+        if self.config.gradient_checkpointing:
+            return float(inference) * MEMORY_FACTOR_CHECKPOINTED
+        return float(inference) * sum(1 for _ in blocks(self.model.get_model_object("diffusion_model"), self.arch))
 
     # -- one forward -----------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
@@ -204,11 +250,8 @@ class LoraTrainer:
             u = ms.sigma(ms.timestep(u)).float()
         return u
 
-    def loss(self, example: TrainingExample, keep_ratio: float, seed: int, sigma: float | None = None,
-             clone_saved: bool = True) -> torch.Tensor:
-        """Flow-matching loss of one example with ``keep_ratio`` of its reference tokens (random subset
-        drawn from ``seed``; 1.0 = dense). Noise and sigma (unless given) are drawn from ``seed`` too.
-        Builds the autograd graph when grad mode is on (``clone_saved=False`` only to show why it is needed)."""
+    def _forward(self, example: TrainingExample, keep_ratio: float, seed: int, sigma: float | None,
+                 clone_saved: bool) -> _Forward:
         with self.session():
             gen = _generator(seed, 17)
             dtype, device = self._dtype(), self._device
@@ -219,18 +262,27 @@ class LoraTrainer:
             s = s.to(device)
             shape = (-1,) + (1,) * (x0.ndim - 1)
             x_t = (1.0 - s.view(shape)) * x0 + s.view(shape) * noise
-            target = noise - x0
             x_in, timestep, kwargs = self._model_inputs(example, x_t, s, device, dtype)
             options = dict(self._options)
             run = sparse_run_for(keep_ratio, seed)
             options[RUN_KEY] = run
             with differentiable_host_ops(), ExitStack() as stack:
-                if clone_saved and torch.is_grad_enabled():
+                if clone_saved and torch.is_grad_enabled() and not self.config.gradient_checkpointing:
                     stack.enter_context(clone_saved_tensors())
                 pred = self._dm(x_in, timestep, transformer_options=options, **kwargs)
             self.last_report = run.report
-            loss_dtype = torch.float64 if pred.dtype == torch.float64 else torch.float32
-            return torch.nn.functional.mse_loss(pred.to(loss_dtype), target.to(loss_dtype))
+            return _Forward(pred, noise - x0, x0, x_t, s)
+
+    def loss(self, example: TrainingExample, keep_ratio: float, seed: int, sigma: float | None = None,
+             clone_saved: bool = True) -> torch.Tensor:
+        """Flow-matching loss of one example with ``keep_ratio`` of its reference tokens (random subset
+        drawn from ``seed``; 1.0 = dense). Noise and sigma (unless given) are drawn from ``seed`` too.
+        Builds the autograd graph when grad mode is on. Without gradient checkpointing the graph is recorded
+        with saved tensors cloned (``clone_saved=False`` only to show why that is needed); with it, each block
+        does that itself in its recompute."""
+        f = self._forward(example, keep_ratio, seed, sigma, clone_saved)
+        loss_dtype = torch.float64 if f.pred.dtype == torch.float64 else torch.float32
+        return torch.nn.functional.mse_loss(f.pred.to(loss_dtype), f.target.to(loss_dtype))
 
     def _model_inputs(self, example: TrainingExample, x_t: torch.Tensor, sigma: torch.Tensor, device, dtype):
         """Diffusion-model inputs as ComfyUI's ``BaseModel._apply_model`` builds them from a conditioning."""
@@ -275,6 +327,7 @@ class LoraTrainer:
         if not examples:
             raise ValueError("examples: at least one training example is required")
         c = self.config
+        params = list(self.lora.parameters())
         with self.session(), torch.enable_grad():
             lr = c.learning_rate * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.learning_rate
             for group in self.optimizer.param_groups:
@@ -283,10 +336,12 @@ class LoraTrainer:
             for a in range(c.grad_accumulation):
                 index, keep, seed = self._micro_draw(self.step * c.grad_accumulation + a, len(examples))
                 loss = self.loss(examples[index], keep, seed)
-                (loss / c.grad_accumulation).backward()
+                # only the LoRA: base weights that require grad (as models built outside ComfyUI's loaders do)
+                # get no .grad, and the shared model is not touched
+                (loss / c.grad_accumulation).backward(inputs=params)
                 total += float(loss.detach())
             if c.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(list(self.lora.parameters()), c.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -306,35 +361,69 @@ class LoraTrainer:
                     total += float(self.loss(ex, keep_ratio, seed + 7919 * i + j, sigma=(j + 0.5) / repeats))
             return total / (len(examples) * repeats)
 
+    @torch.no_grad()
+    def validate(self, examples: Sequence[TrainingExample], keep_ratio: float | None = None,
+                 seed: int = 4242) -> dict:
+        """PSNR (dB) of the model's one-step x0 estimate ``x_t - sigma * v`` against the clean target latent,
+        dense and with ``keep_ratio`` (default: the recommended keep ratio) of the reference tokens, averaged
+        over ``examples`` x ``VALIDATION_SIGMAS``. Fixed noise and kept tokens: records compare across steps.
+        The peak of each PSNR is the target latent's own range (max - min)."""
+        keep = self.metadata().recommended_keep_ratio if keep_ratio is None else float(keep_ratio)
+        report = self.last_report
+        record = {"step": self.step, "keep": keep}
+        with self.session():
+            for tag, ratio in (("dense", 1.0), ("sparse", keep)):
+                values = []
+                for i, ex in enumerate(examples):
+                    for j, sigma in enumerate(VALIDATION_SIGMAS):
+                        f = self._forward(ex, ratio, seed + 7919 * i + j, sigma, clone_saved=False)
+                        x0_hat = f.x_t - f.sigma.view((-1,) + (1,) * (f.x_t.ndim - 1)) * f.pred.float()
+                        mse = float(torch.mean((x0_hat.double() - f.x0.double()) ** 2))
+                        peak = float(f.x0.max() - f.x0.min())
+                        values.append(10.0 * math.log10(peak**2 / max(mse, 1e-20)))
+                record[f"{tag}_psnr"] = sum(values) / len(values)
+        self.last_report = report
+        return record
+
     def fit(self, examples: Sequence[TrainingExample], steps: int | None = None,
             callback: Callable[[int, float], None] | None = None, checkpoint_every: int = 0,
-            checkpoint_dir: str | Path | None = None, progress: bool = True) -> list[float]:
+            checkpoint_dir: str | Path | None = None, progress: bool = True,
+            validation: Sequence[TrainingExample] = (), validate_every: int = 0) -> list[float]:
         """Train until ``steps`` optimizer steps are done in total (default ``config.steps``; a resumed
-        trainer continues from ``self.step``). Returns the losses of all steps."""
+        trainer continues from ``self.step``). Returns the losses of all steps.
+
+        ``callback(step, loss)`` runs after every step (progress bars; it may raise to stop, e.g. ComfyUI's
+        interrupt). With ``validation`` examples and ``validate_every`` > 0, ``validate`` runs before the first
+        step, every ``validate_every`` steps and after the last one; records go to ``self.validation``.
+        ``checkpoint_every`` > 0 writes ``checkpoint_dir/checkpoint_<step>.safetensors`` (``save_checkpoint``)."""
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; those tensors cannot be saved
             examples = [ex.detached() for ex in examples]
+            validation = [ex.detached() for ex in validation]
         total = self.config.steps if steps is None else steps
-        bar = None
-        if progress:
-            try:
-                from tqdm.auto import tqdm
-
-                bar = tqdm(total=total, initial=self.step, desc="Sparse Context LoRA", dynamic_ncols=True)
-            except ImportError:
-                bar = None
-        with self.session():
-            while self.step < total:
-                loss = self.train_step(examples)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                if callback is not None:
-                    callback(self.step, loss)
-                if checkpoint_every and checkpoint_dir is not None and self.step % checkpoint_every == 0:
-                    path = self.save_checkpoint(Path(checkpoint_dir) / f"checkpoint_{self.step:06d}.safetensors")
-                    log.info("SparseContext: checkpoint %s (step %d, loss %.4f)", path, self.step, loss)
-        if bar is not None:
-            bar.close()
+        if examples:
+            self.memory_required = max(self.training_memory(ex) for ex in examples)
+        validating = bool(validation) and validate_every > 0
+        bar = ConsoleProgress(total, self.step) if progress else None
+        try:
+            with self.session():
+                if validating and not any(r["step"] == self.step for r in self.validation):
+                    self.validation.append(self.validate(validation))
+                while self.step < total:
+                    start = time.perf_counter()
+                    loss = self.train_step(examples)
+                    seconds = time.perf_counter() - start
+                    if validating and (self.step % validate_every == 0 or self.step == total):
+                        self.validation.append(self.validate(validation))
+                    if bar is not None:
+                        bar.update(self.step, loss, seconds, self.validation[-1] if self.validation else None)
+                    if callback is not None:
+                        callback(self.step, loss)
+                    if checkpoint_every and checkpoint_dir is not None and self.step % checkpoint_every == 0:
+                        path = self.save_checkpoint(Path(checkpoint_dir) / f"checkpoint_{self.step:06d}.safetensors")
+                        log.info("SparseContext: checkpoint %s (step %d, loss %.4f)", path, self.step, loss)
+        finally:
+            if bar is not None:
+                bar.close()
         return list(self.losses)
 
     # -- output ----------------------------------------------------------------------------------
@@ -356,7 +445,7 @@ class LoraTrainer:
         return save_lora(path, self.lora_state_dict(dtype), self.metadata())
 
     def save_checkpoint(self, path: str | Path) -> Path:
-        """LoRA + optimizer state + step + losses, as safetensors (resumable with ``load_checkpoint``)."""
+        """LoRA + optimizer state + step + losses + validation records, as safetensors (``load_checkpoint``)."""
         from safetensors.torch import save_file
 
         tensors = dict(self.lora.state_dict())
@@ -367,7 +456,7 @@ class LoraTrainer:
                 tensors[f"optimizer.{index}.{name}"] = t.detach().to("cpu").contiguous()
         header = self.metadata().to_header()
         header[CHECKPOINT_KEY] = json.dumps({
-            "step": self.step, "losses": self.losses, "lora": asdict(self.lora_config),
+            "step": self.step, "losses": self.losses, "validation": self.validation, "lora": asdict(self.lora_config),
             "train": {k: v for k, v in asdict(replace(self.config, compute_dtype=None)).items()
                       if k not in ("keep_ratios", "lora_dtype", "compute_dtype")},
         })
@@ -377,10 +466,10 @@ class LoraTrainer:
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Resume from ``save_checkpoint``'s file: LoRA weights, optimizer state, step and losses."""
+        """Resume from ``save_checkpoint``'s file: LoRA weights, optimizer state, step, losses, validation."""
         from safetensors import safe_open
 
-        with safe_open(str(path), framework="pt") as f:
+        with torch.inference_mode(False), safe_open(str(path), framework="pt") as f:  # ordinary tensors, in a node too
             header = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
         if CHECKPOINT_KEY not in header:
@@ -388,34 +477,33 @@ class LoraTrainer:
         info = json.loads(header[CHECKPOINT_KEY])
         if info["lora"] != asdict(self.lora_config):
             raise ValueError(f"{Path(path).name}: checkpoint LoRA settings {info['lora']} differ from {asdict(self.lora_config)}")
-        self.lora.load_state_dict(tensors)
-        opt = self.optimizer.state_dict()
-        state: dict[int, dict] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, index, name = key.split(".", 2)
-                state.setdefault(int(index), {})[name] = value
-        opt["state"] = state
-        self.optimizer.load_state_dict(opt)
+        with torch.inference_mode(False):
+            self.lora.load_state_dict(tensors)
+            opt = self.optimizer.state_dict()
+            state: dict[int, dict] = {}
+            for key, value in tensors.items():
+                if key.startswith("optimizer."):
+                    _, index, name = key.split(".", 2)
+                    state.setdefault(int(index), {})[name] = value
+            opt["state"] = state
+            self.optimizer.load_state_dict(opt)
         self.step = int(info["step"])
         self.losses = [float(x) for x in info["losses"]]
+        self.validation = [dict(r) for r in info.get("validation", [])]
 
 
-def _ordinary_tensors(module: torch.nn.Module) -> None:
-    """Replace the module's inference-mode parameters and buffers by equal ordinary tensors, one at a time.
+def latest_checkpoint(folder: str | Path) -> Path | None:
+    """The newest ``checkpoint_<step>.safetensors`` in ``folder`` (None if there is none)."""
+    found = sorted(Path(folder).glob("checkpoint_*.safetensors")) if Path(folder).is_dir() else []
+    return found[-1] if found else None
 
-    Models built or loaded inside a ComfyUI node run (``torch.inference_mode``) hold inference tensors, which
-    autograd refuses to save for backward even when they need no gradient. Values, devices and dtypes stay
-    the same; ComfyUI's weight backups and LoRA patching work on the replacements as before.
-    """
-    with torch.inference_mode(False):
-        for mod in module.modules():
-            for name, p in list(mod._parameters.items()):
-                if p is not None and p.is_inference():
-                    mod._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
-            for name, b in list(mod._buffers.items()):
-                if b is not None and b.is_inference():
-                    mod._buffers[name] = b.clone()
+
+def _unload(model_patcher) -> None:
+    """Unload exactly ``model_patcher`` through core's ``free_memory`` (every other loaded model is kept)."""
+    import comfy.model_management as mm
+
+    others = [m for m in mm.current_loaded_models if m.model is not model_patcher]
+    mm.free_memory(1e30, model_patcher.load_device, keep_loaded=others)
 
 
 def _cast(value, device, dtype):

@@ -9,6 +9,7 @@ import torch
 from comfy_api.latest import ComfyExtension, io
 
 from .demo_nodes import DEMO_NODES
+from .stand_ins import StandInEncoder
 from .tiny_models import FAMILIES, SPECS, VARIANTS, build_model_patcher, make_conditioning, make_latent
 
 _FAMILY = io.Combo.Input("family", options=sorted(FAMILIES), tooltip="Tiny model family.")
@@ -108,4 +109,5 @@ async def comfy_entrypoint() -> TinyTestExtension:
     return TinyTestExtension()
 
 
-__all__ = ["FAMILIES", "SPECS", "VARIANTS", "build_model_patcher", "make_conditioning", "make_latent", "comfy_entrypoint"]
+__all__ = ["FAMILIES", "SPECS", "VARIANTS", "StandInEncoder", "build_model_patcher", "make_conditioning", "make_latent",
+           "comfy_entrypoint"]

@@ -81,13 +81,22 @@ def init_weights(module: torch.nn.Module, seed: int, dtype: torch.dtype = torch.
             p.copy_((torch.randn(p.shape, generator=gen) / math.sqrt(fan_in)).to(p.dtype))
 
 
-def build_model_patcher(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A ComfyUI ``ModelPatcher`` around a tiny real model of ``family``, on the CPU."""
+def build_model_patcher(family: str, seed: int = 0, dtype: torch.dtype = torch.float32,
+                        manual_cast: torch.dtype | None = None, operations=None):
+    """A ComfyUI ``ModelPatcher`` around a tiny real model of ``family``, on the CPU.
+
+    ``manual_cast``: store the weights in ``dtype`` and compute in ``manual_cast``, with the ops ComfyUI picks
+    for that (as loading with an fp8 ``weight_dtype`` does). ``operations``: build with these ComfyUI ops
+    instead (``model_config.custom_operations``, as loaders pass them)."""
     import comfy.model_patcher
 
     if family not in FAMILIES and family not in VARIANTS:
         raise ValueError(f"unknown tiny model family {family!r}; choose from {sorted(FAMILIES) + sorted(VARIANTS)}")
     config = _model_config(family)
+    if manual_cast is not None:
+        config.set_inference_dtype(dtype, manual_cast)
+    if operations is not None:
+        config.custom_operations = operations
     model = config.get_model({}, "")
     init_weights(model.diffusion_model, seed)
     model.diffusion_model.to(dtype)
