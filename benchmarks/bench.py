@@ -26,6 +26,12 @@ With ``--kv-cache`` (hosts with core's Flux KV Cache node, ComfyUI 0.30+), each 
 (the cache filled by the warm-up call, as in every sampling step after the first):
     kv_dense   core's Flux KV Cache on the dense model (cache only);
     kv_sparse  Apply Sparse Context, then core's Flux KV Cache (drop + cache: only kept tokens are cached).
+With ``--compile [BACKEND]`` (default inductor on CUDA, aot_eager on the CPU), each cell also times the dense
+and the sparse model compiled through core's own wrapper (``set_torch_compile_wrapper``, what the TorchCompileModel
+node does), called as a sampling step calls them (``BaseModel.apply_model``): ``compiled_dense_s``,
+``compiled_sparse_s``, ``compile_first_call_s`` (the first call of each: tracing + compiling) and the graphs and
+graph breaks dynamo reported. Every setting compiles static graphs (``automatic_dynamic_shapes`` off), as a
+user running one setting gets them; dynamo's caches are reset per reference count.
 Peak memory: CUDA ``max_memory_allocated``; CPU the process's resident high-water mark (VmHWM, reset
 through /proc/self/clear_refs) during one forward. ``act`` = that peak minus the memory before the call.
 """
@@ -248,6 +254,25 @@ class Bench:
         return {"first_s": statistics.median(first[1:]), "step_s": statistics.median(steady[2:]),
                 "mib": cache.get("mib"), "report": report}
 
+    def compiled(self, model, backend: str):
+        """A clone of ``model`` compiled through core's own wrapper (what the TorchCompileModel node does)."""
+        from comfy_api.torch_helpers import set_torch_compile_wrapper
+
+        m = model.clone()
+        set_torch_compile_wrapper(m, backend=backend)
+        return m
+
+    def step_call(self, model, refs: list) -> float:
+        """One timed model call as a sampling step makes it: ``BaseModel.apply_model`` (core's compile wrapper
+        and the patch's planning wrapper run there)."""
+        import torch
+        from sparse_context.sparse_attention.direct import patched_diffusion_model
+
+        with patched_diffusion_model(model) as (_, options), torch.no_grad():
+            return self.timer(lambda: model.model.apply_model(self.x, self.timestep, c_crossattn=self.context,
+                                                              transformer_options=dict(options),
+                                                              ref_latents=refs or None))
+
     def call(self, model, refs: list) -> tuple[float, object]:
         """One timed forward; returns (seconds, the patch's last direct-run report or None)."""
         import torch
@@ -298,6 +323,26 @@ def measure_group(bench: Bench, variants: dict[str, tuple], warmup: int, repeats
     return out
 
 
+def measure_compiled(bench: Bench, variants: dict[str, tuple], repeats: int) -> dict[str, dict]:
+    """First call of each compiled variant (trace + compile) with dynamo's graph and graph-break counts, one warm
+    call, then ``repeats`` round-robin timed calls; median seconds."""
+    from torch._dynamo.utils import counters
+
+    out: dict[str, dict] = {}
+    for name, (model, refs) in variants.items():
+        counters.clear()
+        first = bench.step_call(model, refs)
+        out[name] = {"first_s": first, "graphs": counters["stats"]["unique_graphs"],
+                     "graph_breaks": sum(counters["graph_break"].values()), "all_s": []}
+        bench.step_call(model, refs)
+    for _ in range(repeats):
+        for name, (model, refs) in variants.items():
+            out[name]["all_s"].append(bench.step_call(model, refs))
+    for value in out.values():
+        value["s"] = statistics.median(value["all_s"])
+    return out
+
+
 def run(args) -> dict:
     import torch
 
@@ -332,6 +377,12 @@ def run(args) -> dict:
                 variants[f"kv_sparse@{keep}"] = (bench.core_cached(bench.patched(keep)), refs)
         res = measure_group(bench, variants, max(1, args.warmup), args.repeats)
         dense = res["dense"]
+        if args.compile:
+            torch._dynamo.reset()  # each reference count compiles from scratch
+            compiled = {"dense": (bench.compiled(bench.base, args.compile), refs)}
+            for keep in args.keeps:
+                compiled[f"sparse@{keep}"] = (bench.compiled(bench.patched(keep), args.compile), refs)
+            cres = measure_compiled(bench, compiled, args.repeats)
         for keep in args.keeps:
             sparse = res[f"sparse@{keep}"]
             ideal = res.get(f"ideal@{keep}", dense)
@@ -366,6 +417,14 @@ def run(args) -> dict:
                         rec.update(fields)
                     else:
                         rec["first_step"] = fields
+            if args.compile:
+                cd, cs = cres["dense"], cres[f"sparse@{keep}"]
+                rec.update(compile_backend=args.compile, compiled_dense_s=cd["s"], compiled_sparse_s=cs["s"],
+                           compiled_speedup=cd["s"] / cs["s"],
+                           compile_first_call_s={"dense": cd["first_s"], "sparse": cs["first_s"]},
+                           compile_graphs={"dense": cd["graphs"], "sparse": cs["graphs"]},
+                           compile_graph_breaks={"dense": cd["graph_breaks"], "sparse": cs["graph_breaks"]})
+                rec["times_s"].update(compiled_dense=cd["all_s"], compiled_sparse=cs["all_s"])
             if kv:
                 rec.update(kv_dense_s=res["kv_dense"]["s"], kv_sparse_s=res[f"kv_sparse@{keep}"]["s"],
                            kv_dense_speedup=dense["s"] / res["kv_dense"]["s"],
@@ -377,7 +436,10 @@ def run(args) -> dict:
                   + (f"  | drop + cache {rec['cache_speedup']:.2f}x/step, 28 steps {rec['run28_speedup']:.2f}x"
                      if args.cache else "")
                   + (f"  | core cache {rec['kv_dense_speedup']:.2f}x, drop + core cache {rec['kv_sparse_speedup']:.2f}x"
-                     if kv else ""), flush=True)
+                     if kv else "")
+                  + (f"  | compiled {rec['compiled_speedup']:.2f}x ({rec['compiled_dense_s'] * 1000:.1f} -> "
+                     f"{rec['compiled_sparse_s'] * 1000:.1f} ms; first call "
+                     f"{rec['compile_first_call_s']['sparse']:.1f} s)" if args.compile else ""), flush=True)
         if args.json:  # partial results survive a run cut short (e.g. a lent GPU's time limit)
             write_json(args.json, {"meta": dict(meta(args, size, device), partial=True), "records": records})
     return {"meta": meta(args, size, device), "records": records}
@@ -401,6 +463,7 @@ def meta(args, size: ModelSize, device) -> dict:
     info = {
         "config": args.config, "size": asdict(size), "device": str(device), "dtype": args.dtype,
         "warmup": args.warmup, "repeats": args.repeats, "bucket": 1, "rule": "grid", "attention": "pytorch sdpa",
+        "compile": args.compile,
         "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "cpu": cpu, "cpu_count": os.cpu_count(),
         "python": platform.python_version(), "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -431,35 +494,46 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cache_table(result: dict) -> str:
-    """Markdown table of the ``--cache`` columns (speed-ups over dense), or "" without them."""
-    rows = [r for r in result["records"] if "cache_sparse_s" in r]
+def _table(result: dict, field: str, header: str, row) -> str:
+    """A markdown table with one ``row(record)`` per record that has ``field``, or "" when none has it."""
+    rows = [r for r in result["records"] if field in r]
     if not rows:
         return ""
-    lines = ["| refs | keep | drop only | ideal drop | drop + cache, per step (reference_only / first_step) "
-             "| 4-step run | 28-step run | no-ref ceiling | cache MiB |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    return "\n".join([header, "|" + "---|" * (header.count("|") - 1)] + [row(r) for r in rows])
+
+
+def cache_table(result: dict) -> str:
+    """Markdown table of the ``--cache`` columns (speed-ups over dense), or "" without them."""
+    def row(r: dict) -> str:
         f = r["first_step"]
-        lines.append(f"| {r['refs']} | {r['keep']} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
-                     f"| {r['cache_speedup']:.2f}x / {f['cache_speedup']:.2f}x "
-                     f"| {r['run4_speedup']:.2f}x / {f['run4_speedup']:.2f}x "
-                     f"| {r['run28_speedup']:.2f}x / {f['run28_speedup']:.2f}x | {r['dense_s'] / r['noref_s']:.2f}x "
-                     f"| {r['cache_mib']:.1f} |")
-    return "\n".join(lines)
+        return (f"| {r['refs']} | {r['keep']} | {r['speedup']:.2f}x | {r['ideal_speedup']:.2f}x "
+                f"| {r['cache_speedup']:.2f}x / {f['cache_speedup']:.2f}x "
+                f"| {r['run4_speedup']:.2f}x / {f['run4_speedup']:.2f}x "
+                f"| {r['run28_speedup']:.2f}x / {f['run28_speedup']:.2f}x | {r['dense_s'] / r['noref_s']:.2f}x "
+                f"| {r['cache_mib']:.1f} |")
+
+    return _table(result, "cache_sparse_s", "| refs | keep | drop only | ideal drop | drop + cache, per step "
+                  "(reference_only / first_step) | 4-step run | 28-step run | no-ref ceiling | cache MiB |", row)
 
 
 def kv_table(result: dict) -> str:
     """Markdown table of the ``--kv-cache`` columns (per cached step), or "" without them."""
-    rows = [r for r in result["records"] if "kv_sparse_s" in r]
-    if not rows:
-        return ""
-    lines = ["| refs | keep | dense ms | drop only | core cache only | drop + core cache | no-ref ceiling |",
-             "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['refs']} | {r['keep']} | {r['dense_s'] * 1000:.1f} | {r['speedup']:.2f}x "
-                     f"| {r['kv_dense_speedup']:.2f}x | {r['kv_sparse_speedup']:.2f}x "
-                     f"| {r['dense_s'] / r['noref_s']:.2f}x |")
-    return "\n".join(lines)
+    return _table(result, "kv_sparse_s",
+                  "| refs | keep | dense ms | drop only | core cache only | drop + core cache | no-ref ceiling |",
+                  lambda r: f"| {r['refs']} | {r['keep']} | {r['dense_s'] * 1000:.1f} | {r['speedup']:.2f}x "
+                            f"| {r['kv_dense_speedup']:.2f}x | {r['kv_sparse_speedup']:.2f}x "
+                            f"| {r['dense_s'] / r['noref_s']:.2f}x |")
+
+
+def compile_table(result: dict) -> str:
+    """Markdown table of the ``--compile`` columns, or "" without them."""
+    return _table(result, "compiled_sparse_s",
+                  "| refs | keep | eager speed-up | compiled dense ms | compiled sparse ms | compiled speed-up "
+                  "| first call s (dense / sparse) | graphs / breaks (sparse) |",
+                  lambda r: f"| {r['refs']} | {r['keep']} | {r['speedup']:.2f}x | {r['compiled_dense_s'] * 1000:.1f} "
+                            f"| {r['compiled_sparse_s'] * 1000:.1f} | {r['compiled_speedup']:.2f}x "
+                            f"| {r['compile_first_call_s']['dense']:.1f} / {r['compile_first_call_s']['sparse']:.1f} "
+                            f"| {r['compile_graphs']['sparse']} / {r['compile_graph_breaks']['sparse']} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,8 +554,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time the pack's reference cache (reference_only and first_step) on top of dropping")
     ap.add_argument("--kv-cache", action="store_true",
                     help="also time core's Flux KV Cache alone and after the sparse patch (ComfyUI 0.30+)")
+    ap.add_argument("--compile", nargs="?", const="auto", default=None, metavar="BACKEND",
+                    help="also time both models compiled through core's torch.compile wrapper (default backend: "
+                         "inductor on cuda, aot_eager on cpu)")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
+    if args.compile == "auto":
+        args.compile = "inductor" if cuda else "aot_eager"
     args.config = args.config or ("small" if args.quick else "klein9b" if cuda else "mid")
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.warmup = 1 if args.warmup is None else args.warmup
@@ -494,6 +573,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:  # a static graph per setting, as one user's setting gets; room for every cell's variants
+        torch._dynamo.config.automatic_dynamic_shapes = False
+        torch._dynamo.config.recompile_limit = 64
     import_comfy(args.device)
     load_pack()
     t0 = time.perf_counter()
@@ -505,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\nReference cache (speed-up over dense):\n" + cache_table(result))
     if kv_table(result):
         print("\nPer cached step (core Flux KV Cache), speed-up over dense:\n" + kv_table(result))
+    if compile_table(result):
+        print(f"\ntorch.compile ({args.compile}, core's wrapper), per model call:\n" + compile_table(result))
     print(f"\n(wall {result['meta']['wall_s']} s; {result['meta']['cpu']}"
           f"{'; ' + result['meta']['gpu'] if 'gpu' in result['meta'] else ''})")
     if args.json:

@@ -17,7 +17,6 @@ from ..selectors import Budget
 from ..sparse_attention import (
     CACHE_MODES,
     DEFAULT_RULES,
-    PATCH_KEY,
     RUN_KEY,
     SparseContextConfig,
     apply_sparse_context,
@@ -75,10 +74,8 @@ def report_wrapper(node_id: str | None, enabled: bool):
         _synchronize()
         seconds = time.perf_counter() - start
         options = executor.class_obj.model_options.get("transformer_options", {})
-        run = options.get(RUN_KEY)  # set by the patch's own outer wrapper around this one
-        report = getattr(run, "report", None)
-        if report is None:
-            report = getattr(options.get(PATCH_KEY), "last_report", None)
+        # this run's own report (set by the patch's outer wrapper around this one): never an older run's
+        report = getattr(options.get(RUN_KEY), "report", None)
         text = format_report(report, enabled, seconds)
         log.info("SparseContext (node %s): %s", node_id, text)
         _send_to_ui(text, node_id)

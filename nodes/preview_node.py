@@ -7,37 +7,25 @@ import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
-from ..selectors import Budget, pick_tokens, resize_scores, token_grid_shape
-from ..sparse_attention.token_math import bucket_round, selection_budget
-from .common import (
-    ITEM_NOTE,
-    STRIDE,
-    SparseBudget,
-    SparseNode,
-    SparseSelection,
-    budget_for,
-    fail,
-    first_item,
-    user_errors,
-)
+from ..selectors import Budget, token_grid_shape
+from ..sparse_attention import SparseContextConfig
+from ..sparse_attention.token_math import plan_selection
+from .common import ITEM_NOTE, STRIDE, SparseBudget, SparseNode, SparseSelection, fail, first_item, user_errors
 
 DIM = 0.25  # brightness of dropped tokens
 GRID_DARKEN = 0.6  # token borders
 
 
-def kept_mask(selection, height: int, width: int, budget: Budget | None, bucket: int) -> torch.Tensor:
-    """(h_tok, w_tok) bool: the tokens the patch keeps for this selection on an H x W reference.
+def kept_mask(selection, height: int, width: int, config: SparseContextConfig, reference: int = 1) -> torch.Tensor:
+    """(h_tok, w_tok) bool: the tokens Apply Sparse Context with ``config`` keeps of an H x W reference bound
+    to ``selection`` at position ``reference`` (1-based; its seed offset): the patch's own planning code.
 
-    Same steps as the patch for a reference with its own budget (resize to the grid, count, bucket,
-    pick with seed 0); a shared total budget (total_tokens) is not modelled here.
+    A shared total budget (total_tokens) is not modelled here (it depends on the other references).
     """
     grid = token_grid_shape(height, width, STRIDE)
-    scores = resize_scores(selection.scores, grid).clamp_min(0)
-    budget = budget or selection_budget(selection, Budget())
-    n = grid[0] * grid[1]
-    k = bucket_round(budget.token_count(scores, n), bucket, n)
-    keep = torch.zeros(n, dtype=torch.bool)
-    keep[pick_tokens(scores, k, budget.coverage, seed=0)] = True
+    plan = plan_selection(reference - 1, grid, selection, config)
+    keep = torch.zeros(plan.total, dtype=torch.bool)
+    keep[plan.indices] = True
     return keep.view(grid)
 
 
@@ -72,33 +60,45 @@ class SparseContextPreview(SparseNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SparseContextPreview", display_name=cls.NAME, category="SparseContext/preview",
-            description="Shows which tokens of a reference a selection keeps: kept tokens bright, dropped ones "
-                        "dimmed, a 16 px token grid and the kept count. " + ITEM_NOTE,
+            description="Shows which tokens of a reference Apply Sparse Context keeps for a selection: kept tokens "
+                        "bright, dropped ones dimmed, a 16 px token grid and the kept count. Set reference, seed, "
+                        "keep_ratio/budget and bucket as on Apply Sparse Context to see exactly its tokens (a shared "
+                        "total_tokens budget is not shown). " + ITEM_NOTE,
             inputs=[
                 io.Image.Input("image", tooltip="The reference image the selection was made from."),
                 SparseSelection.Input("selection", tooltip="The selection to show."),
                 SparseBudget.Input("budget", optional=True,
-                                   tooltip="Budget to preview with; default: the selection's budget, else keep 25% "
-                                           "(Apply Sparse Context's default keep_ratio)."),
+                                   tooltip="The budget connected to Apply Sparse Context, if any. As there, a selection's "
+                                           "own budget wins; this one (else keep_ratio) applies to selections without."),
                 io.Int.Input("bucket", default=64, min=1, max=4096,
                              tooltip="The bucket of Apply Sparse Context (kept counts rounded up to it)."),
+                io.Int.Input("reference", default=1, min=1, max=64, optional=True,
+                             tooltip="Which reference of the conditioning the selection is bound to (1 = first): each "
+                                     "reference has its own tie-break seed."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False, optional=True,
+                             tooltip="The seed of Apply Sparse Context."),
+                io.Float.Input("keep_ratio", default=0.25, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="The keep_ratio of Apply Sparse Context (used when neither the selection nor the "
+                                       "budget input has a budget)."),
             ],
             outputs=[io.Image.Output(display_name="preview")],
             is_output_node=True,
         )
 
     @classmethod
-    def execute(cls, image, selection, bucket: int, budget=None) -> io.NodeOutput:
+    def execute(cls, image, selection, bucket: int, reference: int = 1, seed: int = 0, keep_ratio: float = 0.25,
+                budget=None) -> io.NodeOutput:
         cls.check_inputs(locals())
         if not hasattr(selection, "scores"):
             raise fail(cls.NAME, f"selection: expected a SPARSE_SELECTION, got {type(selection).__name__}")
         if budget is not None and not isinstance(budget, Budget):
             raise fail(cls.NAME, f"budget: expected a SPARSE_BUDGET, got {type(budget).__name__}")
-        with user_errors(cls.NAME):
+        with user_errors(cls.NAME, {"ratio": "keep_ratio"}):
             img = first_item(image, cls.NAME)
             if img.ndim != 4:
                 raise fail(cls.NAME, f"image: expected an IMAGE (B, H, W, C), got shape {tuple(img.shape)}")
-            keep = kept_mask(selection, int(img.shape[1]), int(img.shape[2]),
-                             budget_for(budget, selection.rule), bucket)
+            config = SparseContextConfig(budget=budget if budget is not None else Budget(mode="ratio", ratio=keep_ratio),
+                                         bucket=bucket, seed=seed)
+            keep = kept_mask(selection, int(img.shape[1]), int(img.shape[2]), config, reference)
             out = draw_tokens(img, keep)
         return io.NodeOutput(out, ui=ui.PreviewImage(out, cls=cls))

@@ -148,7 +148,7 @@ def kontext_edge(g: Graph) -> None:
     edge = g.sparse("SparseContextEdgeSelector", 3, [0.1, 0.2, 1, 1.0])
     ref = g.sparse("SparseContextReferenceLatent", 3)
     apply = g.sparse("SparseContextApply", 4, [0.5, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
-    preview = g.sparse("SparseContextPreview", 1, [64], height=380)
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
     g.wire((n["scale"], 0, edge, "image"), (budget, 0, edge, "budget"), (n["text"], 0, ref, "conditioning"),
            (n["encode"], 0, ref, "latent"), (edge, 0, ref, "selection"), (n["unet"], 0, apply, "model"),
            (n["scale"], 0, preview, "image"), (edge, 0, preview, "selection"))
@@ -167,7 +167,7 @@ def masked_edit(g: Graph) -> None:
     budget = g.sparse("SparseContextBudget", 3, ["ratio", 0.5, 1024, 0.8, 0.05, 0.5, -1.0])
     ref = g.sparse("SparseContextReferenceLatent", 3)
     apply = g.sparse("SparseContextApply", 4, [0.5, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
-    preview = g.sparse("SparseContextPreview", 1, [64], height=380)
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
     g.wire((n["image"], 1, mask, "mask"), (n["scale"], 0, edge, "image"), (mask, 0, combine, "selection_a"),
            (edge, 0, combine, "selection_b"), (budget, 0, combine, "budget"), (n["text"], 0, ref, "conditioning"),
            (n["encode"], 0, ref, "latent"), (combine, 0, ref, "selection"), (n["unet"], 0, apply, "model"),
@@ -211,7 +211,7 @@ def klein_multi(g: Graph) -> None:
     sampler = g.core("SamplerCustomAdvanced", 6)
     decode = g.core("VAEDecode", 6)
     save = g.core("SaveImage", 6, ["SparseContext_klein_multi"], height=400)
-    preview = g.sparse("SparseContextPreview", 1, [64], height=380)
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.25], height=380)
     g.wire((clip, 0, text, "clip"), (unet, 0, apply, "model"), (apply, 0, guider, "model"), (cond, 0, guider, "conditioning"),
            (noise, 0, sampler, "noise"), (guider, 0, sampler, "guider"), (select, 0, sampler, "sampler"),
            (sched, 0, sampler, "sigmas"), (latent, 0, sampler, "latent_image"), (sampler, 0, decode, "samples"),
@@ -250,7 +250,7 @@ def qwen_2509(g: Graph) -> None:
     sampler = g.core("KSampler", 5, [0, "fixed", 4, 1.0, "euler", "simple", 1.0])
     decode = g.core("VAEDecode", 5)
     save = g.core("SaveImage", 5, ["SparseContext_qwen_2509"], height=400)
-    preview = g.sparse("SparseContextPreview", 1, [64], height=380)
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.3], height=380)
     g.wire((unet, 0, lora, "model"), (images[0], 0, scale, "image"), (vae, 0, encode, "vae"), (scale, 0, encode, "pixels"),
            (scale, 0, edge, "image"), (images[1], 0, sal2, "image"), (images[2], 0, sal3, "image"),
            (lora, 0, shift, "model"), (shift, 0, norm, "model"), (norm, 0, apply, "model"),
@@ -275,7 +275,7 @@ def dense_vs_sparse(g: Graph) -> None:
     ref = g.sparse("SparseContextReferenceLatent", 3)
     dense = g.sparse("SparseContextApply", 4, [0.5, "grid", 0, 64, 0.0, 1.0, 0, False, "off", 4096.0], title="Dense (enabled = false)")
     sparse = g.sparse("SparseContextApply", 6, [0.5, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0], title="Sparse (keep 50 %)")
-    preview = g.sparse("SparseContextPreview", 1, [64], height=380)
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
     g.wire((budget, 0, edge, "budget"), (n["scale"], 0, edge, "image"), (n["text"], 0, ref, "conditioning"),
            (n["encode"], 0, ref, "latent"), (edge, 0, ref, "selection"), (n["unet"], 0, dense, "model"),
            (n["unet"], 0, sparse, "model"), (n["scale"], 0, preview, "image"), (edge, 0, preview, "selection"))
@@ -356,7 +356,7 @@ def calibrate(g: Graph) -> None:
     plot = g.core("PreviewImage", 5, height=330)
     report = g.core("PreviewAny", 5, height=220, title="Calibration report")
     apply = g.sparse("SparseContextApply", 4, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
-    preview = g.sparse("SparseContextPreview", 1, [64], height=380)
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.25], height=380)
     g.wire((n["scale"], 0, preview, "image"), (edge, 0, preview, "selection"))
     g.wire((n["scale"], 0, edge, "image"), (n["text"], 0, ref, "conditioning"), (n["encode"], 0, ref, "latent"),
            (edge, 0, ref, "selection"), (ref, 0, guidance, "conditioning"), (n["unet"], 0, calib, "model"),
@@ -364,6 +364,7 @@ def calibrate(g: Graph) -> None:
            (n["zero"], 0, calib, "negative"), (calib, 1, plot, "images"), (calib, 2, report, "source"),
            (n["unet"], 0, apply, "model"))
     g.wf.link_widget(calib, 0, apply, "keep_ratio")
+    g.wf.link_widget(calib, 0, preview, "keep_ratio")  # the preview shows the calibrated keep's tokens
     sample_kontext(g, n, apply, ref, 6, 42, "SparseContext_calibrated")
     g.note(0, CALIBRATE_NOTE + "\n" + NODES_HELP, 640)
 

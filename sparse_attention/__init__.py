@@ -2,7 +2,8 @@
 functions, so this package loads without ComfyUI) and its pure token math."""
 
 from .config import CACHE_MODES, DEFAULT_RULES, SparseContextConfig
-from .patch import PATCH_KEY, RUN_KEY, SparseContextPatch, apply_sparse_context, model_family
+from .patch import PATCH_KEY, RUN_KEY, apply_sparse_context, model_family
+from .run import SparseContextPatch, SparseRun
 from .selection import BINDING_KEY, ReferenceSelection, SelectionBinding
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "SelectionBinding",
     "SparseContextConfig",
     "SparseContextPatch",
+    "SparseRun",
     "apply_sparse_context",
     "model_family",
 ]

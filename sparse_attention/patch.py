@@ -4,10 +4,17 @@ Only official hooks are used, all on a clone of the user's ModelPatcher:
 - an object patch on ``diffusion_model.process_img`` (``ReferenceSubsetter``): each reference's tokens
   and their position ids are computed by the model's own code from the FULL latent, then both are
   indexed with the SAME kept indices, so every kept token keeps its original RoPE position;
-- a DIFFUSION_MODEL wrapper that finds the references of each forward (arguments bound by name, so
-  positional changes between ComfyUI versions do not matter) and hands the subsetter that forward's plan;
-- an OUTER_SAMPLE wrapper that gives every sampling run its own ``SparseRun`` (plans are computed once
-  per run and reference, not per step), like core EasyCache does with its holder.
+- a DIFFUSION_MODEL wrapper that hands the subsetter the current forward's kept indices;
+- an APPLY_MODEL wrapper that looks up, per forward, what the run keeps (step window, bound selections)
+  and passes it to the model as a forward kwarg of index tensors;
+- an OUTER_SAMPLE wrapper that gives every sampling run its own ``SparseRun``, shares a single selection
+  binding with every conditioning (cond and uncond stay one batch) and plans all references before the
+  first step, like core EasyCache does with its holder;
+- a PREPARE_SAMPLING wrapper through which ComfyUI's memory estimate counts the kept reference tokens.
+
+Under core's torch.compile wrapper (TorchCompileModel) only the first two run inside the compiled
+module, and they do tensor indexing and constant Python only: no graph breaks, and no recompiles for a
+new run with the same shapes (a per-run object never reaches the compiled code).
 The target tokens, text tokens and the model's output are untouched: ComfyUI keeps only the first
 ``img_tokens`` outputs, which are the target's.
 """
@@ -22,23 +29,16 @@ from typing import Any
 
 import torch
 
-from .cache_run import CachedRun
 from .config import SparseContextConfig
-from .reference_cache import CacheStore
+from .run import ForwardKeep, SparseContextPatch, SparseRun, entry_binding, single_binding
 from .selection import BINDING_KEY, SelectionBinding
-from .token_math import (
-    ReferencePlan,
-    attention_work_ratio,
-    keep_all,
-    latent_token_grid,
-    needs_attention,
-    plan_references,
-)
+from .token_math import ReferencePlan, latent_token_grid, needs_attention
 
 log = logging.getLogger("SparseContext")
 
 PATCH_KEY = "sparse_context"  # transformer_options key of the per-model ``SparseContextPatch``
 RUN_KEY = "sparse_context_run"  # transformer_options key of the per-run ``SparseRun``
+KEEP_KEY = "sparse_context_keep"  # forward kwarg: the forward's ``ForwardKeep``
 WRAPPER_KEY = "sparse_context"  # key of our wrappers, so they can be found and removed
 
 #: Diffusion-model classes whose references are appended after the target through ``process_img``.
@@ -47,6 +47,8 @@ SUPPORTED_CLASSES = {
     "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel": "Qwen-Image(-Edit)",
 }
 
+_UNPLANNED = object()  # KEEP_KEY absent: a direct forward call that did not go through apply_model
+
 
 def model_family(diffusion_model: torch.nn.Module) -> str | None:
     """A supported family's name, or None (exact class match: subclasses may order tokens differently)."""
@@ -54,96 +56,26 @@ def model_family(diffusion_model: torch.nn.Module) -> str | None:
     return SUPPORTED_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
-class SparseRun:
-    """State of ONE sampling run: plans per reference (computed once) and what was kept, for the report."""
-
-    def __init__(self, config: SparseContextConfig, sigma_window: tuple[float, float] | None = None):
-        self.config = config
-        self.sigma_window = sigma_window  # (start_sigma, end_sigma), sparse while end <= sigma <= start
-        # The one binding found in the run's conditionings, used by forwards that carry none (e.g. the
-        # negative prompt of a graph that bound selections on the positive only), so cond and uncond
-        # keep the same tokens of the same reference.
-        self.shared_binding: SelectionBinding | None = None
-        self._plans: dict[tuple, list[ReferencePlan]] = {}
-        self._on_device: dict[tuple[int, torch.device], torch.Tensor] = {}
-        self.report: dict[str, Any] | None = None
-        self.warned_missed = False
-        self.warned_window = False
-        self.store: CacheStore | None = None  # the patch's cross-run store of reference keys/values
-        self.model_key: tuple = ("direct",)  # the weights' identity (model + weight patches), set per sampling run
-        self.cached: CachedRun | None = None
-        self.log_kept = True  # one INFO line per run; training makes a run per forward and turns it off
-
-    def indices_on(self, plan: ReferencePlan, device: torch.device) -> torch.Tensor:
-        """A plan's kept indices on the model's device, moved once per run (plans live as long as the run)."""
-        key = (id(plan), device)
-        if key not in self._on_device:
-            self._on_device[key] = plan.indices.to(device)
-        return self._on_device[key]
-
-    def in_window(self, transformer_options: dict) -> bool:
-        if self.sigma_window is None:
-            return True
-        sigmas = transformer_options.get("sigmas")
-        if sigmas is None:
-            return True
-        sigma = float(sigmas.flatten()[0])
-        start, end = self.sigma_window
-        return end <= sigma <= start
-
-    def plans(self, refs: list[torch.Tensor], patch_size: int, binding: SelectionBinding | None,
-              text_tokens: int, target_tokens: int) -> list[ReferencePlan]:
-        grids = [latent_token_grid(tuple(r.shape), patch_size) for r in refs]
-        key = (tuple(grids), binding.key() if binding is not None else None)
-        plans = self._plans.get(key)
-        if plans is None:
-            if binding is not None and len(binding.selections) > len(refs):
-                raise ValueError(
-                    f"SparseContext: a selection is bound to reference #{len(binding.selections)}, but the "
-                    f"conditioning has only {len(refs)} reference(s). Check the Sparse Reference Latent / "
-                    "Bind Selections nodes."
-                )
-            selections = [binding.get(i) if binding is not None else None for i in range(len(refs))]
-            plans = plan_references([r[0] for r in refs], grids, selections, self.config)
-            # references chosen by the model's attention keep every token until it has been measured
-            plans = [keep_all(p) if a else p for p, a in zip(plans, needs_attention(selections, self.config),
-                                                               strict=True)]
-            self._plans[key] = plans
-            self._record(plans, text_tokens, target_tokens)
-        return plans
-
-    def cached_run(self, patch_size: int) -> CachedRun:
-        """The run's cache state (made on first use)."""
-        if self.cached is None:
-            self.cached = CachedRun(self.config.cache, self.store, self.model_key, patch_size)
-        return self.cached
-
-    def _record(self, plans: list[ReferencePlan], text_tokens: int, target_tokens: int) -> None:
-        dense = [p.total for p in plans]
-        kept = [p.kept for p in plans]
-        self.report = {
-            "references": [{"grid": list(p.grid), "tokens": p.total, "kept": p.kept, "rule": p.rule} for p in plans],
-            "text_tokens": text_tokens,
-            "target_tokens": target_tokens,
-            "attention_work_ratio": attention_work_ratio(text_tokens, target_tokens, dense, kept),
-        }
-        if not self.log_kept:
-            return
-        refs = ", ".join(f"#{i + 1} {p.kept}/{p.total} ({p.rule})" for i, p in enumerate(plans))
-        log.info("SparseContext: kept reference tokens %s; joint attention work %.0f%% of dense",
-                 refs, 100 * self.report["attention_work_ratio"])
-
-
 class ReferenceSubsetter:
     """Object patch for ``diffusion_model.process_img``: returns a reference's kept tokens and ids.
 
     Calls that are not one of the current forward's references (the target image, or any call when
-    no plan is active) pass through unchanged.
+    no forward is active) and references that keep every token pass through unchanged (no copy).
     """
 
-    def __init__(self, original):
+    def __init__(self, original, patch_size: int, positions: dict[str, int]):
         self.original = original
+        self.patch_size = patch_size
+        self.positions = positions  # the model's ``_forward`` parameter name -> its position
         self.active: _ActiveForward | None = None
+        self.warned = False
+
+    def argument(self, args: tuple, kwargs: dict, name: str):
+        """A ``_forward`` argument by name, whatever its positional order in this ComfyUI version."""
+        if name in kwargs:
+            return kwargs[name]
+        position = self.positions.get(name, len(args))
+        return args[position] if position < len(args) else None
 
     def __call__(self, x, *args, **kwargs):
         out = self.original(x, *args, **kwargs)
@@ -153,12 +85,14 @@ class ReferenceSubsetter:
         position = active.position_of(x)
         if position is None:
             return out
-        tokens, ids = out[0], out[1]
         idx = active.indices[position]
-        if tokens.shape[1] != active.plans[position].total:
+        if idx is None:
+            return out
+        tokens, ids = out[0], out[1]
+        if tokens.shape[1] != active.totals[position]:
             raise RuntimeError(
                 f"SparseContext: reference #{position + 1} became {tokens.shape[1]} tokens, expected "
-                f"{active.plans[position].total}; this ComfyUI version patchifies differently. Disable Apply "
+                f"{active.totals[position]}; this ComfyUI version patchifies differently. Disable Apply "
                 "Sparse Context and please report the ComfyUI version."
             )
         # Tokens and their position ids are always taken with the same index.
@@ -169,18 +103,22 @@ class ReferenceSubsetter:
 
 
 class _ActiveForward:
-    """The references of the forward in flight and their kept indices (on the model's device)."""
+    """The references of the forward in flight and what each keeps (made inside the traced forward)."""
 
-    def __init__(self, refs: list[torch.Tensor], plans: list[ReferencePlan], indices: list[torch.Tensor]):
-        self.refs = refs
-        self.plans = plans
-        self.indices = indices
+    def __init__(self, refs: list[torch.Tensor], keep: ForwardKeep, patch_size: int):
+        self.refs = refs[:len(keep)]
+        self.indices = keep
+        self.totals = [math.prod(latent_token_grid(tuple(r.shape), patch_size)) for r in self.refs]
         self._calls = 0
         self.thinned: set[int] = set()
 
     def position_of(self, x: torch.Tensor) -> int | None:
         self._calls += 1
-        found = next((i for i, ref in enumerate(self.refs) if x is ref), None)
+        found = None
+        for i, ref in enumerate(self.refs):
+            if x is ref:
+                found = i
+                break
         if found is None:
             # Fallback for versions that convert references before patchifying: call 1 is the target,
             # the calls after it come in reference order; accept only when the shape matches.
@@ -191,6 +129,39 @@ class _ActiveForward:
             self.thinned.add(found)
         return found
 
+    def missed(self) -> list[int]:
+        """1-based numbers of the references that did not reach ``process_img`` as expected."""
+        return [i + 1 for i in range(len(self.refs)) if i not in self.thinned]
+
+
+_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
+def _bind(fn, args: tuple, kwargs: dict) -> dict:
+    """Arguments of a wrapped function by name, whatever their positional order in this version."""
+    key = getattr(fn, "__func__", fn)
+    sig = _SIGNATURES.get(key)
+    if sig is None:
+        sig = _SIGNATURES[key] = inspect.signature(fn)
+    named = dict(sig.bind_partial(*args, **kwargs).arguments)
+    for name, param in sig.parameters.items():
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(named.pop(name, {}))
+    return named
+
+
+def _run_for(options: dict) -> tuple[SparseContextPatch | None, SparseRun | None]:
+    """The patch and the run of a forward: the sampling run, else the patch's direct run."""
+    patch = options.get(PATCH_KEY)
+    if not isinstance(patch, SparseContextPatch):
+        return None, None
+    run = options.get(RUN_KEY)
+    return patch, run if isinstance(run, SparseRun) else patch.direct_run()
+
+
+def _tokens(tensor: torch.Tensor | None, patch_size: int) -> int:
+    return math.prod(latent_token_grid(tuple(tensor.shape), patch_size)) if tensor is not None else 0
+
 
 def core_reference_cache(transformer_options: dict) -> bool:
     """Whether core's Flux KV Cache node (ComfyUI 0.30+) is active: an ``attn1_patch`` that stores the references'
@@ -199,84 +170,111 @@ def core_reference_cache(transformer_options: dict) -> bool:
     return any(type(p).__name__ == "KV_Attn_Input" and type(p).__module__.endswith("nodes_flux") for p in patches)
 
 
-_SIGNATURES: dict[Any, inspect.Signature] = {}
-
-
-def _bind(fn, args: tuple, kwargs: dict) -> dict:
-    """Arguments of a wrapped ``_forward`` by name, whatever their positional order in this version."""
-    key = getattr(fn, "__func__", fn)
-    sig = _SIGNATURES.get(key)
-    if sig is None:
-        sig = _SIGNATURES[key] = inspect.signature(fn)
-    bound = sig.bind_partial(*args, **kwargs)
-    named = dict(bound.arguments)
-    for name, param in sig.parameters.items():
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
-            named.update(named.pop(name, {}))
-    return named
-
-
-def sparse_forward_wrapper(executor, *args, **kwargs):
-    """DIFFUSION_MODEL wrapper: give this forward's references their plan, then run the model."""
-    named = _bind(executor.original, args, kwargs)
-    refs = named.get("ref_latents")
-    options = named.get("transformer_options") or {}
-    run: SparseRun | None = options.get(RUN_KEY)
-    if run is None:
-        patch = options.get(PATCH_KEY)
-        run = patch.direct_run() if isinstance(patch, SparseContextPatch) else None
-    subsetter = getattr(executor.class_obj, "process_img", None)
-    if not refs or run is None or not run.config.enabled or not isinstance(subsetter, ReferenceSubsetter):
-        return executor(*args, **kwargs)
-    core_cache = core_reference_cache(options)
+def _sparse_step(run: SparseRun, options: dict, core_cache: bool) -> bool:
+    """Whether this step thins references: inside the step window, or always with core's Flux KV Cache."""
     if core_cache and run.sigma_window is not None:
         if not run.warned_window:  # the cache keeps step 1's references: their token count cannot change mid-run
             run.warned_window = True
             log.warning("SparseContext: core's Flux KV Cache reuses the first step's reference keys/values, so the "
                         "references stay sparse in every step (the start/end window is ignored).")
-    elif not run.in_window(options):
-        return executor(*args, **kwargs)
-    refs = list(refs)
-    binding = named.get(BINDING_KEY)
-    if not isinstance(binding, SelectionBinding):
-        shared = run.shared_binding
-        binding = shared if shared is not None and len(shared.selections) <= len(refs) else None
-    x = named.get("x")
-    patch_size = int(getattr(executor.class_obj, "patch_size", 1))
-    context = named.get("context")
-    plans = run.plans(refs, patch_size, binding,
-                      int(context.shape[1]) if context is not None else 0,
-                      math.prod(latent_token_grid(tuple(x.shape), patch_size)) if x is not None else 0)
-    if core_cache and run.report is not None:
-        run.report["kv_cache"] = "core FluxKVCache"
-    selections = [binding.get(i) if binding is not None else None for i in range(len(refs))]
-    attention = needs_attention(selections, run.config)
-    if run.config.cache != "off" or any(attention):
-        if core_cache:
-            raise ValueError("SparseContext: core's Flux KV Cache and the pack's reference cache / attention rule "
-                             "cannot both be active; set Apply Sparse Context's cache to off and its rule to another "
-                             "one, or remove the Flux KV Cache node.")
-        cached = run.cached_run(patch_size)
-        out = cached.forward(executor, args, kwargs, named, refs, plans, attention, selections, run.config,
-                             _activator(subsetter))
-        final = cached.final_plans.get(cached._plan_key(refs))
-        if final is not None and run.report is not None and run.report.get("selected") is None:
-            run._record(final, run.report["text_tokens"], run.report["target_tokens"])
-            run.report["selected"] = "attention"
-        if run.report is not None:
-            run.report["cache"] = cached.report()
-        return out
-    indices = [run.indices_on(plan, refs[0].device) for plan in plans]
-    active = subsetter.active = _ActiveForward(refs, plans, indices)
+        return True
+    return run.in_window(options)
+
+
+def sparse_apply_model_wrapper(executor, *args, **kwargs):
+    """APPLY_MODEL wrapper (outside any compiled module): what this forward keeps, as a forward kwarg.
+
+    Forwards whose steps differ (the reference cache, attention-guided selection) get no kwarg: the
+    DIFFUSION_MODEL wrapper plans them itself.
+    """
+    named = _bind(executor.original, args, kwargs)
+    refs = named.get("ref_latents")
+    options = named.get("transformer_options") or {}
+    patch, run = _run_for(options)
+    keep = None
+    if run is not None and refs and run.config.enabled:
+        binding = run.binding_for(named.get(BINDING_KEY), len(refs))
+        if run.needs_forward_planning(binding, len(refs)):
+            return executor(*args, **kwargs)
+        core_cache = core_reference_cache(options)
+        if _sparse_step(run, options, core_cache):
+            x, context = named["x"], named.get("c_crossattn")
+            keep = run.forward_keep(list(refs), binding, patch.patch_size, x.device,
+                                    int(context.shape[1]) if context is not None else 0, _tokens(x, patch.patch_size))
+            if core_cache and run.report is not None:
+                run.report["kv_cache"] = "core FluxKVCache"
+    return executor(*args, **kwargs, **{KEEP_KEY: keep})
+
+
+def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict, refs, keep: ForwardKeep):
+    """Run the model with the subsetter keeping ``keep`` of ``refs``; warn once if a reference slipped past."""
+    active = subsetter.active = _ActiveForward(list(refs), keep, subsetter.patch_size)
     try:
         out = executor(*args, **kwargs)
     finally:
         subsetter.active = None
-    missed = [i + 1 for i in range(len(refs)) if i not in active.thinned]
-    if missed and not run.warned_missed:
-        run.warned_missed = True
+    missed = active.missed()
+    if missed and not subsetter.warned:
+        subsetter.warned = True
         log.warning("SparseContext: reference(s) %s did not reach the model as expected (another patch or this "
                     "ComfyUI version changed them); they ran dense.", missed)
+    return out
+
+
+def sparse_forward_wrapper(executor, *args, **kwargs):
+    """DIFFUSION_MODEL wrapper: hand the subsetter this forward's kept indices, then run the model.
+
+    Under torch.compile this is traced: with the kwarg from the APPLY_MODEL wrapper it only moves tensors
+    and constants around.
+    """
+    keep = kwargs.pop(KEEP_KEY, _UNPLANNED)
+    subsetter = getattr(executor.class_obj, "process_img", None)
+    if not isinstance(subsetter, ReferenceSubsetter):
+        return executor(*args, **kwargs)
+    if keep is _UNPLANNED:
+        return _planned_forward(executor, subsetter, args, kwargs)
+    refs = subsetter.argument(args, kwargs, "ref_latents")
+    if keep is None or not refs:
+        return executor(*args, **kwargs)
+    return _run_keep(executor, subsetter, args, kwargs, refs, keep)
+
+
+def _planned_forward(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict):
+    """A forward planned in Python, here: direct calls (benchmarks, training: no apply_model), the reference
+    cache and attention-guided selection (their steps differ: fill, record, append, measure)."""
+    named = _bind(executor.original, args, kwargs)
+    refs = named.get("ref_latents")
+    options = named.get("transformer_options") or {}
+    _, run = _run_for(options)
+    if not refs or run is None or not run.config.enabled:
+        return executor(*args, **kwargs)
+    core_cache = core_reference_cache(options)
+    if not _sparse_step(run, options, core_cache):
+        return executor(*args, **kwargs)
+    refs = list(refs)
+    binding = run.binding_for(named.get(BINDING_KEY), len(refs))
+    x, context, patch_size = named["x"], named.get("context"), subsetter.patch_size
+    text, target = (int(context.shape[1]) if context is not None else 0), _tokens(x, patch_size)
+    if not run.needs_forward_planning(binding, len(refs)):
+        keep = run.forward_keep(refs, binding, patch_size, x.device, text, target)
+        if core_cache and run.report is not None:
+            run.report["kv_cache"] = "core FluxKVCache"
+        return executor(*args, **kwargs) if keep is None else _run_keep(executor, subsetter, args, kwargs, refs, keep)
+    if core_cache:
+        raise ValueError("SparseContext: core's Flux KV Cache and the pack's reference cache / attention rule "
+                         "cannot both be active; set Apply Sparse Context's cache to off and its rule to another "
+                         "one, or remove the Flux KV Cache node.")
+    _, plans = run.forward_plans(refs, binding, patch_size, text, target)
+    selections = run.selections(binding, len(refs))
+    cached = run.cached_run(patch_size)
+    out = cached.forward(executor, args, kwargs, named, refs, plans, needs_attention(selections, run.config),
+                         selections, run.config, _activator(subsetter))
+    final = cached.final_plans.get(cached._plan_key(refs))
+    if final is not None and run.report is not None and run.report.get("selected") is None:
+        run._record(final, run.report["text_tokens"], run.report["target_tokens"])
+        run.report["selected"] = "attention"
+    if run.report is not None:
+        run.report["cache"] = cached.report()
     return out
 
 
@@ -284,8 +282,8 @@ def _activator(subsetter: ReferenceSubsetter):
     """``activate(refs, plans, indices)``: a context in which the subsetter keeps ``indices`` of ``refs``."""
 
     @contextmanager
-    def activate(refs, plans, indices):
-        subsetter.active = _ActiveForward(list(refs), plans, indices)
+    def activate(refs, plans: list[ReferencePlan], indices: list[torch.Tensor]):
+        subsetter.active = _ActiveForward(list(refs), tuple(indices), subsetter.patch_size)
         try:
             yield
         finally:
@@ -294,8 +292,23 @@ def _activator(subsetter: ReferenceSubsetter):
     return activate
 
 
+def share_binding(conds: dict, binding: SelectionBinding) -> None:
+    """Give every conditioning entry that has references but no binding the run's single ``binding`` (cut to
+    its reference count): cond and uncond then carry the same ``model_conds`` keys and ComfyUI batches them
+    as it would without the patch. ``conds`` are the guider's per-run lists; entries are replaced, not modified."""
+    import comfy.conds
+
+    for entries in conds.values():
+        for i, entry in enumerate(entries):
+            refs = entry.get("reference_latents") if isinstance(entry, dict) else None
+            if refs and entry_binding(entry) is None:
+                model_conds = {**entry.get("model_conds", {}),
+                               BINDING_KEY: comfy.conds.CONDConstant(binding.truncated(len(refs)))}
+                entries[i] = {**entry, "model_conds": model_conds}
+
+
 def sparse_outer_sample_wrapper(executor, *args, **kwargs):
-    """OUTER_SAMPLE wrapper: a fresh ``SparseRun`` for this sampling run, dropped afterwards."""
+    """OUTER_SAMPLE wrapper: a fresh ``SparseRun`` for this sampling run, planned before the first step."""
     import comfy.model_patcher
 
     guider = executor.class_obj
@@ -303,68 +316,59 @@ def sparse_outer_sample_wrapper(executor, *args, **kwargs):
     patch = original_options.get("transformer_options", {}).get(PATCH_KEY)
     if not isinstance(patch, SparseContextPatch):
         return executor(*args, **kwargs)
+    run = patch.new_run(guider.model_patcher.get_model_object("model_sampling"))
+    run.model_key = (id(guider.model_patcher.model), str(getattr(guider.model_patcher, "patches_uuid", "")))
+    conds = getattr(guider, "conds", None) or {}
+    run.shared_binding = single_binding(conds)
+    if run.shared_binding is not None:
+        share_binding(conds, run.shared_binding)
+    run.prepare(conds, patch.patch_size, guider.model_patcher.model.process_latent_in)
     try:
         guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
-        sampling = guider.model_patcher.get_model_object("model_sampling")
-        run = patch.new_run(sampling)
-        run.shared_binding = _single_binding(getattr(guider, "original_conds", None))
-        patcher = guider.model_patcher
-        run.model_key = (id(patcher.model), str(getattr(patcher, "patches_uuid", "")))
         guider.model_options["transformer_options"][RUN_KEY] = run
-        out = executor(*args, **kwargs)
-        patch.last_report = run.report
-        return out
+        return executor(*args, **kwargs)
     finally:
         guider.model_options = original_options
+        patch.last_report = run.report
 
 
-def _single_binding(conds: dict | None) -> SelectionBinding | None:
-    """The binding of a sampling run's conditionings if there is exactly one distinct binding."""
-    found = set()
-    for entries in (conds or {}).values():
-        for entry in entries:
-            cond = entry.get("model_conds", {}).get(BINDING_KEY) if isinstance(entry, dict) else None
-            if isinstance(getattr(cond, "cond", None), SelectionBinding):
-                found.add(cond.cond)
-    return found.pop() if len(found) == 1 else None
+def kept_view(latent: torch.Tensor, kept: int, total: int) -> torch.Tensor:
+    """A view of ``latent`` (B, C, [T,] H, W) with ``kept / total`` of its spatial cells, shaped
+    (B, C, [T,] 1, cells): the area ComfyUI's memory estimate should count for a thinned reference."""
+    if kept == total:
+        return latent
+    flat = latent.flatten(-2)
+    return flat[..., :round(flat.shape[-1] * kept / total)].unsqueeze(-2)
 
 
-class SparseContextPatch:
-    """Held in the patched clone's transformer_options; makes one ``SparseRun`` per sampling run."""
+def sparse_prepare_sampling_wrapper(executor, *args, **kwargs):
+    """PREPARE_SAMPLING wrapper: while ComfyUI estimates the run's memory (and loads the model for it),
+    each reference latent in the conditionings is a view of its kept size; the originals are put back."""
+    named = _bind(executor.original, args, kwargs)
+    options = (named.get("model_options") or {}).get("transformer_options", {})
+    patch, run = options.get(PATCH_KEY), options.get(RUN_KEY)
+    conds = named.get("conds")
+    if not isinstance(patch, SparseContextPatch) or not isinstance(run, SparseRun) or not conds:
+        return executor(*args, **kwargs)
+    swapped = []
+    try:
+        for entries in conds.values():
+            for entry in entries:
+                refs = entry.get("reference_latents") if isinstance(entry, dict) else None
+                if refs:
+                    kept = run.kept_tokens(refs, patch.patch_size, entry_binding(entry))
+                    swapped.append((entry, refs))
+                    entry["reference_latents"] = [kept_view(r, k, n) for r, (k, n) in zip(refs, kept, strict=True)]
+        return executor(*args, **kwargs)
+    finally:
+        for entry, refs in swapped:
+            entry["reference_latents"] = refs
 
-    def __init__(self, config: SparseContextConfig):
-        self.config = config
-        self.last_report: dict[str, Any] | None = None
-        self._direct: SparseRun | None = None
-        self.store = CacheStore(max_mib=config.cache_mib)  # reference_only keys/values, across runs
 
-    def new_run(self, model_sampling=None) -> SparseRun:
-        window = None
-        c = self.config
-        if model_sampling is not None and (c.start_percent > 0.0 or c.end_percent < 1.0):
-            window = (float(model_sampling.percent_to_sigma(c.start_percent)),
-                      float(model_sampling.percent_to_sigma(c.end_percent)))
-        run = SparseRun(c, window)
-        run.store = self.store
-        return run
-
-    def direct_run(self) -> SparseRun:
-        """The run used by forwards outside a sampling loop (benchmarks, training): persistent until
-        ``reset_direct_run``; callers that want fresh plans per call put their own ``new_run()`` under
-        ``transformer_options[RUN_KEY]``."""
-        if self._direct is None:
-            self._direct = self.new_run()
-        return self._direct
-
-    def reset_direct_run(self) -> None:
-        self._direct = None
-
-    # ModelPatcher treats transformer_options entries with these as patch objects.
-    def to(self, device):
-        return self
-
-    def models(self) -> list:
-        return []
+def _positions(fn) -> dict[str, int]:
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    params = [name for name, p in inspect.signature(fn).parameters.items() if p.kind in kinds]
+    return {name: i for i, name in enumerate(params)}
 
 
 def apply_sparse_context(model, config: SparseContextConfig):
@@ -372,7 +376,7 @@ def apply_sparse_context(model, config: SparseContextConfig):
 
     Models this pack does not support run dense, and the user is told once in the log.
     """
-    import comfy.patcher_extension
+    from comfy.patcher_extension import CallbacksMP, WrappersMP
 
     clone = model.clone()
     diffusion_model = clone.get_model_object("diffusion_model")
@@ -385,14 +389,18 @@ def apply_sparse_context(model, config: SparseContextConfig):
     original = clone.get_model_object("diffusion_model.process_img")
     if isinstance(original, ReferenceSubsetter):  # applied twice: replace, do not stack
         original = original.original
-    clone.add_object_patch("diffusion_model.process_img", ReferenceSubsetter(original))
-    patch = clone.model_options["transformer_options"][PATCH_KEY] = SparseContextPatch(config)
-    clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, sparse_forward_wrapper)
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, sparse_outer_sample_wrapper)
+    patch_size = int(getattr(diffusion_model, "patch_size", 1))
+    clone.add_object_patch("diffusion_model.process_img",
+                           ReferenceSubsetter(original, patch_size, _positions(diffusion_model._forward)))
+    patch = clone.model_options["transformer_options"][PATCH_KEY] = SparseContextPatch(config, patch_size)
+    for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, sparse_outer_sample_wrapper),
+                          (WrappersMP.PREPARE_SAMPLING, sparse_prepare_sampling_wrapper),
+                          (WrappersMP.APPLY_MODEL, sparse_apply_model_wrapper),
+                          (WrappersMP.DIFFUSION_MODEL, sparse_forward_wrapper)):
+        clone.remove_wrappers_with_key(kind, WRAPPER_KEY)
+        clone.add_wrapper_with_key(kind, WRAPPER_KEY, wrapper)
     # cached reference keys/values live on the model's device: dropped when ComfyUI unloads the model
-    detach = comfy.patcher_extension.CallbacksMP.ON_DETACH
+    detach = CallbacksMP.ON_DETACH
     clone.remove_callbacks_with_key(detach, WRAPPER_KEY)
     clone.add_callback_with_key(detach, WRAPPER_KEY, patch.store.on_detach)
     return clone

@@ -75,6 +75,10 @@ class SelectionBinding:
     def get(self, index: int) -> ReferenceSelection | None:
         return self.selections[index] if 0 <= index < len(self.selections) else None
 
+    def truncated(self, count: int) -> SelectionBinding:
+        """The selections of the first ``count`` references (for a conditioning with fewer references)."""
+        return self if len(self.selections) <= count else SelectionBinding(self.selections[:count])
+
     def key(self) -> tuple[str | None, ...]:
         return tuple(s.uid if s is not None else None for s in self.selections)
 

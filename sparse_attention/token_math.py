@@ -90,6 +90,39 @@ def selection_budget(selection: ReferenceSelection, default: Budget) -> Budget:
     return replace(default, coverage=max(default.coverage, DEFAULT_COVERAGE.get(selection.rule, 0.0)))
 
 
+def reference_scores(index: int, latent: torch.Tensor | None, grid: tuple[int, int],
+                     selection: ReferenceSelection | None, config: SparseContextConfig
+                     ) -> tuple[torch.Tensor, Budget, float, str]:
+    """What reference ``index`` (0-based) is thinned by: (scores (h, w), budget, weight, rule name).
+
+    A bound selection brings its scores, budget (else ``config.budget`` with its rule's coverage floor)
+    and weight; other references use ``config.rule`` on ``latent`` (C, [T,] H, W), seeded per reference.
+    """
+    if selection is not None:
+        scores = resize_scores(selection.scores, grid).clamp_min(0)
+        return scores, selection_budget(selection, config.budget), selection.weight, selection.rule
+    if latent is None:
+        raise ValueError("latent: required for a reference without a selection")
+    return default_scores(config.rule, latent, grid, config.seed + 7919 * index), config.budget, 1.0, config.rule
+
+
+def pick_reference(index: int, scores: torch.Tensor, count: int, budget: Budget, config: SparseContextConfig) -> torch.Tensor:
+    """Kept indices (k,) of reference ``index``: ``count`` rounded up to the bucket, picked with the
+    budget's coverage floor and a per-reference seed."""
+    n = scores.numel()
+    k = bucket_round(int(count), config.bucket, n)
+    return pick_tokens(scores, k, coverage=budget.coverage, seed=config.seed + 104729 * index)
+
+
+def plan_selection(index: int, grid: tuple[int, int], selection: ReferenceSelection,
+                   config: SparseContextConfig) -> ReferencePlan:
+    """The plan of reference ``index`` bound to ``selection`` when each reference has its own budget
+    (``config.total_tokens`` unset): the same steps as :func:`plan_references` (what Preview shows)."""
+    scores, budget, _, rule = reference_scores(index, None, grid, selection, config)
+    count = budget.token_count(scores, grid[0] * grid[1])
+    return ReferencePlan(grid, pick_reference(index, scores, count, budget, config), rule)
+
+
 def plan_references(
     latents: list[torch.Tensor],
     grids: list[tuple[int, int]],
@@ -104,29 +137,15 @@ def plan_references(
         selections: per reference, its bound selection or None (then ``config.rule``).
         config: budget, shared total, bucket and seed.
     """
-    scores, budgets, weights, rules = [], [], [], []
-    for i, (latent, grid, sel) in enumerate(zip(latents, grids, selections, strict=True)):
-        if sel is not None:
-            scores.append(resize_scores(sel.scores, grid).clamp_min(0))
-            budgets.append(selection_budget(sel, config.budget))
-            weights.append(sel.weight)
-            rules.append(sel.rule)
-        else:
-            scores.append(default_scores(config.rule, latent, grid, config.seed + 7919 * i))
-            budgets.append(config.budget)
-            weights.append(1.0)
-            rules.append(config.rule)
-    sizes = [g[0] * g[1] for g in grids]
+    inputs = [reference_scores(i, latent, grid, sel, config)
+              for i, (latent, grid, sel) in enumerate(zip(latents, grids, selections, strict=True))]
+    scores = [s for s, _, _, _ in inputs]
     if config.total_tokens is not None:
-        counts = share_budget(scores, config.total_tokens, weights)
+        counts = share_budget(scores, config.total_tokens, [w for _, _, w, _ in inputs])
     else:
-        counts = [b.token_count(s, n) for b, s, n in zip(budgets, scores, sizes, strict=True)]
-    plans = []
-    for i, (s, k, n, b) in enumerate(zip(scores, counts, sizes, budgets, strict=True)):
-        k = bucket_round(int(k), config.bucket, n)
-        idx = pick_tokens(s, k, coverage=b.coverage, seed=config.seed + 104729 * i)
-        plans.append(ReferencePlan(grids[i], idx, rules[i]))
-    return plans
+        counts = [b.token_count(s, g[0] * g[1]) for (s, b, _, _), g in zip(inputs, grids, strict=True)]
+    return [ReferencePlan(grid, pick_reference(i, s, k, b, config), rule)
+            for i, ((s, b, _, rule), k, grid) in enumerate(zip(inputs, counts, grids, strict=True))]
 
 
 def needs_attention(selections: list[ReferenceSelection | None], config: SparseContextConfig) -> list[bool]:
@@ -156,6 +175,9 @@ __all__ = [
     "latent_detail_scores",
     "latent_token_grid",
     "needs_attention",
+    "pick_reference",
     "plan_references",
+    "plan_selection",
+    "reference_scores",
     "selection_budget",
 ]

@@ -199,8 +199,9 @@ def test_preview_shows_kept_tokens_brighter(photo, tmp_path, monkeypatch):
     out = result.result[0]
     assert out.shape == (1, 256, 256, 3) and out.min() >= 0 and out.max() <= 1
     from sparse_context.nodes.preview_node import kept_mask
+    from sparse_context.sparse_attention import SparseContextConfig
 
-    keep = kept_mask(sel, 256, 256, None, 1)
+    keep = kept_mask(sel, 256, 256, SparseContextConfig(bucket=1))
     assert int(keep.sum()) == 64  # 25% of 16 x 16
     ratio = out[0] / photo[0].clamp_min(1e-3)
     per_token = ratio.mean(-1).unfold(0, 16, 16).unfold(1, 16, 16)[..., 2:14, 2:14].mean(dim=(-2, -1))
