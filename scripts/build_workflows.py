@@ -1,8 +1,13 @@
 """Regenerates the example workflows (UI format here, API format in tests/workflows_api/).
 
-Dev tool, not part of the node pack: ``.venv/bin/python workflows/build_workflows.py`` (run from any
+Dev tool, not part of the node pack: ``.venv/bin/python scripts/build_workflows.py`` (run from any
 folder) starts the pinned ComfyUI with the pack, reads ``/object_info`` for the sockets and widget order
-of every node, and writes the five JSON pairs. Edit the graphs here, never the JSON by hand.
+of every node, and writes the JSON pairs. Edit the graphs here, never the JSON by hand.
+
+The files are saved as ComfyUI 0.3.75 (the pinned host, the oldest supported) saves them: core nodes say
+so in ``properties.ver``, newer ComfyUI versions load them as they load any older workflow (new widgets
+get their defaults, new output slots are added), and the tests check each host does. So this refuses to
+run against another ComfyUI.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from packload import load_harness  # scripts/ is on sys.path when this file runs
 REPO = Path(__file__).resolve().parents[1]
 HF = "https://huggingface.co"
 PACK = {"cnr_id": "sparse-context", "ver": "0.1.0"}
-CORE = {"cnr_id": "comfy-core", "ver": "0.3.75"}
+CORE_VERSION = "0.3.75"  # = sc_harness.host.PINNED_VERSION (checked in main)
+CORE = {"cnr_id": "comfy-core", "ver": CORE_VERSION}
 SPARSE_COLOR = "#2a4d3a"
 MODELS = {  # file -> (url, models/ folder), as the official templates list them
     "flux1-kontext-dev.safetensors":  # the bf16 original (gated: accept the license on Hugging Face first)
@@ -326,8 +332,8 @@ def train_lora(g: Graph) -> None:
     tgt_enc = g.core("VAEEncode", 2)
     ref = g.core("ReferenceLatent", 3)
     zero = g.core("ConditioningZeroOut", 3)
-    train = g.sparse("SparseContextTrainLora", 4, [500, 0.0001, 16, 16.0, "attention_mlp", 0.1, 1.0, 0.1, 0.25, 0, "bf16",
-                                                   "sparse_context/drop_robust_lora", True, 50, 100, False])
+    train = g.sparse("SparseContextTrainLora", 4, [500, 0.0001, 16, 16.0, "attention_mlp", 0.1, 1.0, 0.1, 0.25, 0, "fixed",
+                                                   "bf16", "sparse_context/drop_robust_lora", True, 50, 100, False])
     curve = g.core("PreviewImage", 4, height=330)
     apply = g.sparse("SparseContextApply", 5, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
     g.wire((clip, 0, text, "clip"), (ref_img, 0, ref_scale, "image"), (tgt_img, 0, tgt_scale, "image"),
@@ -348,7 +354,7 @@ def calibrate(g: Graph) -> None:
     calib = g.sparse("SparseContextCalibrate", 4, [42, 30.0, 0.0, "0.1, 0.25, 0.5, 0.75", 4, 1.0, "euler", "simple"],
                      height=420)
     plot = g.core("PreviewImage", 5, height=330)
-    report = g.core("PreviewAny", 5, height=220)
+    report = g.core("PreviewAny", 5, height=220, title="Calibration report")
     apply = g.sparse("SparseContextApply", 4, [0.25, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
     preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.25], height=380)
     g.wire((n["scale"], 0, preview, "image"), (edge, 0, preview, "selection"))
@@ -388,8 +394,11 @@ def build(object_info: dict) -> dict[str, tuple[dict, dict]]:
 
 def main() -> None:
     load_harness()
+    from sc_harness.host import PINNED_VERSION, comfyui_version
     from sc_harness.server import ComfyServer
 
+    if not CORE_VERSION == PINNED_VERSION == comfyui_version():
+        raise SystemExit(f"build the workflows with ComfyUI {PINNED_VERSION} (unset COMFYUI_PATH), not {comfyui_version()}")
     with ComfyServer(with_testpack=False) as server:
         info = server.object_info()
     for name, (ui, api) in build(info).items():

@@ -6,7 +6,9 @@
 #   COMPAT_PYTEST_ARGS="-k training" bash scripts/compat.sh DIR...   # a part of the suite (no table is written)
 # Each host gets its own virtual environment ($SPARSECONTEXT_COMPAT_VENVS/<version>, default .compat/) with that
 # ComfyUI's requirements and torch pinned by scripts/constraints.txt, set up by scripts/setup.sh as for a user's
-# existing install (COMFYUI_PATH). Getting the newer hosts (no registry serves them): see README, "Compatibility".
+# existing install (COMFYUI_PATH); the checkout's own pinned ComfyUI (.comfyui/) runs in the checkout's venv
+# (.venv or $SPARSECONTEXT_VENV), as scripts/test.sh runs it. Getting the newer hosts (no registry serves them):
+# see README, "Compatibility".
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo" || exit 2
@@ -19,13 +21,15 @@ if [ "${#hosts[@]}" = 0 ]; then
   hosts=("$(eval "$env_vars"; echo "$COMFYUI_PATH")")
 fi
 
+pinned="$(cd "$repo/.comfyui/ComfyUI-0.3.75" 2>/dev/null && pwd -P)"
 summaries=()
 status=0
 for dir in "${hosts[@]}"; do
-  dir="$(cd "$dir" 2>/dev/null && pwd)" || { echo "[compat] no such folder: $dir" >&2; status=1; continue; }
+  dir="$(cd "$dir" 2>/dev/null && pwd -P)" || { echo "[compat] no such folder: $dir" >&2; status=1; continue; }
   version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$dir/comfyui_version.py" 2>/dev/null)"
   [ -n "$version" ] || { echo "[compat] $dir is not a ComfyUI (no comfyui_version.py)" >&2; status=1; continue; }
   venv="$venvs/$version"
+  [ "$dir" = "$pinned" ] && venv="${SPARSECONTEXT_VENV:-$repo/.venv}"
   log="$results/$version.log"
   echo "[compat] ComfyUI $version at $dir (venv $venv, log $log)" >&2
   start=$(date +%s)

@@ -24,26 +24,53 @@ RELEASED = {"0.3.75": "2025-11", "0.10.0": "2026-01", "0.30.0": "2026-08-02"}
 
 
 def junit_counts(path: Path) -> dict:
-    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "skip_reasons": []}
-    if not path.is_file():
+    """Outcomes of a pytest junit file: one per test case (a failure or error wins over a pass, e.g. an error
+    in teardown after the test passed). ``found`` is False when there is no file (pytest did not run)."""
+    counts = {"found": path.is_file(), "passed": 0, "failed": 0, "errors": 0, "skipped": 0, "skip_reasons": []}
+    if not counts["found"]:
         return counts
     root = ET.parse(path).getroot()  # noqa: S314
     for case in root.iter("testcase"):
-        outcome = "passed"
-        for child in case:
-            if child.tag == "failure":
-                outcome = "failed"
-            elif child.tag == "error":
-                outcome = "errors"
-            elif child.tag == "skipped":
-                outcome = "skipped"
-                counts["skip_reasons"].append(f"{case.get('name')}: {child.get('message', '')}")
+        tags = {child.tag for child in case}
+        outcome = ("errors" if "error" in tags else "failed" if "failure" in tags
+                   else "skipped" if "skipped" in tags else "passed")
+        if outcome == "skipped":
+            reason = next(child.get("message", "") for child in case if child.tag == "skipped")
+            counts["skip_reasons"].append(f"{case.get('classname', '')}::{case.get('name')}: {reason}")
         counts[outcome] += 1
     return counts
 
 
 def version_key(version: str) -> tuple:
     return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.]", version))
+
+
+def host_row(item: str, results: Path, today: str) -> dict:
+    """The result of one host from its ``version|folder|tests_rc|tests_s|demo_rc|demo_s`` and junit file."""
+    version, folder, tests_rc, tests_s, demo_rc, demo_s = item.split("|")
+    c = junit_counts(results / f"{version}.xml")
+    return {"comfyui": version, "released": RELEASED.get(version, "unknown"), "checked": today,
+            "passed": c["passed"], "failed": c["failed"], "errors": c["errors"], "skipped": c["skipped"],
+            "skip_reasons": c["skip_reasons"], "tests_exit": int(tests_rc), "tests_s": int(tests_s),
+            "demo_ok": int(demo_rc) == 0, "demo_exit": int(demo_rc), "demo_s": int(demo_s), "folder": folder, "junit_found": c["found"]}
+
+
+def summary_line(row: dict) -> str:
+    ok = row["tests_exit"] == 0 and row["demo_ok"]
+    tests = (f"{row['passed']} passed, {row['failed']} failed, {row['errors']} errors, {row['skipped']} skipped"
+             if row["junit_found"] else "no test results (pytest did not run: see the log)")
+    return (f"[compat] ComfyUI {row['comfyui']} (released {row['released']}): {tests} in {row['tests_s']} s "
+            f"(pytest exit {row['tests_exit']}); demo {'ok' if row['demo_ok'] else 'FAILED'} "
+            f"(exit {row['demo_exit']}, {row['demo_s']} s) -> {'OK' if ok else 'FAIL'}")
+
+
+def table(hosts: list[dict]) -> list[str]:
+    lines = ["| ComfyUI | released | checked | tests | demo |", "|---|---|---|---|---|"]
+    for r in hosts:
+        tests = f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors, {r['skipped']} skipped"
+        lines.append(f"| {r['comfyui']} | {r['released']} | {r['checked']} | {tests} | "
+                     f"{'ok' if r['demo_ok'] else 'FAILED'} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,20 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("hosts", nargs="*")
     args = parser.parse_args(argv)
     today = datetime.date.today().isoformat()
-    rows = []
-    for item in args.hosts:
-        version, folder, tests_rc, tests_s, demo_rc, demo_s = item.split("|")
-        c = junit_counts(args.results / f"{version}.xml")
-        row = {"comfyui": version, "released": RELEASED.get(version, "unknown"), "checked": today,
-               "passed": c["passed"], "failed": c["failed"], "errors": c["errors"], "skipped": c["skipped"],
-               "skip_reasons": c["skip_reasons"], "tests_exit": int(tests_rc), "tests_s": int(tests_s),
-               "demo_ok": int(demo_rc) == 0, "demo_s": int(demo_s), "folder": folder}
-        rows.append(row)
-        ok = row["tests_exit"] == 0 and row["demo_ok"]
-        print(f"[compat] ComfyUI {version} (released {row['released']}): {c['passed']} passed, {c['failed']} failed, "
-              f"{c['errors']} errors, {c['skipped']} skipped in {tests_s} s (pytest exit {tests_rc}); demo "
-              f"{'ok' if row['demo_ok'] else 'FAILED'} (exit {demo_rc}, {demo_s} s) -> {'OK' if ok else 'FAIL'}")
-        for reason in c["skip_reasons"]:
+    rows = [host_row(item, args.results, today) for item in args.hosts]
+    for row in rows:
+        print(summary_line(row))
+        for reason in row["skip_reasons"]:
             print(f"[compat]   skipped {reason}")
     if args.partial:
         print("[compat] part of the suite only: docs/compat.json and the README table are left as they are")
@@ -76,20 +93,20 @@ def main(argv: list[str] | None = None) -> int:
     hosts = sorted([r for r in previous if r["comfyui"] not in ran] + rows, key=lambda r: version_key(r["comfyui"]))
     for r in hosts:
         r.pop("folder", None)
+        r.pop("junit_found", None)
     constraints = (REPO / "scripts" / "constraints.txt").read_text(encoding="utf-8")
     pins = [line for line in constraints.splitlines() if line and not line.startswith("#")]
+    JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
     JSON_PATH.write_text(json.dumps({"pins": pins, "hosts": hosts}, indent=2) + "\n", encoding="utf-8")
-    table = ["| ComfyUI | released | checked | tests | demo |", "|---|---|---|---|---|"]
-    for r in hosts:
-        tests = f"{r['passed']} passed, {r['failed']} failed, {r['errors']} errors, {r['skipped']} skipped"
-        table.append(f"| {r['comfyui']} | {r['released']} | {r['checked']} | {tests} | "
-                     f"{'ok' if r['demo_ok'] else 'FAILED'} |")
+    lines = table(hosts)
     text = README.read_text(encoding="utf-8")
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
-        README.write_text(head + BEGIN + "\n" + "\n".join(table) + "\n" + END + tail, encoding="utf-8")
-    print("\n".join(table))
+        README.write_text(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail, encoding="utf-8")
+    else:
+        print(f"[compat] {README.name} has no {BEGIN} ... {END} markers: the table is printed only", file=sys.stderr)
+    print("\n".join(lines))
     return 0
 
 

@@ -32,6 +32,10 @@ against the target next to the timings and writes ``comparison.png`` (references
 target). Timings: a warm-up run first, then ``--repeats`` runs per mode (alternating), per-step medians on a fixed
 thread count. The seeded tiny model and other small models have no meaningful pictures (their timings and keep
 maps are real).
+
+Per-step times are measured inside ComfyUI by the test pack's ``SCTest_StepTimer`` (each model evaluation of
+the sampler, one per euler step) and sent over the websocket: ComfyUI's own progress events are throttled
+since 0.10 (at most one per 100 ms), too coarse for steps of a few milliseconds.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ NATURAL_FULL_FT = "natural_flux_full_ft.safetensors"
 NATURAL_TASKS = ("subject", "edit", "composition")
 MINIATURE_PX_PER_TOKEN = 4  # experiments/miniature/encoding.py: 2x2 folding x Flux patch 2
 SELECTOR_ZOOM = 16 // MINIATURE_PX_PER_TOKEN  # the selector nodes score 16 px tokens: enlarge the image to match
+STEP_TIMES_EVENT = "sctest.step_times"  # sent by the test pack's SCTest_StepTimer (tests/comfy_testpack/step_timer.py)
 #: Selector nodes the demo graph can use (they need only the reference image), by the experiment's names.
 SELECTOR_NODES = {"saliency": ("SparseContextSaliencySelector", {"blur_tokens": 1.0}),
                   "edge": ("SparseContextEdgeSelector", {"low_threshold": 0.1, "high_threshold": 0.2, "spread": 1}),
@@ -167,6 +172,7 @@ def build_prompt(opts, images: list[str], mode: str, sparse: bool, steps: int, h
         model = g.add("sparse", "SparseContextApply", model=model, keep_ratio=opts.keep, rule="grid", total_tokens=0,
                       bucket=opts.bucket, start_percent=0.0, end_percent=1.0, seed=0, enabled=True)
     tag = "sparse" if sparse else "dense"
+    model = g.add(f"timer_{tag}", "SCTest_StepTimer", model=model, label=tag)
     sampled = g.add(f"sampler_{tag}", "KSampler", model=model, positive=cond, negative=cond, latent_image=empty,
                     seed=opts.seed if seed is None else seed, steps=steps, cfg=1.0, sampler_name="euler",
                     scheduler="simple", denoise=1.0)
@@ -234,6 +240,7 @@ def build_miniature_prompt(opts, sparse: bool, steps: int, seed: int, save_input
         model = g.add("sparse", "SparseContextApply", model=model, keep_ratio=opts.keep, rule="grid", total_tokens=0,
                       bucket=opts.bucket, start_percent=0.0, end_percent=1.0, seed=0, enabled=True)
     tag = "sparse" if sparse else "dense"
+    model = g.add(f"timer_{tag}", "SCTest_StepTimer", model=model, label=tag)
     sampled = g.add(f"sampler_{tag}", "KSampler", model=model, positive=cond, negative=cond, latent_image=empty,
                     seed=seed, steps=steps, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
     picture = g.add(f"decode_{tag}", "SCTest_MiniatureDecode", samples=sampled)
@@ -292,21 +299,21 @@ def _wrap(text: str, width: float, draw) -> list[str]:
 
 
 # -- running and timing ------------------------------------------------------------------------
-async def _run_and_time(server, prompt: dict, sampler_id: str, timeout: float) -> dict:
-    """Submit ``prompt`` and follow it on the websocket: per-step times of ``sampler_id``."""
+async def _run_and_time(server, prompt: dict, label: str, timeout: float) -> dict:
+    """Submit ``prompt`` and follow it on the websocket: per-step times of the sampling run that the graph's
+    ``SCTest_StepTimer`` labelled ``label`` sends."""
     import aiohttp  # ComfyUI's own dependency
 
     client_id = uuid.uuid4().hex
     ws_url = server.url.replace("http://", "ws://") + f"/ws?clientId={client_id}"
-    steps: list[float] = []
+    timed = None
     async with aiohttp.ClientSession() as session, session.ws_connect(ws_url, max_msg_size=0) as ws:
         async with session.post(server.url + "/prompt", json={"prompt": prompt, "client_id": client_id}) as resp:
             answer = await resp.json()
             if resp.status != 200:
                 raise RuntimeError(f"ComfyUI refused the graph: {json.dumps(answer, indent=1)}")
         prompt_id = answer["prompt_id"]
-        t_start = t_sampler = t_last = None
-        t_end = None
+        t_start = t_end = None
         deadline = time.monotonic() + timeout
         while True:
             msg = await ws.receive(timeout=max(1.0, deadline - time.monotonic()))
@@ -321,11 +328,8 @@ async def _run_and_time(server, prompt: dict, sampler_id: str, timeout: float) -
                 continue
             if kind == "execution_start":
                 t_start = now
-            elif kind == "executing" and data.get("node") == sampler_id:
-                t_sampler = t_last = now
-            elif kind == "progress" and data.get("node") == sampler_id and t_last is not None:
-                steps.append(now - t_last)
-                t_last = now
+            elif kind == STEP_TIMES_EVENT and data.get("label") == label:
+                timed = data
             elif kind == "execution_error":
                 raise RuntimeError(f"the graph failed: {data.get('exception_message')}\n{server.log(60)}")
             elif kind == "execution_success" or (kind == "executing" and data.get("node") is None):
@@ -333,14 +337,14 @@ async def _run_and_time(server, prompt: dict, sampler_id: str, timeout: float) -
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"prompt did not finish in {timeout}s")
-    if not steps:
-        raise RuntimeError(f"no progress events from {sampler_id}; was it cached?")
-    return {"prompt_id": prompt_id, "step_s": steps, "sampling_s": (t_last - t_sampler),
+    if not timed or not timed["step_s"]:
+        raise RuntimeError(f"no step times for {label!r} from SCTest_StepTimer; was the sampler cached?")
+    return {"prompt_id": prompt_id, "step_s": timed["step_s"], "sampling_s": timed["sampling_s"],
             "prompt_s": (t_end - t_start) if t_start else None}
 
 
-def run_prompt(server, prompt: dict, sampler_id: str, timeout: float = 900.0) -> dict:
-    return asyncio.run(_run_and_time(server, prompt, sampler_id, timeout))
+def run_prompt(server, prompt: dict, label: str, timeout: float = 900.0) -> dict:
+    return asyncio.run(_run_and_time(server, prompt, label, timeout))
 
 
 def collect_images(server, prompt_id: str, out: Path, rename: dict[str, str]) -> list[Path]:
@@ -568,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
                 return build_prompt(opts, names, opts.mode, sparse, steps, has_encoder, seed)
 
         # Warm-up: runs everything the timed runs share (model, images, selections, keep maps) once.
-        warm = run_prompt(server, prompt_for(False, 1, opts.seed, save_inputs=True), "sampler_dense")
+        warm = run_prompt(server, prompt_for(False, 1, opts.seed, save_inputs=True), "dense")
         inputs = {f"sc_demo_keepmap_{i}": f"keepmap_{i}" for i in range(1, opts.refs + 1)}
         if opts.mode == "miniature":
             inputs |= {f"sc_demo_reference_{i}": f"reference_{i}" for i in range(1, opts.refs + 1)}
@@ -580,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             for tag, sparse in (("dense", False), ("sparse", True)):
                 print(f"[demo] sampling {tag}" + (f" (run {r + 1}/{opts.repeats})" if opts.repeats > 1 else "")
                       + " ...", flush=True)
-                run = run_prompt(server, prompt_for(sparse, opts.steps, opts.seed + r), f"sampler_{tag}")
+                run = run_prompt(server, prompt_for(sparse, opts.steps, opts.seed + r), tag)
                 if r == 0:
                     collect_images(server, run["prompt_id"], out, {f"sc_demo_{tag}": tag})
                 runs[tag].append(run)

@@ -1,5 +1,11 @@
 """The shipped workflows: they load against the real server's node definitions, the API copies match
-them, the template browser lists them, and every one runs end to end (tiny models swapped in)."""
+them, the template browser lists them, and every one runs end to end (tiny models swapped in).
+
+The files are saved as ComfyUI 0.3.75 saves them (``scripts/build_workflows.py``). On that host they must
+match its node definitions exactly; on a newer host they must be what that host accepts from an older
+workflow, the way its frontend loads one (``test_browser.py`` checks the frontend does that): widgets a
+core node gained since keep their defaults, output slots it gained are added, inputs are matched by name.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from sc_harness.host import REPO
+from sc_harness.host import PINNED_VERSION, REPO, comfyui_version
 from sc_harness.workflow_convert import (
     FRONTEND_ONLY,
     _inputs,
@@ -19,6 +25,7 @@ from sc_harness.workflow_convert import (
     socket_inputs,
     ui_to_api,
     widget_slots,
+    with_widget_defaults,
 )
 
 UI_DIR = REPO / "workflows"
@@ -43,13 +50,35 @@ def object_info(server) -> dict:
     return server.object_info()
 
 
+def shipped_prompt(name: str, object_info: dict) -> dict:
+    """The committed API copy as this host's frontend queues the UI file (new widgets at their defaults)."""
+    return with_widget_defaults(_load(API_DIR, name), object_info)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else 0 for p in text.split("."))
+
+
+def saved_with_older_core(node: dict, host: str) -> bool:
+    """A core node the file says an older ComfyUI saved (``properties``: cnr_id comfy-core, ver)."""
+    props = node.get("properties") or {}
+    return props.get("cnr_id") == "comfy-core" and _version(str(props.get("ver", host))) < _version(host)
+
+
 def test_the_workflows_ship_in_both_formats():
     assert set(NAMES) == EXPECTED
     assert {p.stem for p in API_DIR.glob("*.json")} == EXPECTED
 
 
 # -- UI format against the real node definitions -------------------------------------------------------
-def _problems(workflow: dict, info: dict) -> list[str]:
+def _problems(workflow: dict, info: dict, host: str = PINNED_VERSION) -> list[str]:
+    """What is wrong with a UI workflow on ComfyUI ``host`` with node definitions ``info``.
+
+    A node saved by this very version (or a pack node) must match its definition exactly. A core node saved
+    by an older ComfyUI is loaded the way the frontend loads it: its widget values fill the widgets by
+    position and widgets past them keep their defaults (more values than widgets is an error), its inputs
+    are matched by name (each must still exist with its type; a required one it lacks is unconnected), and
+    its outputs must be the first of the definition's (slots added since are appended)."""
     problems = []
     nodes = {n["id"]: n for n in workflow["nodes"]}
     if workflow.get("version") != 0.4:
@@ -64,13 +93,14 @@ def _problems(workflow: dict, info: dict) -> list[str]:
             problems.append(f"{where}: unknown node type")
             continue
         spec = info[kind]
+        older = saved_with_older_core(node, host)
         slots = widget_slots(spec)
         values = node.get("widgets_values") or []
-        if len(values) != len(slots):
+        if len(values) > len(slots) or (len(values) < len(slots) and not older):
             problems.append(f"{where}: {len(values)} widget values for {slots}")
             continue
         declared = {name: (k, opts) for name, k, opts, _ in _inputs(spec)}
-        for name, value in zip(slots, values, strict=True):
+        for name, value in zip(slots, values, strict=False):  # widgets past the values keep their defaults
             if name is None:
                 continue
             k, opts = declared[name]
@@ -93,18 +123,25 @@ def _problems(workflow: dict, info: dict) -> list[str]:
             elif k == "STRING" and not isinstance(value, str):
                 problems.append(f"{where}: {name}={value!r} is not STRING")
         sockets = socket_inputs(spec)
-        plain = [i for i in node["inputs"] if "widget" not in i]
-        if [(i["name"], i["type"]) for i in plain] != [(n, t) for n, t, _ in sockets]:
-            problems.append(f"{where}: inputs {[i['name'] for i in plain]} != {[n for n, _, _ in sockets]}")
+        plain = [i for i in node["inputs"] if "widget" not in i]  # widget inputs driven by a link are checked below
+        saved = [(i["name"], i["type"]) for i in plain]
+        if older:
+            gone = [n for n, t in saved if (n, t) not in [(sn, st) for sn, st, _ in sockets]]
+            if gone:
+                problems.append(f"{where}: inputs {gone} are not inputs of {kind} (with that type) any more")
+        elif saved != [(n, t) for n, t, _ in sockets]:
+            problems.append(f"{where}: inputs {[n for n, _ in saved]} != {[n for n, _, _ in sockets]}")
         for inp in node["inputs"]:  # a widget driven by a link: a real widget of that type
             if "widget" in inp and (inp["widget"].get("name") != inp["name"] or inp["name"] not in slots
                                     or declared[inp["name"]][0] != inp["type"]):
                 problems.append(f"{where}: widget input {inp['name']} ({inp['type']}) is not a widget of that type")
-        for (name, _, optional), inp in zip(sockets, plain, strict=False):
-            if not optional and inp.get("link") is None and node["mode"] == 0:
+        links_in = {i["name"]: i.get("link") for i in plain}
+        for name, _, optional in sockets:
+            if not optional and links_in.get(name) is None and node["mode"] == 0:
                 problems.append(f"{where}: required input {name} is not connected")
-        if [o["type"] for o in node["outputs"]] != spec["output"]:
-            problems.append(f"{where}: outputs {[o['type'] for o in node['outputs']]} != {spec['output']}")
+        outputs = [o["type"] for o in node["outputs"]]
+        if outputs != (spec["output"][: len(outputs)] if older else spec["output"]):
+            problems.append(f"{where}: outputs {outputs} != {spec['output']}")
     for link_id, src, out, dst, slot, kind in workflow["links"]:
         a, b = nodes.get(src), nodes.get(dst)
         if a is None or b is None:
@@ -130,7 +167,7 @@ def _overlaps(workflow: dict) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_is_valid_for_the_real_server(name, object_info):
     workflow = _load(UI_DIR, name)
-    assert _problems(workflow, object_info) == []
+    assert _problems(workflow, object_info, comfyui_version()) == []
     assert _overlaps(workflow) == [], "nodes overlap (the README screenshot needs a tidy graph)"
     types = {n["type"] for n in workflow["nodes"]}
     assert "MarkdownNote" in types and "SparseContextApply" in types
@@ -186,11 +223,79 @@ def test_validator_catches_broken_workflows():
         assert expected in text, text
 
 
+def _node(node_id: int, kind: str, values: list, outputs: list[str], inputs=(), ver: str = "0.3.75", pack="comfy-core"):
+    return {"id": node_id, "type": kind, "mode": 0, "widgets_values": values,
+            "inputs": [{"name": n, "type": t, "link": link} for n, t, link in inputs],
+            "outputs": [{"name": t, "type": t, "links": None} for t in outputs],
+            "properties": {"cnr_id": pack, "ver": ver}}
+
+
+def test_validator_loads_older_core_nodes_like_the_frontend():
+    """What a newer host accepts from a file an older ComfyUI saved, and what it still refuses."""
+    info = {  # a newer host: "Scale" gained the widget `steps`, "Save" an IMAGE output, "Mix" a required `mask`
+        "Scale": {"input": {"required": {"method": [["area", "lanczos"], {}], "mp": ["FLOAT", {"min": 0.1, "max": 4.0}],
+                                         "steps": ["INT", {"default": 1, "min": 1, "max": 8}]}},
+                  "input_order": {"required": ["method", "mp", "steps"]}, "output": ["IMAGE"], "output_name": ["IMAGE"]},
+        "Save": {"input": {"required": {"prefix": ["STRING", {}]}}, "input_order": {"required": ["prefix"]},
+                 "output": ["IMAGE"], "output_name": ["IMAGE"]},
+        "Mix": {"input": {"required": {"image": ["IMAGE", {}], "mask": ["MASK", {}]}},
+                "input_order": {"required": ["image", "mask"]}, "output": [], "output_name": []},
+    }
+
+    def problems(*nodes, host="0.30.0") -> str:
+        return "\n".join(_problems({"version": 0.4, "nodes": list(nodes), "links": []}, info, host))
+
+    scale, save = _node(1, "Scale", ["lanczos", 1.0], ["IMAGE"]), _node(2, "Save", ["x"], [])
+    assert problems(scale, save) == ""  # saved by 0.3.75, loaded by 0.30.0: defaults and a new slot
+    text = problems(scale, save, host="0.3.75")  # the version that saved them: exactly its definitions
+    assert "2 widget values" in text and "outputs [] != ['IMAGE']" in text, text
+    assert "2 widget values" in problems(_node(1, "Scale", ["lanczos", 1.0], ["IMAGE"], pack="sparse-context"))
+    assert "4 widget values" in problems(_node(1, "Scale", ["lanczos", 1.0, 2, 3], ["IMAGE"]))
+    assert "mp=9.0 outside" in problems(_node(1, "Scale", ["lanczos", 9.0], ["IMAGE"]))
+    assert "outputs ['LATENT']" in problems(_node(1, "Scale", ["lanczos", 1.0], ["LATENT"]))
+    mix = _node(3, "Mix", [], [], inputs=[("image", "IMAGE", None), ("latent", "LATENT", None)])
+    text = problems(mix)
+    assert "['latent'] are not inputs" in text and "required input image is not connected" in text, text
+    assert "required input mask is not connected" in text, text
+
+
+def test_converter_does_what_the_frontend_does_with_widgets():
+    """New widgets keep their defaults; an INT named seed gets a control widget unless its input says no."""
+    from sc_harness.workflow_convert import widget_default
+
+    info = {"K": {"input": {"required": {"seed": ["INT", {"default": 0}], "mode": [["p", "q"], {}],
+                                         "noise_seed": ["INT", {"control_after_generate": False}],
+                                         "added": ["INT", {"default": 3}], "flag": ["BOOLEAN", {}]}},
+                  "input_order": {"required": ["seed", "mode", "noise_seed", "added", "flag"]},
+                  "output": [], "output_name": [], "display_name": "K node"}}
+    assert widget_slots(info["K"]) == ["seed", None, "mode", "noise_seed", "added", "flag"]
+    node = _node(1, "K", [5, "fixed", "q", 7], [])
+    prompt = ui_to_api({"nodes": [node], "links": []}, info)
+    assert prompt == {"1": {"class_type": "K", "inputs": {"seed": 5, "mode": "q", "noise_seed": 7, "added": 3, "flag": False},
+                            "_meta": {"title": "K node"}}}
+    older = {"1": {"class_type": "K", "inputs": {"seed": 5, "mode": "q", "noise_seed": 7}}}
+    assert with_widget_defaults(older, info)["1"]["inputs"] == prompt["1"]["inputs"] and "added" not in older["1"]["inputs"]
+    assert [widget_default(["a", "b"], {}), widget_default("FLOAT", {}), widget_default("STRING", {})] == ["a", 0.0, ""]
+
+
+def _executable(prompt: dict) -> dict:
+    """What the server runs of a prompt: class types and inputs (``_meta`` titles are the UI's)."""
+    return {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in prompt.items()}
+
+
 @pytest.mark.server
 @pytest.mark.parametrize("name", NAMES)
 def test_api_copy_matches_the_ui_workflow(name, object_info):
-    assert _load(API_DIR, name) == ui_to_api(_load(UI_DIR, name), object_info), (
-        "tests/workflows_api is out of date: run `.venv/bin/python scripts/build_workflows.py`")
+    """tests/workflows_api holds what the pinned host's frontend queues for each UI file, checked exactly there.
+    On a newer host the UI file must give the same graph once the widgets added since take their defaults
+    (``shipped_prompt``); node titles come from each host's display names, so they are compared on the
+    pinned host only (``test_browser.py`` checks them against each host's frontend)."""
+    queued = ui_to_api(_load(UI_DIR, name), object_info)
+    if comfyui_version() == PINNED_VERSION:
+        assert _load(API_DIR, name) == queued, (
+            "tests/workflows_api is out of date: run `.venv/bin/python scripts/build_workflows.py`")
+    else:
+        assert _executable(shipped_prompt(name, object_info)) == _executable(queued)
 
 
 @pytest.mark.server
@@ -311,9 +416,9 @@ def _kept(log: str) -> list[list[tuple[int, int]]]:
 
 @pytest.mark.server
 @pytest.mark.parametrize("name", sorted(EXPECTED - {"sparse_dense_vs_sparse", "sparse_calibrate_keep"} - TRAINING))
-def test_shipped_workflow_runs_dense_and_sparse_on_tiny_models(server, name):
+def test_shipped_workflow_runs_dense_and_sparse_on_tiny_models(server, object_info, name):
     _example_png(server.tmp / "input")
-    sparse = swap_for_tiny_models(_load(API_DIR, name))
+    sparse = swap_for_tiny_models(shipped_prompt(name, object_info))
     entry, log = _run(server, sparse)
     runs = _kept(log)
     assert runs, f"no SparseContext report in the server log:\n{log[-3000:]}"
@@ -334,9 +439,9 @@ def test_shipped_workflow_runs_dense_and_sparse_on_tiny_models(server, name):
 
 
 @pytest.mark.server
-def test_dense_vs_sparse_workflow_shows_both_branches(server):
+def test_dense_vs_sparse_workflow_shows_both_branches(server, object_info):
     _example_png(server.tmp / "input")
-    entry, log = _run(server, swap_for_tiny_models(_load(API_DIR, "sparse_dense_vs_sparse")))
+    entry, log = _run(server, swap_for_tiny_models(shipped_prompt("sparse_dense_vs_sparse", object_info)))
     runs = _kept(log)
     assert len(runs) == 1 and all(0 < k < t for k, t in runs[0]), runs  # only the sparse branch thins
     assert "Sparse Context off (dense references). Sampling took" in log
@@ -349,9 +454,9 @@ def test_dense_vs_sparse_workflow_shows_both_branches(server):
 
 @pytest.mark.server
 @pytest.mark.parametrize("min_psnr", [None, 0.0])
-def test_calibrate_workflow_drives_apply_with_the_calibrated_keep(server, min_psnr):
+def test_calibrate_workflow_drives_apply_with_the_calibrated_keep(server, object_info, min_psnr):
     _example_png(server.tmp / "input")
-    prompt = swap_for_tiny_models(_load(API_DIR, "sparse_calibrate_keep"))
+    prompt = swap_for_tiny_models(shipped_prompt("sparse_calibrate_keep", object_info))
     [calib] = [n for n in prompt.values() if n["class_type"] == "SparseContextCalibrate"]
     if min_psnr is not None:
         calib["inputs"]["min_psnr"] = min_psnr

@@ -10,6 +10,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .demo_nodes import DEMO_NODES
 from .stand_ins import StandInEncoder
+from .step_timer import StepTimer
 from .tiny_models import FAMILIES, SPECS, VARIANTS, build_model_patcher, make_conditioning, make_latent
 
 _FAMILY = io.Combo.Input("family", options=sorted(FAMILIES), tooltip="Tiny model family.")
@@ -102,7 +103,7 @@ class CheckFinite(io.ComfyNode):
 
 class TinyTestExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return [TinyModel, TinyConditioning, TinyLatent, LatentToImage, CheckFinite, *DEMO_NODES]
+        return [TinyModel, TinyConditioning, TinyLatent, LatentToImage, CheckFinite, StepTimer, *DEMO_NODES]
 
 
 async def comfy_entrypoint() -> TinyTestExtension:

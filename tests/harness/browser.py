@@ -18,15 +18,18 @@ CHROMIUM_ARGS = (
     "--disable-component-update", "--disable-sync", "--window-size=1600,1000",
 )
 
-# The frontend's global dialogs are PrimeVue ``.p-dialog`` elements; these are matched by their text.
-_DIALOGS_JS = """
-return Array.from(document.querySelectorAll('.p-dialog'))
-  .filter(e => e.offsetParent !== null || e.getClientRects().length > 0)
-  .map(e => (e.innerText || '').trim());
+# The frontend's dialogs: PrimeVue ``.p-dialog`` (frontend 1.3x) or Reka ``[role=dialog]`` (1.4x), matched by
+# their text. Only visible ones count.
+_DIALOG_ELEMENTS_JS = """
+const dialogElements = () => Array.from(new Set(document.querySelectorAll('.p-dialog, [role="dialog"]')))
+  .filter(e => e.offsetParent !== null || e.getClientRects().length > 0);
 """
+_DIALOGS_JS = _DIALOG_ELEMENTS_JS + "return dialogElements().map(e => (e.innerText || '').trim());"
 
-# Node types in the loaded graph (and its subgraphs, where the frontend has them) that the frontend
-# does not know, i.e. no registered LiteGraph class: exactly what a missing custom node looks like.
+# Node types in the loaded graph and in every subgraph definition that the frontend does not know: no
+# registered LiteGraph class, or the placeholder node LiteGraph puts in for one (it keeps the saved node in
+# ``last_serialization``). ``has_errors`` is no evidence: frontends since 1.4x also set it on nodes whose model
+# or image file is missing.
 _UNKNOWN_TYPES_JS = """
 const graphs = [window.app.graph];
 const subs = window.app.graph.subgraphs;
@@ -36,7 +39,8 @@ let count = 0;
 for (const g of graphs) {
   for (const n of (g._nodes || g.nodes || [])) {
     count += 1;
-    if (!(n.type in LiteGraph.registered_node_types) || n.has_errors) unknown.push(n.type);
+    const saved = n.last_serialization;
+    if (saved || !(n.type in LiteGraph.registered_node_types)) unknown.push((saved && saved.type) || n.type);
   }
 }
 return {count: count, unknown: unknown};
@@ -145,21 +149,25 @@ class ComfyPage:
 
     def close_dialogs(self, prefixes: tuple[str, ...] | None = None) -> bool:
         """Close open dialogs (those whose text starts with one of ``prefixes``, or all) with their own
-        close button; True if any was closed."""
-        closed = self.js("""
+        close button, and the error overlay of frontends 1.4x; True if any was closed."""
+        closed = self.js(_DIALOG_ELEMENTS_JS + """
             const prefixes = arguments[0];
             let n = 0;
-            for (const d of document.querySelectorAll('.p-dialog')) {
+            for (const d of dialogElements()) {
               const text = (d.innerText || '').trim();
               if (prefixes !== null && !prefixes.some(p => text.startsWith(p))) continue;
-              // a labelled close button, PrimeVue's header close, or the frontend's icon button (pi-times / lucide x)
-              let btn = d.querySelector('button[aria-label="Close"], .p-dialog-close-button, .p-dialog-header-close');
+              // a labelled close button (PrimeVue "Close", Reka "Close dialog"), PrimeVue's header close, or the
+              // frontend's icon button (pi-times / lucide x)
+              let btn = d.querySelector('button[aria-label="Close"], button[aria-label="Close dialog"], '
+                                        + '.p-dialog-close-button, .p-dialog-header-close');
               if (!btn) {
                 const icon = d.querySelector('button .pi-times, button [class*="lucide--x"]');
                 btn = icon && icon.closest('button');
               }
               if (btn) { btn.click(); n += 1; }
             }
+            const overlay = prefixes === null && document.querySelector('[data-testid="error-overlay-dismiss"]');
+            if (overlay) { overlay.click(); n += 1; }
             return n;
         """, None if prefixes is None else list(prefixes))
         time.sleep(0.3)
@@ -184,28 +192,55 @@ class ComfyPage:
     def load_template(self, pack: str, name: str, settle: float = 2.0) -> dict:
         """Fetch a pack's example workflow from the server's template route (as the template browser
         does) and load it; returns the workflow."""
-        script = """
-            const done = arguments[arguments.length - 1];
-            fetch(arguments[0]).then(r => r.ok ? r.json() : Promise.reject('HTTP ' + r.status))
-              .then(j => done({ok: j}), e => done({error: String(e)}));
-        """
-        self.driver.set_script_timeout(60)
-        answer = self.driver.execute_async_script(script, f"/api/workflow_templates/{pack}/{name}.json")
-        if "error" in answer:
-            raise RuntimeError(f"GET /api/workflow_templates/{pack}/{name}.json failed: {answer['error']}")
-        self.load_workflow(answer["ok"], name, settle)
-        return answer["ok"]
+        workflow = self.fetch_json(f"/api/workflow_templates/{pack}/{name}.json")
+        self.load_workflow(workflow, name, settle)
+        return workflow
 
-    def missing_nodes_dialog(self) -> str | None:
-        """The text of the frontend's missing-nodes dialog, if it is open."""
+    def missing_nodes_report(self) -> str | None:
+        """What the frontend reports about missing node types after a load, or None.
+
+        Frontends up to 1.3x open a dialog ("missing nodes"). From 1.4x on, a load that finds problems
+        (missing nodes, model files or images) shows an error overlay whose "View details" opens the Errors
+        tab of the right side panel; missing node types are its "Missing Node Packs" group. The panel is
+        closed again afterwards (a per-user UI setting)."""
         for text in self.dialogs():
             if "missing nodes" in text.lower() or "missing node types" in text.lower():
                 return text
-        return None
+        if not self.js("const b = document.querySelector('[data-testid=\"error-overlay-see-errors\"]');"
+                       "if (b) b.click(); return !!b;"):
+            return None  # no overlay: the load found no problem at all
+        self._wait(lambda: self.js("return !!document.querySelector('[data-testid=\"errors-summary-hero\"]')"),
+                   10, "the Errors tab of the right side panel")
+        text = self.js("const g = document.querySelector('[data-testid=\"error-group-missing-node\"]');"
+                       "return g ? g.innerText.trim() : null;")
+        self.js("window.app.extensionManager.setting.set('Comfy.RightSidePanel.IsOpen', false)")
+        time.sleep(0.3)
+        return text
 
     def graph_node_types(self) -> dict:
         """``{"count": nodes in the graph, "unknown": types without a registered node class}``."""
         return dict(self.js(_UNKNOWN_TYPES_JS))
+
+    def _await(self, expression: str, what: str, *args):
+        """The value of a JavaScript promise ``expression`` (it may use ``arguments``), or raise with its error."""
+        self.driver.set_script_timeout(60)
+        answer = self.driver.execute_async_script(f"""
+            const done = arguments[arguments.length - 1];
+            Promise.resolve().then(() => {expression})
+              .then(v => done({{ok: v === undefined ? null : v}}), e => done({{error: String(e && e.stack || e)}}));
+        """, *args)
+        if "error" in answer:
+            raise RuntimeError(f"{what} failed: {answer['error']}")
+        return answer["ok"]
+
+    def fetch_json(self, path: str):
+        """GET ``path`` from the server inside the page (as the frontend fetches templates)."""
+        return self._await("fetch(arguments[0]).then(r => r.ok ? r.json() : Promise.reject('HTTP ' + r.status))",
+                           f"GET {path}", path)
+
+    def queued_prompt(self) -> dict:
+        """The API prompt the frontend would queue for the loaded graph (``app.graphToPrompt().output``)."""
+        return self._await("window.app.graphToPrompt().then(p => p.output)", "app.graphToPrompt()")
 
     def fit_view(self) -> None:
         """Zoom the canvas so that the whole graph is in view."""

@@ -5,6 +5,12 @@
   widget values are matched to input names in ``input_order`` (plus the frontend-only
   ``control_after_generate`` and image ``upload`` widgets), bypassed nodes pass their input through,
   muted nodes and notes are dropped.
+
+Host-aware like the frontend of each ComfyUI: a workflow saved with an older ComfyUI has no value for a
+widget that a later core node gained (e.g. ``resolution_steps`` of ``ImageScaleToTotalPixels``); the
+frontend fills ``widgets_values`` into the node's widgets by position and leaves the rest at their
+defaults, so :func:`ui_to_api` and :func:`with_widget_defaults` do the same from that host's
+``/object_info``.
 """
 
 from __future__ import annotations
@@ -43,6 +49,15 @@ def combo_options(kind: Any, options: dict) -> list | None:
     return None
 
 
+def has_control_widget(name: str, kind: Any, options: dict) -> bool:
+    """Whether the frontend adds a "control after generate" widget after this number widget: when the input
+    asks for one, and (a legacy convention every frontend keeps) for an INT named seed or noise_seed that
+    does not say otherwise."""
+    if options.get("control_after_generate") is not None:
+        return bool(options["control_after_generate"])
+    return kind == "INT" and name in ("seed", "noise_seed")
+
+
 def widget_slots(info: dict) -> list[str | None]:
     """Names of the values in ``widgets_values``, in order; None = a frontend-only widget value."""
     slots: list[str | None] = []
@@ -50,11 +65,27 @@ def widget_slots(info: dict) -> list[str | None]:
         if not is_widget(kind, options):
             continue
         slots.append(name)
-        if kind in ("INT", "FLOAT") and options.get("control_after_generate"):
+        if kind in ("INT", "FLOAT") and has_control_widget(name, kind, options):
             slots.append(None)  # "fixed" / "randomize" ...
         if options.get("image_upload") or options.get("video_upload") or options.get("audio_upload"):
             slots.append(None)  # the upload button's value
     return slots
+
+
+def widget_default(kind: Any, options: dict) -> Any:
+    """The value the frontend gives a widget it creates: the input's default, else the first option of a
+    combo, else 0 / False / an empty string."""
+    if "default" in options:
+        return options["default"]
+    choices = combo_options(kind, options)
+    if choices is not None:
+        return choices[0] if choices else None
+    return {"INT": 0, "FLOAT": 0.0, "BOOLEAN": False}.get(kind, "")
+
+
+def widget_defaults(info: dict) -> dict[str, Any]:
+    """Input name -> the value a new widget of that input starts with."""
+    return {name: widget_default(kind, opts) for name, kind, opts, _ in _inputs(info) if is_widget(kind, opts)}
 
 
 def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:
@@ -173,9 +204,10 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
             continue
         info = object_info[node["type"]]
         inputs: dict[str, Any] = {}
-        for name, value in zip(widget_slots(info), node.get("widgets_values") or [], strict=False):
+        values, defaults = node.get("widgets_values") or [], widget_defaults(info)
+        for i, name in enumerate(widget_slots(info)):  # widgets the file has no value for keep their default
             if name is not None:
-                inputs[name] = value
+                inputs[name] = values[i] if i < len(values) else defaults[name]
         for slot, inp in enumerate(node["inputs"]):
             if inp.get("link") is not None:
                 src = source_of(node["id"], slot)
@@ -184,3 +216,14 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs,
                                    "_meta": {"title": node.get("title") or info.get("display_name") or node["type"]}}
     return prompt
+
+
+def with_widget_defaults(prompt: dict, object_info: dict) -> dict:
+    """An API prompt saved with an older ComfyUI as this host's frontend would queue it: widget inputs the
+    prompt lacks (added to a node since) get their defaults, as they do when the frontend loads the older
+    UI workflow. Everything the prompt has stays as it is."""
+    out = copy.deepcopy(prompt)
+    for node in out.values():
+        for name, value in widget_defaults(object_info[node["class_type"]]).items():
+            node["inputs"].setdefault(name, value)
+    return out
