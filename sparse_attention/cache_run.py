@@ -51,6 +51,7 @@ class CachedRun:
         self.final_plans: dict[tuple, list[ReferencePlan]] = {}
         self._assembled: dict[tuple, dict] = {}
         self._empty: dict[tuple, torch.Tensor] = {}
+        self._on_device: dict[tuple, tuple] = {}
 
     # -- report ---------------------------------------------------------------------------------------------
     def report(self) -> dict:
@@ -102,7 +103,14 @@ class CachedRun:
         return tuple(tuple(r.shape[-2:]) for r in refs)
 
     def _indices(self, plans: list[ReferencePlan], device) -> list[torch.Tensor]:
-        return [p.indices.to(device) for p in plans]
+        """The plans' kept indices on the model's device, moved once per run and plan."""
+        moved = []
+        for p in plans:
+            key = (id(p), str(device))
+            if key not in self._on_device:
+                self._on_device[key] = (p, p.indices.to(device))  # the plan is kept alive with its id
+            moved.append(self._on_device[key][1])
+        return moved
 
     def _plain(self, executor, args, kwargs, plans, refs, activate):
         with activate(refs, plans, self._indices(plans, refs[0].device)):
