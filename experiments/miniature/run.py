@@ -236,10 +236,6 @@ def main(argv: list[str] | None = None) -> dict:
                                                                         e.target.permute(0, 3, 1, 2), 1.0))
                                               for e in edits) / len(edits), 4)
 
-    def thin(xs: list[float], n: int = 200) -> list[float]:
-        step = max(1, len(xs) // n)
-        return [round(sum(xs[i:i + step]) / len(xs[i:i + step]), 5) for i in range(0, len(xs), step)]
-
     result = {
         "schema": "sparse_context.miniature/1",
         "smoke": args.smoke,
@@ -260,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "total": round(time.time() - t_start, 1)},
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
                     "torch": torch.__version__, "python": platform.python_version()},
-        "losses": {"base": thin(base_losses), "lora": thin(lora_losses)},
+        "losses": {"base": train.thin_curve(base_losses), "lora": train.thin_curve(lora_losses)},
         "results": rows,
         "summary": summary,
     }

@@ -94,3 +94,9 @@ def train(model, params: list[torch.nn.Parameter], steps: int, *, batch: int = 8
     for p in params:
         p.grad = None
     return losses
+
+
+def thin_curve(xs: list[float], n: int = 200) -> list[float]:
+    """A loss curve averaged down to about ``n`` points (for the results JSON)."""
+    step = max(1, len(xs) // n)
+    return [round(sum(xs[i:i + step]) / len(xs[i:i + step]), 5) for i in range(0, len(xs), step)]

@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
     from sc_miniature import model
+    from sc_miniature.train import thin_curve
     from sc_miniature.train import train as train_weights
     from sc_natural import evaluate, photos, tasks
 
@@ -352,10 +353,6 @@ def main(argv: list[str] | None = None) -> dict:
     timing["total"] = round(time.time() - t_start, 1)
     loads.append(_load())
 
-    def thin(xs: list[float], n: int = 200) -> list[float]:
-        step = max(1, len(xs) // n)
-        return [round(sum(xs[i:i + step]) / len(xs[i:i + step]), 5) for i in range(0, len(xs), step)]
-
     result = {
         "schema": "sparse_context.natural/1",
         "smoke": args.smoke,
@@ -388,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"where": "CPU", "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                     "threads": args.threads, "load_average_1_5_15_at_stages": loads, "torch": torch.__version__,
                     "python": platform.python_version()},
-        "losses": {"base": thin(base_losses), "lora": thin(lora_losses), "full_ft": thin(ft_losses)},
+        "losses": {"base": thin_curve(base_losses), "lora": thin_curve(lora_losses), "full_ft": thin_curve(ft_losses)},
         "results": rows,
     }
     result["summary"] = summarize(rows, cfg["ratios"])
