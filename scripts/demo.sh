@@ -25,6 +25,8 @@ fi
 #   2. multi-reference: three references composed, same model and keep;
 #   3. where dropping hurts: an aligned edit at keep 0.25 with the untuned model, then what to do about it
 #      (the drop-robust fine-tune at keep 0.5).
+echo "[demo] The natural-image model of the short run (docs/natural.json). On the longer-trained model of"
+echo "[demo] docs/natural_long.json the same settings cost about 5-6.5 dB against dense: README, Evidence of quality."
 "$PYTHON" "$repo/scripts/demo.py" --task subject --example 2 --variant full_ft --keep 0.5 --out "$repo/demo_output/1_subject"
 echo
 "$PYTHON" "$repo/scripts/demo.py" --task composition --example 1 --variant full_ft --keep 0.5 \

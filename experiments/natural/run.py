@@ -38,8 +38,8 @@ FULL = dict(base_steps=1000, batch=4, lr=3e-3, ft_steps=200, ft_lr=5e-4,
             lora_steps=150, lora_accum=4, lora_lr=1e-3, lora_rank=16, pool=100,
             keep_low=0.1, dense_share=0.25, n_eval=8, sample_steps=4, ratios=(1.0, 0.5, 0.25, 0.1), selectors=None,
             extra=True)
-#: Sized for about 45 minutes on an IDLE 2-core machine (from the per-step times of the miniature's idle run);
-#: not run in the session that made the committed JSON (see README.md): ``run.py --long``.
+#: 12x the base training, for an IDLE 2-core machine (``run.py --long --threads 2``); its committed result is
+#: docs/natural_long.json (wall time in the JSON and README.md).
 LONG = dict(FULL, base_steps=6000, batch=8, ft_steps=1000, ft_lr=5e-4, lora_steps=800, pool=300, n_eval=16)
 SMOKE = dict(base_steps=3, batch=2, lr=3e-3, ft_steps=2, ft_lr=5e-4,
              lora_steps=2, lora_accum=1, lora_lr=1e-3, lora_rank=4, pool=1,
