@@ -65,13 +65,14 @@ NODES_HELP = """## SparseContext nodes
 - **Sparse Budget**: ratio, count, or adaptive (busy images keep more); coverage -1 = the selector's default floor.
 - **Preview Sparse Tokens**: the reference with kept tokens bright and the kept count.
 """
-EDIT_EVIDENCE = ("in our natural-image measurements (README) keep 0.5 cost about 1 dB with the drop-robust LoRA and "
-                 "3 dB without it, keep 0.25 3 dB with it and 8 dB without, with even coverage (Grid: disconnect the "
-                 "selection and Apply Sparse Context's `rule` grid is used); edge-first selections lost 1-4 dB more there. "
-                 "Load the LoRA (Load Sparse Context LoRA; train one with `sparse_train_lora`) before going lower, and "
-                 "check your model with `sparse_calibrate_keep`.")
-MULTI_EVIDENCE = ("The keep ratio is a starting point: in our measurements (README) keeps below 0.5 lost quality "
-                  "unless the model had the drop-robust fine-tune; check yours with `sparse_calibrate_keep`.")
+EDIT_EVIDENCE = ("in our natural-image measurements (README), with even coverage (Grid: disconnect the selection and "
+                 "Apply Sparse Context's `rule` grid is used), keep 0.5 cost about 6 dB with the drop-robust fine-tune "
+                 "and 15 dB without it on the better-trained model (1 and 3 dB on a weaker one), keep 0.25 about 9 dB "
+                 "with it; edge-first selections lost up to 3 dB more. Load the LoRA (Load Sparse Context LoRA; train "
+                 "one with `sparse_train_lora`) before going lower, and check your model with `sparse_calibrate_keep`.")
+MULTI_EVIDENCE = ("The keep ratio is a starting point: in our measurements (README) every keep below 1 lost quality "
+                  "(keep 0.5: about 5-6.5 dB with the drop-robust fine-tune, 13-18 dB without it, on the better-trained "
+                  "model); check yours with `sparse_calibrate_keep`.")
 COMPARE = ("**Compare with dense**: set `enabled` of Apply Sparse Context to false and queue again (the seed is fixed, "
            "so only the token dropping differs), or "
            "open `sparse_dense_vs_sparse`. Lower `keep_ratio` if it is still slow, raise it if details drift.")
@@ -302,8 +303,8 @@ drives Apply Sparse Context below. The plot shows quality and seconds per step a
 
 Calibration costs about five short runs; ComfyUI caches it, so it runs again only when the model, prompt, reference, seed
 or thresholds change. Once you know the value, type it into Apply Sparse Context and delete the Calibrate node.
-30 dB is close to invisible; in our natural-image replication aligned edits needed a higher keep than subjects
-(see the README's recommendations).
+30 dB is close to invisible; in our natural-image replication every keep below 1 cost quality on the better-trained
+model, aligned edits the most (see the README's recommendations).
 """
 
 TRAIN_NOTE = """# Train a drop-robust Sparse Context LoRA (FLUX.1 Kontext)
