@@ -71,7 +71,7 @@ class CachedRun:
         uuids = list(options.get("uuids") or [DIRECT])
         batch = int(named["x"].shape[0])
         rows = batch // len(uuids)
-        key = self._plan_key(refs)
+        key = self.plan_key(refs)
         selected = self.final_plans.get(key)
         if self.mode == "off":
             if selected is not None:
@@ -99,7 +99,8 @@ class CachedRun:
 
     # -- the pieces -----------------------------------------------------------------------------------------
     @staticmethod
-    def _plan_key(refs: list[torch.Tensor]) -> tuple:
+    def plan_key(refs: list[torch.Tensor]) -> tuple:
+        """The key of a reference set's plans (their latent shapes)."""
         return tuple(tuple(r.shape[-2:]) for r in refs)
 
     def _indices(self, plans: list[ReferencePlan], device) -> list[torch.Tensor]:

@@ -269,12 +269,7 @@ def _planned_forward(executor, subsetter: ReferenceSubsetter, args: tuple, kwarg
     cached = run.cached_run(patch_size)
     out = cached.forward(executor, args, kwargs, named, refs, plans, needs_attention(selections, run.config),
                          selections, run.config, _activator(subsetter))
-    final = cached.final_plans.get(cached._plan_key(refs))
-    if final is not None and run.report is not None and run.report.get("selected") is None:
-        run._record(final, run.report["text_tokens"], run.report["target_tokens"])
-        run.report["selected"] = "attention"
-    if run.report is not None:
-        run.report["cache"] = cached.report()
+    run.record_cached(refs)
     return out
 
 

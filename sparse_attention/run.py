@@ -158,6 +158,17 @@ class SparseRun:
         _, plans = self.plans(list(refs), patch_size, self.binding_for(binding, len(refs)))
         return [(p.kept, p.total) for p in plans]
 
+    def record_cached(self, refs: list[torch.Tensor]) -> None:
+        """After a forward of ``cached``: the report names the attention-selected plans (once measured) and the
+        cache's hits, misses and size."""
+        if self.report is None or self.cached is None:
+            return
+        final = self.cached.final_plans.get(self.cached.plan_key(refs))
+        if final is not None and self.report.get("selected") is None:
+            self._record(final, self.report["text_tokens"], self.report["target_tokens"])
+            self.report["selected"] = "attention"
+        self.report["cache"] = self.cached.report()
+
     def _record(self, plans: list[ReferencePlan], text_tokens: int, target_tokens: int) -> None:
         dense = [p.total for p in plans]
         kept = [p.kept for p in plans]

@@ -225,6 +225,8 @@ def test_layers_that_bypass_the_weight_function_are_refused_before_the_first_ste
     tr = _training()
     if ops == "scaled_fp8":
         if not hasattr(comfy.ops, "scaled_fp8_ops"):
+            # 0.10+ has no scaled-fp8 op class to build a model from: such files load as quantized tensors, which
+            # the trainer's per-layer gradient check decides on at run time (the own_kernel case tests that check).
             pytest.skip("this ComfyUI has no scaled_fp8_ops (scaled fp8 files load as quantized tensors there)")
         mp = sc_testpack.build_model_patcher(FAMILY, 0, dtype=torch.float8_e4m3fn, manual_cast=torch.float32,
                                              operations=comfy.ops.scaled_fp8_ops())
