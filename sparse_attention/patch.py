@@ -170,6 +170,14 @@ def _bind(fn, args: tuple, kwargs: dict) -> dict:
     return named
 
 
+def _with_argument(fn, args: tuple, kwargs: dict, name: str, value) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` of a call of ``fn`` with the argument ``name`` replaced, passed as it was passed."""
+    if name in kwargs:
+        return args, {**kwargs, name: value}
+    position = list(inspect.signature(fn).parameters).index(name)
+    return (*args[:position], value, *args[position + 1:]), kwargs
+
+
 def _tokens(tensor: torch.Tensor | None, patch_size: int) -> int:
     return math.prod(latent_token_grid(tuple(tensor.shape), patch_size)) if tensor is not None else 0
 
@@ -455,9 +463,8 @@ def sparse_prepare_sampling_wrapper(executor, *args, **kwargs):
         return executor(*args, **kwargs)
     if run.config.enabled and run.config.cache != "off":
         extra = cache_bytes(named["model"], run, conds, named["noise_shape"], patch.patch_size)
-        named["noise_shape"] = with_extra_area(named["model"], named["noise_shape"], extra)
-        if run.report is not None:
-            run.report["cache_estimate_mib"] = round(extra / 2**20, 2)
+        args, kwargs = _with_argument(executor.original, args, kwargs, "noise_shape",
+                                      with_extra_area(named["model"], named["noise_shape"], extra))
         run.cache_estimate = extra
     swapped = []
     try:
@@ -468,7 +475,7 @@ def sparse_prepare_sampling_wrapper(executor, *args, **kwargs):
                     kept = run.kept_tokens(refs, patch.patch_size, entry_binding(entry))
                     swapped.append((entry, refs))
                     entry["reference_latents"] = [kept_view(r, k, n) for r, (k, n) in zip(refs, kept, strict=True)]
-        return executor(**named)
+        return executor(*args, **kwargs)
     finally:
         for entry, refs in swapped:
             entry["reference_latents"] = refs

@@ -107,6 +107,10 @@ class CacheStore:
     def clear(self) -> None:
         self._items.clear()
 
+    def entries(self) -> list[ReferenceKV]:
+        """The stored entries, least recently used first."""
+        return [entry for entry, _ in self._items.values()]
+
     def on_detach(self, _patcher, unpatch_all: bool = True, *_args, **_kwargs) -> None:
         """ComfyUI ``ON_DETACH`` callback: drop everything when the model is unloaded for good (``unpatch_all``);
         ComfyUI also detaches a loaded clone, keeping its weights, whenever another clone of the model loads."""
