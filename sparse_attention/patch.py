@@ -59,6 +59,14 @@ def model_family(diffusion_model: torch.nn.Module) -> str | None:
     return SUPPORTED_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
+class _PerThread(threading.local):
+    """The forward in flight, per thread; set in every thread from the start, so torch.compile's guards see the
+    same attribute before and after the first forward (no recompile)."""
+
+    def __init__(self):
+        self.active: _ActiveForward | None = None
+
+
 class ReferenceSubsetter:
     """Object patch for ``diffusion_model.process_img``: returns a reference's kept tokens and ids.
 
@@ -71,7 +79,7 @@ class ReferenceSubsetter:
         self.original = original
         self.patch_size = patch_size
         self.positions = positions  # the model's ``_forward`` parameter name -> its position
-        self._local = threading.local()
+        self._local = _PerThread()
         self.warned = False
 
     def __deepcopy__(self, memo) -> ReferenceSubsetter:  # per-thread state and the original are shared
@@ -79,16 +87,22 @@ class ReferenceSubsetter:
 
     @property
     def active(self) -> _ActiveForward | None:
-        return getattr(self._local, "active", None)
+        return self._local.active
 
     @contextmanager
     def activated(self, refs, keep: ForwardKeep):
-        """A context in which this thread's calls keep ``keep`` of ``refs``."""
-        previous, self._local.active = self.active, _ActiveForward(list(refs), tuple(keep), self.patch_size)
+        """A context in which this thread's calls keep ``keep`` of ``refs`` (the cached run's forwards)."""
+        previous = self.activate(refs, keep)
         try:
-            yield self._local.active
+            yield
         finally:
             self._local.active = previous
+
+    def activate(self, refs, keep: ForwardKeep) -> _ActiveForward | None:
+        """This thread's calls keep ``keep`` of ``refs`` from now; returns what was active before."""
+        previous = self.active
+        self._local.active = _ActiveForward(list(refs), tuple(keep), self.patch_size)
+        return previous
 
     def argument(self, args: tuple, kwargs: dict, name: str):
         """A ``_forward`` argument by name, whatever its positional order in this ComfyUI version."""
@@ -263,8 +277,12 @@ def _check_subsetter(diffusion_model, run: SparseRun, step) -> bool:
 
 def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict, refs, keep: ForwardKeep):
     """Run the model with the subsetter keeping ``keep`` of ``refs``; warn once if a reference slipped past."""
-    with subsetter.activated(refs, keep) as active:
+    previous = subsetter.activate(refs, keep)  # (plain try/finally: this runs inside torch.compile's trace)
+    active = subsetter.active
+    try:
         out = executor(*args, **kwargs)
+    finally:
+        subsetter._local.active = previous
     missed = active.missed()
     if missed and not subsetter.warned:
         subsetter.warned = True
