@@ -194,6 +194,19 @@ def train(args, training, model, make_encoder) -> Path:
     return path
 
 
+def run(args, training, model, make_encoder) -> int:
+    """``train`` as a process of a job: a failed step (this rank's or another's) ends it with its one-line message
+    and exit status 1 on every rank (the newest checkpoint stays the one to ``--resume`` from)."""
+    try:
+        train(args, training, model, make_encoder)
+    except (training.distributed.StepFailed, training.distributed.RankFailed) as err:
+        print(f"train_lora.py: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        training.distributed.shutdown()
+    return 0
+
+
 def pin_cuda_device_for_rank() -> None:
     """Before CUDA starts: this process sees only its local rank's GPU (what ComfyUI's own ``--cuda-device``
     does), so ComfyUI's model management uses that one."""
@@ -219,11 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
     training = import_pack()
     model = comfy.sd.load_diffusion_model(args.model, model_options={"dtype": getattr(torch, DTYPES[args.dtype])})
-    try:
-        train(args, training, model, lambda family: comfy_encoder(args, training, family))
-    finally:
-        training.distributed.shutdown()
-    return 0
+    return run(args, training, model, lambda family: comfy_encoder(args, training, family))
 
 
 if __name__ == "__main__":

@@ -125,6 +125,7 @@ def load_example(path: str | Path) -> TrainingExample:
     guidance = meta.pop("guidance", None)
     method = meta.pop("reference_method", None)
     meta.pop(FORMAT_KEY, None)
+    meta["source"] = path.name  # where it came from, for messages
     try:
         return TrainingExample(tensors["target"], refs, tensors["context"], tensors.get("pooled"),
                                None if guidance is None else float(guidance), method, meta)

@@ -54,6 +54,8 @@ from .host_ops import differentiable_host_ops
 from .loading import load_for_training
 from .lora import PREFIX, LoraConfig, attach_lora
 from .lora_file import LoraMetadata, pack_version, save_lora
+from .memory import TrainingMemory, quadratic_attention, sequence_tokens
+from .memory import estimate as estimate_memory
 from .model_call import CAPTURE_KEY, OutputCapture, apply_model_inputs
 from .progress import ConsoleProgress
 
@@ -63,10 +65,6 @@ TIMESTEP_SAMPLING = ("logit_normal", "uniform", "shifted")
 CHECKPOINT_KEY = "sparse_context.checkpoint"
 #: Noise levels of the validation's one-step x0 estimates (fixed, so curves compare across steps).
 VALIDATION_SIGMAS = (0.25, 0.5, 0.75)
-#: Training activation memory with checkpointing, as a multiple of ComfyUI's own inference estimate for the
-#: same input (``BaseModel.memory_required``; without checkpointing: times the number of blocks). The session
-#: asks core to make this much room before loading, instead of unloading everything.
-MEMORY_FACTOR_CHECKPOINTED = 3.0
 
 
 @dataclass(frozen=True)
@@ -228,16 +226,22 @@ class LoraTrainer:
                 _unload(self.model)  # object patches restored by core
                 remove_weight_functions(dm, [*self.lora.deltas.values(), read_through_copy])
 
-    def training_memory(self, example: TrainingExample) -> float:
-        """Bytes of activations one training step on ``example`` is expected to need on the device:
-        ComfyUI's inference estimate for the same input, times ``MEMORY_FACTOR_CHECKPOINTED`` with
-        checkpointing, or times the number of transformer blocks without it."""
-        base = self.model.model
-        inference = base.memory_required(tuple(example.target.shape),
-                                         cond_shapes={"ref_latents": [tuple(r.shape) for r in example.references]})
-        if self.config.gradient_checkpointing:
-            return float(inference) * MEMORY_FACTOR_CHECKPOINTED
-        return float(inference) * sum(1 for _ in blocks(self.model.get_model_object("diffusion_model"), self.arch))
+    def training_memory(self, example: TrainingExample) -> TrainingMemory:
+        """Device memory one training step on ``example`` needs besides the base weights (``training.memory``):
+        from the model's blocks, the sequence at the largest keep ratio the distribution draws, the batch, the
+        compute dtype, the LoRA and whether gradient checkpointing is on."""
+        dm = self.model.get_model_object("diffusion_model")
+        # the text as the model sees it: core's own input building may pad it (FLUX.2 to 512 tokens)
+        cpu = torch.device("cpu")
+        _, inputs = apply_model_inputs(self.model.model, example, torch.zeros(example.target.shape), torch.ones(1), cpu)
+        text = inputs["c_crossattn"].shape[1] if "c_crossattn" in inputs else example.context.shape[1]
+        tokens = sequence_tokens(example, text, int(dm.patch_size), self.config.keep_ratios.largest())
+        hidden = int(getattr(dm, "hidden_size", None) or dm.inner_dim)
+        heads = int(self.architecture.get("num_heads") or self.architecture["num_attention_heads"])
+        lora_bytes = sum(p.numel() * p.element_size() for p in self.lora.parameters())
+        return estimate_memory([(m, kind == "double_block") for kind, _, _, m in blocks(dm, self.arch)], hidden,
+                               heads, tokens, int(example.target.shape[0]), self._dtype(), lora_bytes,
+                               self.config.gradient_checkpointing, quadratic_attention())
 
     # -- one forward -----------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
@@ -316,10 +320,11 @@ class LoraTrainer:
             lr = c.learning_rate * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.learning_rate
             for param_group in self.optimizer.param_groups:
                 param_group["lr"] = lr
-            total, error = 0.0, None
+            total, error, source = 0.0, None, ""
             try:
                 for a in group.share(c.grad_accumulation):
                     index, keep, seed = self._micro_draw(self.step * c.grad_accumulation + a, len(examples))
+                    source = examples[index].meta.get("source") or f"#{index}"
                     loss = self.loss(examples[index], keep, seed)
                     # only the LoRA: base weights that require grad (as models built outside ComfyUI's loaders do)
                     # get no .grad, and the shared model is not touched
@@ -335,7 +340,8 @@ class LoraTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     where = f"step {self.step + 1}"
                     if error is not None:
-                        raise RuntimeError(f"training failed on rank {group.rank} at {where}: {error}") from error
+                        raise distributed.StepFailed(f"training failed on rank {group.rank} at {where}, on example "
+                                                     f"{source}: {type(error).__name__}: {error}") from error
                     raise distributed.RankFailed(
                         f"training stopped at {where}: rank(s) {', '.join(map(str, failed))} of {group.world_size} "
                         "failed (their output says why); the last checkpoint stays loadable")
@@ -407,7 +413,7 @@ class LoraTrainer:
             validation = [ex.detached() for ex in validation]
         total = self.config.steps if steps is None else steps
         if examples:
-            self.memory_required = max(self.training_memory(ex) for ex in examples)
+            self.memory_required = float(max(self.training_memory(ex).total for ex in examples))
         validating = bool(validation) and validate_every > 0
         main = distributed.current().is_main
         bar = ConsoleProgress(total, self.step) if progress and main else None
