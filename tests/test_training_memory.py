@@ -87,3 +87,82 @@ def test_the_estimate_follows_the_settings_and_is_what_the_trainer_asks_core_for
     assert mixed.training_memory(example).tokens == 304
     on.fit([example], steps=1, progress=False)
     assert on.memory_required == dense_on.total
+
+
+# -- a base that does not fit the memory budget ---------------------------------------------------------------------
+def _tiny(budget_of, weight_offload: bool = True):
+    """A trainer on the test pack's tiny FLUX.1 Kontext with ``memory_budget = budget_of(weights, training)``."""
+    import sc_testpack
+    import sparse_context.training as tr
+
+    mp = sc_testpack.build_model_patcher("flux1_kontext", 0)
+    context, extra = sc_testpack.make_conditioning("flux1_kontext", 5)[0]
+    ref = sc_testpack.make_latent("flux1_kontext", 3, 64, 64)
+    example = tr.TrainingExample(ref.flip(1).clone(), [ref], context, extra["pooled_output"], guidance=2.5)
+    probe = tr.LoraTrainer(mp, tr.LoraConfig(rank=4, alpha=4.0), tr.TrainConfig(steps=1))
+    budget = budget_of(float(mp.model_size()), float(probe.training_memory(example).total))
+    trainer = tr.LoraTrainer(mp, tr.LoraConfig(rank=4, alpha=4.0),
+                             tr.TrainConfig(steps=1, memory_budget=budget, weight_offload=weight_offload))
+    return mp, trainer, example
+
+
+def _host() -> str:
+    import comfyui_version
+
+    return f"ComfyUI {comfyui_version.__version__}"
+
+
+@pytest.mark.parametrize("weight_offload", [False, True], ids=["offload_off", "offload_on"])
+def test_a_base_over_the_memory_budget_is_refused_before_step_1_with_the_fp8_advice(weight_offload):
+    import comfy.model_management as mm
+    from sparse_context.training.loading import core_offloads_training
+
+    if weight_offload and core_offloads_training():
+        pytest.skip(f"{_host()} has core's training weight offload (prepare_sampling(force_offload)): the base is "
+                    "offloaded, not refused (test_where_core_offloads_training_the_trainer_loads_the_base_through_it)")
+    mp, trainer, example = _tiny(lambda weights, training: weights / 2, weight_offload)
+    before = {k: v.clone() for k, v in trainer.lora_state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        trainer.fit([example], progress=False)
+    message = str(err.value)
+    print(f"\n{message}")
+    assert message.startswith("model: the base does not fit") and "fp8_e4m3fn" in message
+    assert ("weight offload is off" if weight_offload is False and core_offloads_training()
+            else "cannot offload weights while training") in message
+    assert trainer.step == 0 and trainer.losses == []
+    assert all(torch.equal(before[k], v) for k, v in trainer.lora_state_dict().items())
+    assert not any(m.model is trainer.model for m in mm.current_loaded_models)  # refused before loading
+
+
+def test_where_core_offloads_training_the_trainer_loads_the_base_through_it():
+    """Core's PREPARE_SAMPLING wrapper (official hook) records what the trainer asks core's loading for."""
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+    from sparse_context.training.loading import core_offloads_training
+
+    if not core_offloads_training():
+        pytest.skip(f"{_host()} has no training weight offload (prepare_sampling(..., force_offload=...), 0.30+)")
+    calls = []
+
+    def record(executor, model, noise_shape, conds, *args, force_full_load=False, force_offload=False, **kwargs):
+        calls.append({"model": model, "noise_shape": tuple(noise_shape), "force_full_load": force_full_load,
+                      "force_offload": force_offload})
+        out = executor(model, noise_shape, conds, *args, force_full_load=force_full_load, force_offload=force_offload,
+                       **kwargs)
+        calls[-1]["loaded"] = any(m.model is model for m in mm.current_loaded_models)
+        return out
+
+    # a budget the training memory fits, the weights with it do not
+    _, trainer, example = _tiny(lambda weights, training: training + weights / 2)
+    trainer.model.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, "test.record", record)
+    losses = trainer.fit([example], progress=False)
+    assert len(losses) == 1 and losses[0] == losses[0]  # trained one step, finite
+    assert trainer.offloading is True
+    assert [(c["model"] is trainer.model, c["noise_shape"], c["force_full_load"], c["force_offload"], c["loaded"])
+            for c in calls] == [(True, tuple(example.target.shape), False, True, True)]
+    # within the budget, the base loads fully without core's offload
+    calls.clear()
+    _, fits, _ = _tiny(lambda weights, training: weights + training)
+    fits.model.add_wrapper_with_key(pe.WrappersMP.PREPARE_SAMPLING, "test.record", record)
+    fits.fit([example], progress=False)
+    assert calls == [] and fits.offloading is False

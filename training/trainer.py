@@ -89,6 +89,10 @@ class TrainConfig:
         gradient_checkpointing: keep only each transformer block's inputs between forward and backward and
             recompute the block in the backward (``training.checkpointing``): far less activation memory for
             about one more forward per step. Same gradients.
+        memory_budget: bytes of device memory training may use (base weights + ``training_memory``); None = the
+            device's total memory (on the CPU: no limit). A base that does not fit within it is loaded with core's
+            training weight offload, or refused before step 1 (``training.loading``).
+        weight_offload: use core's training weight offload (ComfyUI 0.30+) for a base that does not fit.
     """
 
     steps: int = 1000
@@ -103,8 +107,12 @@ class TrainConfig:
     lora_dtype: torch.dtype = torch.float32
     recommended_keep_ratio: float = 0.25
     gradient_checkpointing: bool = True
+    memory_budget: float | None = None
+    weight_offload: bool = True
 
     def __post_init__(self) -> None:
+        if self.memory_budget is not None and not self.memory_budget > 0:
+            raise ValueError(f"memory_budget: expected bytes > 0 or None, got {self.memory_budget}")
         if self.steps < 0 or self.grad_accumulation < 1 or self.warmup_steps < 0:
             raise ValueError("steps >= 0, warmup_steps >= 0 and grad_accumulation >= 1 are required")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
@@ -185,7 +193,8 @@ class LoraTrainer:
         self.losses: list[float] = []
         self.validation: list[dict] = []
         self.last_report: dict | None = None
-        self.memory_required = 0.0  # activation bytes the session asks core to make room for (set by fit)
+        self.memory_required = 0.0  # training bytes the session asks core to make room for (set by fit)
+        self.noise_shape: tuple[int, ...] = (1,)  # the largest target latent's shape (set by fit; core's loading takes it)
         self.offloading = False  # whether core may keep base weights off the device (set by the session)
         self._checked = False
         self._depth = 0
@@ -209,7 +218,8 @@ class LoraTrainer:
         import comfy.patcher_extension as pe
 
         with torch.inference_mode(False):
-            self.offloading = load_for_training(self.model, self.memory_required)
+            self.offloading = load_for_training(self.model, self.memory_required, self.noise_shape,
+                                                self.config.memory_budget, self.config.weight_offload)
             dm = self.model.model.diffusion_model
             options = pe.copy_nested_dicts(self.model.model_options.get("transformer_options", {}))
             options["wrappers"] = pe.copy_nested_dicts(self.model.wrappers)
@@ -414,6 +424,7 @@ class LoraTrainer:
         total = self.config.steps if steps is None else steps
         if examples:
             self.memory_required = float(max(self.training_memory(ex).total for ex in examples))
+            self.noise_shape = tuple(max((ex.target for ex in examples), key=lambda t: t.numel()).shape)
         validating = bool(validation) and validate_every > 0
         main = distributed.current().is_main
         bar = ConsoleProgress(total, self.step) if progress and main else None
