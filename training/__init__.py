@@ -12,7 +12,9 @@ Modules (each usable on its own):
 * ``base_weights``: reading the frozen base (inference tensors, fp8) and refusing layers a LoRA cannot train;
 * ``host_ops``: autograd-capable host kernels during training;
 * ``model_call``: the training forward through the model's own ``apply_model`` (inputs built by core);
-* ``loading``: loading the base for training (core's weight offload where the host has it);
+* ``memory``: the device memory a training step needs besides the base weights (what ComfyUI is told);
+* ``loading``: loading the base for training within a memory budget (core's weight offload where the host has
+  it, else a base that does not fit is refused);
 * ``distributed``: data-parallel training over ``torch.distributed`` (torchrun);
 * ``trainer``: ``TrainConfig``, ``LoraTrainer`` (``loss``, ``train_step``, ``evaluate``, ``validate``, ``fit``,
   ``save``, checkpoints);

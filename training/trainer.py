@@ -334,7 +334,7 @@ class LoraTrainer:
             try:
                 for a in group.share(c.grad_accumulation):
                     index, keep, seed = self._micro_draw(self.step * c.grad_accumulation + a, len(examples))
-                    source = examples[index].meta.get("source") or f"#{index}"
+                    source = examples[index].source or f"#{index}"
                     loss = self.loss(examples[index], keep, seed)
                     # only the LoRA: base weights that require grad (as models built outside ComfyUI's loaders do)
                     # get no .grad, and the shared model is not touched
