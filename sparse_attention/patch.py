@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .config import SparseContextConfig
+from .neighbors import check_neighbors, dense_reason, unwrap_compiled
 from .run import ForwardKeep, SparseContextPatch, SparseRun, entry_binding, single_binding
 from .selection import BINDING_KEY, SelectionBinding
 from .token_math import ReferencePlan, latent_token_grid, needs_attention
@@ -129,6 +130,10 @@ class _ActiveForward:
             self.thinned.add(found)
         return found
 
+    def ran(self) -> bool:
+        """Whether the model's forward ran at all (another DIFFUSION_MODEL wrapper may return a cached output)."""
+        return self._calls > 0
+
     def missed(self) -> list[int]:
         """1-based numbers of the references that did not reach ``process_img`` as expected."""
         return [i + 1 for i in range(len(self.refs)) if i not in self.thinned]
@@ -214,7 +219,7 @@ def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict
     finally:
         subsetter.active = None
     missed = active.missed()
-    if missed and not subsetter.warned:
+    if missed and active.ran() and not subsetter.warned:  # a forward another wrapper skipped (EasyCache) ran none
         subsetter.warned = True
         log.warning("SparseContext: reference(s) %s did not reach the model as expected (another patch or this "
                     "ComfyUI version changed them); they ran dense.", missed)
@@ -311,6 +316,8 @@ def sparse_outer_sample_wrapper(executor, *args, **kwargs):
     patch = original_options.get("transformer_options", {}).get(PATCH_KEY)
     if not isinstance(patch, SparseContextPatch):
         return executor(*args, **kwargs)
+    # a pack added after Apply (TeaCache, WaveSpeed) is visible now, before the first step
+    check_neighbors(original_options, guider.model_patcher.get_model_object("diffusion_model"), patch.config)
     run = patch.new_run(guider.model_patcher.get_model_object("model_sampling"))
     run.model_key = (id(guider.model_patcher.model), str(getattr(guider.model_patcher, "patches_uuid", "")))
     conds = getattr(guider, "conds", None) or {}
@@ -366,6 +373,14 @@ def _positions(fn) -> dict[str, int]:
     return {name: i for i, name in enumerate(params)}
 
 
+def unsupported_reason(model) -> str | None:
+    """Why this pack leaves a ModelPatcher's references dense (its diffusion model's class), or None."""
+    diffusion_model = unwrap_compiled(model.get_model_object("diffusion_model"))
+    if model_family(diffusion_model) is not None:
+        return None
+    return dense_reason(diffusion_model, ", ".join(SUPPORTED_CLASSES.values()))
+
+
 def apply_sparse_context(model, config: SparseContextConfig):
     """A clone of ``model`` (a ComfyUI ModelPatcher) whose references are sparse; ``model`` is untouched.
 
@@ -374,13 +389,13 @@ def apply_sparse_context(model, config: SparseContextConfig):
     from comfy.patcher_extension import CallbacksMP, WrappersMP
 
     clone = model.clone()
-    diffusion_model = clone.get_model_object("diffusion_model")
+    # a torch.compile wrapper (a compile node before this one) forwards object patches to the module it compiles
+    diffusion_model = unwrap_compiled(clone.get_model_object("diffusion_model"))
     family = model_family(diffusion_model)
     if family is None:
-        cls = type(diffusion_model)
-        log.warning("SparseContext: %s.%s is not a supported model (supported: %s); its references run dense.",
-                    cls.__module__, cls.__qualname__, ", ".join(SUPPORTED_CLASSES.values()))
+        log.warning("SparseContext: %s; its references run dense.", unsupported_reason(clone))
         return clone
+    check_neighbors(clone.model_options, diffusion_model, config)
     original = clone.get_model_object("diffusion_model.process_img")
     if isinstance(original, ReferenceSubsetter):  # applied twice: replace, do not stack
         original = original.original
