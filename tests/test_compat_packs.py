@@ -199,25 +199,19 @@ def test_core_torch_compile_model(order, matrix, caplog, fresh_dynamo):
     matrix.set(result="composes", message=f"equal to eager Apply ({err:.1e}) and to the masked-dense oracle")
 
 
-def _easycache_run(node, order, mode, scene, caplog):
-    cache_node = lambda m: node.execute(m, reuse_threshold=2.0, start_percent=0.0, end_percent=1.0,  # noqa: E731
-                                        verbose=False).result[0]
-    counter = _ForwardCounter()
-    base = scene.base.clone()
-    base.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "count", counter)
-    out = scene.run(compose(order, cache_node, base, mode), steps=8)
-    return out, counter.forwards, cache_node
+def _easycache_run(node, order, mode, scene):
+    """The run's output, how many model forwards ran (attention calls of the model's two blocks) and the node."""
+    from sc_harness.oracle import AttentionProbe
 
+    def cache_node(m):
+        return node.execute(m, reuse_threshold=2.0, start_percent=0.0, end_percent=1.0, verbose=False).result[0]
 
-class _ForwardCounter:
-    """DIFFUSION_MODEL wrapper that counts forwards that reached the model."""
-
-    def __init__(self):
-        self.forwards = 0
-
-    def __call__(self, executor, *args, **kwargs):
-        self.forwards += 1
-        return executor(*args, **kwargs)
+    probe = AttentionProbe()
+    model = compose(order, cache_node, scene.base, mode)  # (clones copy model_options deeply: probe added last)
+    model.model_options["transformer_options"]["optimized_attention_override"] = probe
+    out = scene.run(model, steps=8)
+    assert probe.lengths, "the attention probe saw no call"
+    return out, len(probe.lengths) // 2, cache_node
 
 
 @pytest.mark.parametrize("node_name", ["EasyCacheNode", "LazyCacheNode"])
@@ -228,7 +222,7 @@ def test_core_easycache_and_lazycache_skip_steps_and_compose(node_name, order, m
     matrix.set(pack=f"core {node_name.removesuffix('Node')}", family=FAMILY_NAMES["flux1_kontext"], order=order,
                mode=mode)
     scene = Scene("flux1_kontext", sc_testpack.build_model_patcher("flux1_kontext", seed=3))
-    out, forwards, cache_node = _easycache_run(node, order, mode, scene, caplog)
+    out, forwards, cache_node = _easycache_run(node, order, mode, scene)
     assert forwards < 8, f"{node_name} skipped no step ({forwards} forwards of 8 steps)"
     assert torch.isfinite(out).all()
     false = [r.getMessage() for r in caplog.records if "did not reach the model" in r.getMessage()]
