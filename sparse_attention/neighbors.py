@@ -107,5 +107,4 @@ def check_neighbors(model_options: dict, diffusion_model, config) -> None:
 
 def dense_reason(diffusion_model, supported: str) -> str:
     """Why a diffusion model's references run dense (its class is not one this pack thins)."""
-    return (f"the diffusion model is {class_name(diffusion_model)}, which SparseContext does not support "
-            f"(supported: {supported})")
+    return f"the diffusion model {class_name(diffusion_model)} is not a supported model (supported: {supported})"
