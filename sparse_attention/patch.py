@@ -147,6 +147,11 @@ class _ActiveForward:
             self.thinned.add(found)
         return found
 
+    @property
+    def patchified(self) -> bool:
+        """Whether the model patchified anything in this forward (False: another wrapper skipped the model)."""
+        return self._calls > 0
+
     def missed(self) -> list[int]:
         """1-based numbers of the references that did not reach ``process_img`` as expected (none when the forward
         did not patchify anything: another wrapper skipped the model, as EasyCache does on skipped steps)."""
@@ -318,7 +323,8 @@ def _planned_forward(executor, subsetter: ReferenceSubsetter, args: tuple, kwarg
     _, plans = run.forward_plans(refs, binding, patch.patch_size, text, _tokens(named["x"], patch.patch_size))
     selections = run.selections(binding, len(refs))
     fwd = CacheForward(executor, named, refs, plans, needs_attention(selections, run.config), selections, run.config,
-                       subsetter.activated, attention_blocks(executor.class_obj), patch.patch_size)
+                       subsetter.activated, attention_blocks(executor.class_obj), patch.patch_size,
+                       tuple(inspect.signature(executor.original).parameters)[:len(args)])
     out = run.cached_run().forward(fwd)
     run.record_cached(refs)
     return out
