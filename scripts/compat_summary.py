@@ -139,7 +139,7 @@ def write_matrix(results: Path, versions: list[str], today: str, nodes: list[str
     JSON_PATH.parent.mkdir(parents=True, exist_ok=True)
     JSON_PATH.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     MATRIX_DOC.write_text(matrix_doc(data["matrix"], nodes), encoding="utf-8")
-    print(f"[compat] compatibility matrix of {', '.join(found)} written to {MATRIX_DOC.relative_to(REPO)}")
+    print(f"[compat] compatibility matrix of {', '.join(found)} written to {MATRIX_DOC}")
 
 
 def main(argv: list[str] | None = None) -> int:
