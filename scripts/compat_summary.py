@@ -115,14 +115,18 @@ def matrix_doc(matrix: dict[str, dict], nodes: list[str]) -> str:
                   "|---|---|---|---|---|---|"]
         rows = sorted(entry["rows"], key=lambda r: (r.get("pack", ""), r.get("family", ""), r.get("order", ""),
                                                     r.get("mode", "")))
+        shown = set()
         for r in rows:
             result = r.get("result", "")
             if r.get("outcome") == "failed" or (r.get("outcome") == "passed" and not result):
                 result = "FAILED (test failed: see the log)"
             elif r.get("outcome") == "skipped" and result != "pack does not load":
                 result = "not run"
-            lines.append("| " + " | ".join(_cell(r.get(k, "")) for k in ("pack", "family", "order", "mode"))
-                         + f" | {_cell(result)} | {_cell(r.get('message', ''))} |")
+            line = ("| " + " | ".join(_cell(r.get(k) or "") for k in ("pack", "family", "order", "mode"))
+                    + f" | {_cell(result)} | {_cell(r.get('message', ''))} |")
+            if line not in shown:  # a pack that does not load gives one row, not one per test
+                shown.add(line)
+                lines.append(line)
         lines.append("")
     if nodes:
         lines += ["Pack folders of the latest run: " + ", ".join(f"`{Path(n).name}`" for n in nodes), ""]
