@@ -254,25 +254,23 @@ def sparse_apply_model_wrapper(executor, *args, **kwargs):
     context = named.get("c_crossattn")
     step = plan_step(run, patch, options, named.get("ref_latents"), named.get(BINDING_KEY), named["x"],
                      int(context.shape[1]) if context is not None else 0)
+    _check_subsetter(executor.class_obj.diffusion_model, run, step)
     if step is CACHED:
         return executor(*args, **kwargs)
-    _check_subsetter(executor.class_obj.diffusion_model, run, step)
     return executor(*args, **kwargs, **{KEEP_KEY: step})
 
 
-def _check_subsetter(diffusion_model, run: SparseRun, step) -> bool:
-    """Whether the subsetter is still the model's ``process_img``; if not (another node replaced it after Apply
-    Sparse Context) a step that would thin runs dense, and the user is told once per run."""
+def _check_subsetter(diffusion_model, run: SparseRun, step) -> None:
+    """If the subsetter is no longer the model's ``process_img`` (another node replaced it after Apply Sparse
+    Context), a step that would thin runs dense: the user is told once per run, in the log and the report."""
     if isinstance(getattr(diffusion_model, "process_img", None), ReferenceSubsetter):
-        return True
+        return
     if step is not None and not run.warned_subsetter:
         run.warned_subsetter = True
         reason = ("another node replaced the model's process_img after Apply Sparse Context, so its references run "
                   "dense; put Apply Sparse Context after that node")
         log.warning("SparseContext: %s.", reason)
-        if run.report is not None:
-            run.report["dense_reason"] = reason
-    return False
+        run.report = {**(run.report or {}), "dense_reason": reason}
 
 
 def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict, refs, keep: ForwardKeep):

@@ -169,9 +169,10 @@ def test_plain_dropping_composes_with_blocks_called_without_transformer_options(
     assert (out - _sample(sparse, _case())).abs().max().item() < 1e-6
 
 
-def test_process_img_replaced_after_apply_warns_once_and_the_report_says_why(caplog):
+@pytest.mark.parametrize("cache", ["off", "first_step"])
+def test_process_img_replaced_after_apply_warns_once_and_the_report_says_why(caplog, cache):
     base = sc_testpack.build_model_patcher(FAMILY, seed=6)
-    model = apply_sparse_context(base, _config(0.5)).clone()
+    model = apply_sparse_context(base, _config(0.5, cache)).clone()
     model.add_object_patch("diffusion_model.process_img", base.get_model_object("diffusion_model.process_img"))
     with caplog.at_level(logging.WARNING, logger="SparseContext"):
         out = _sample(model, _case())
