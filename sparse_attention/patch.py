@@ -96,13 +96,16 @@ class ReferenceSubsetter:
         try:
             yield
         finally:
-            self._local.active = previous
+            self.restore(previous)
 
     def activate(self, refs, keep: ForwardKeep) -> _ActiveForward | None:
         """This thread's calls keep ``keep`` of ``refs`` from now; returns what was active before."""
         previous = self.active
         self._local.active = _ActiveForward(list(refs), tuple(keep), self.patch_size)
         return previous
+
+    def restore(self, previous: _ActiveForward | None) -> None:
+        self._local.active = previous
 
     def argument(self, args: tuple, kwargs: dict, name: str):
         """A ``_forward`` argument by name, whatever its positional order in this ComfyUI version."""
@@ -280,7 +283,7 @@ def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict
     try:
         out = executor(*args, **kwargs)
     finally:
-        subsetter._local.active = previous
+        subsetter.restore(previous)
     missed = active.missed()
     if missed and not subsetter.warned:
         subsetter.warned = True
@@ -441,9 +444,9 @@ def _text_tokens(entry: dict) -> int:
 def cache_bytes(model, run: SparseRun, conds: dict, noise_shape, patch_size: int) -> int:
     """Memory a cached run holds besides what ComfyUI's estimate counts for the kept tokens: every conditioning
     entry's cached keys/values of every block (one row per latent of the batch) and the join buffer."""
-    dm = model.model.diffusion_model
     import comfy.model_management
 
+    dm = model.model.diffusion_model
     dtype = getattr(model.model, "manual_cast_dtype", None) or model.model_dtype()
     unit = attention_width(dm) * comfy.model_management.dtype_size(dtype)
     rows, blocks, entries, widest = int(noise_shape[0]), attention_blocks(dm), 0, 0
