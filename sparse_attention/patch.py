@@ -60,6 +60,14 @@ def model_family(diffusion_model: torch.nn.Module) -> str | None:
     return SUPPORTED_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
+class _PerThread(threading.local):
+    """The forward in flight, per thread; set in every thread from the start, so torch.compile's guards see the
+    same attribute before and after the first forward (no recompile)."""
+
+    def __init__(self):
+        self.active: _ActiveForward | None = None
+
+
 class ReferenceSubsetter:
     """Object patch for ``diffusion_model.process_img``: returns a reference's kept tokens and ids.
 
@@ -72,7 +80,7 @@ class ReferenceSubsetter:
         self.original = original
         self.patch_size = patch_size
         self.positions = positions  # the model's ``_forward`` parameter name -> its position
-        self._local = threading.local()
+        self._local = _PerThread()
         self.warned = False
 
     def __deepcopy__(self, memo) -> ReferenceSubsetter:  # per-thread state and the original are shared
@@ -80,16 +88,25 @@ class ReferenceSubsetter:
 
     @property
     def active(self) -> _ActiveForward | None:
-        return getattr(self._local, "active", None)
+        return self._local.active
 
     @contextmanager
     def activated(self, refs, keep: ForwardKeep):
-        """A context in which this thread's calls keep ``keep`` of ``refs``."""
-        previous, self._local.active = self.active, _ActiveForward(list(refs), tuple(keep), self.patch_size)
+        """A context in which this thread's calls keep ``keep`` of ``refs`` (the cached run's forwards)."""
+        previous = self.activate(refs, keep)
         try:
-            yield self._local.active
+            yield
         finally:
-            self._local.active = previous
+            self.restore(previous)
+
+    def activate(self, refs, keep: ForwardKeep) -> _ActiveForward | None:
+        """This thread's calls keep ``keep`` of ``refs`` from now; returns what was active before."""
+        previous = self.active
+        self._local.active = _ActiveForward(list(refs), tuple(keep), self.patch_size)
+        return previous
+
+    def restore(self, previous: _ActiveForward | None) -> None:
+        self._local.active = previous
 
     def argument(self, args: tuple, kwargs: dict, name: str):
         """A ``_forward`` argument by name, whatever its positional order in this ComfyUI version."""
@@ -246,31 +263,33 @@ def sparse_apply_model_wrapper(executor, *args, **kwargs):
     context = named.get("c_crossattn")
     step = plan_step(run, patch, options, named.get("ref_latents"), named.get(BINDING_KEY), named["x"],
                      int(context.shape[1]) if context is not None else 0)
+    _check_subsetter(executor.class_obj.diffusion_model, run, step)
     if step is CACHED:
         return executor(*args, **kwargs)
-    _check_subsetter(executor.class_obj.diffusion_model, run, step)
     return executor(*args, **kwargs, **{KEEP_KEY: step})
 
 
-def _check_subsetter(diffusion_model, run: SparseRun, step) -> bool:
-    """Whether the subsetter is still the model's ``process_img``; if not (another node replaced it after Apply
-    Sparse Context) a step that would thin runs dense, and the user is told once per run."""
+def _check_subsetter(diffusion_model, run: SparseRun, step) -> None:
+    """If the subsetter is no longer the model's ``process_img`` (another node replaced it after Apply Sparse
+    Context), a step that would thin runs dense: the user is told once per run, in the log and the report."""
     if isinstance(getattr(diffusion_model, "process_img", None), ReferenceSubsetter):
-        return True
+        return
     if step is not None and not run.warned_subsetter:
         run.warned_subsetter = True
         reason = ("another node replaced the model's process_img after Apply Sparse Context, so its references run "
                   "dense; put Apply Sparse Context after that node")
         log.warning("SparseContext: %s.", reason)
-        if run.report is not None:
-            run.report["dense_reason"] = reason
-    return False
+        run.report = {**(run.report or {}), "dense_reason": reason}
 
 
 def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict, refs, keep: ForwardKeep):
     """Run the model with the subsetter keeping ``keep`` of ``refs``; warn once if a reference slipped past."""
-    with subsetter.activated(refs, keep) as active:
+    previous = subsetter.activate(refs, keep)  # (plain try/finally: this runs inside torch.compile's trace)
+    active = subsetter.active
+    try:
         out = executor(*args, **kwargs)
+    finally:
+        subsetter.restore(previous)
     missed = active.missed()
     if missed and not subsetter.warned:
         subsetter.warned = True
@@ -434,9 +453,9 @@ def _text_tokens(entry: dict) -> int:
 def cache_bytes(model, run: SparseRun, conds: dict, noise_shape, patch_size: int) -> int:
     """Memory a cached run holds besides what ComfyUI's estimate counts for the kept tokens: every conditioning
     entry's cached keys/values of every block (one row per latent of the batch) and the join buffer."""
-    dm = model.model.diffusion_model
     import comfy.model_management
 
+    dm = model.model.diffusion_model
     dtype = getattr(model.model, "manual_cast_dtype", None) or model.model_dtype()
     unit = attention_width(dm) * comfy.model_management.dtype_size(dtype)
     rows, blocks, entries, widest = int(noise_shape[0]), attention_blocks(dm), 0, 0
