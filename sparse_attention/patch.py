@@ -95,7 +95,7 @@ class ReferenceSubsetter:
         """A context in which this thread's calls keep ``keep`` of ``refs`` (the cached run's forwards)."""
         previous = self.activate(refs, keep)
         try:
-            yield
+            yield self.active  # (whether the model patchified anything: another wrapper may skip the forward)
         finally:
             self.restore(previous)
 
