@@ -11,6 +11,7 @@ import comfy.ldm.modules.attention as attention
 import pytest
 import sc_testpack
 import torch
+from sc_harness.direct import patched_diffusion_model
 from sc_harness.forward import forward_inputs, run_forward
 from sc_harness.oracle import AttentionProbe
 from sc_harness.sampling import memory_estimate, sample, with_references
@@ -18,7 +19,6 @@ from sparse_context.nodes.apply_node import SparseContextApply
 from sparse_context.nodes.calibrate_node import SparseContextCalibrate
 from sparse_context.selectors import Budget
 from sparse_context.sparse_attention import PATCH_KEY, RUN_KEY, SparseContextConfig, apply_sparse_context
-from sparse_context.sparse_attention.direct import patched_diffusion_model
 from sparse_context.sparse_attention.errors import SparseContextBypassed
 from sparse_context.sparse_attention.patch import attention_blocks
 from sparse_context.sparse_attention.reference_cache import CacheAttention, reference_attention_mass
