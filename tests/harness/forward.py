@@ -33,7 +33,7 @@ class Forward:
 
 def run_forward(model, inputs: dict, *, probe=None, ids_probe: bool = False, **extra) -> Forward:
     """One forward of a ModelPatcher's diffusion model with its patches and wrappers active."""
-    import sparse_context.sparse_attention.direct as direct
+    import sc_harness.direct as direct
     from sc_harness.oracle import IdsProbe
     from sparse_context.sparse_attention import PATCH_KEY, RUN_KEY
 
