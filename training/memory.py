@@ -15,8 +15,7 @@ estimate is computed from the model's blocks and the training settings:
   the copies alive at the same time during the backward;
 * without gradient checkpointing all blocks' saved tensors are alive at the end of the forward; with it only
   each block's inputs (the input and the copy core's call ran on: two hidden-widths per token) plus one block's
-  saved tensors during its recompute.
-
+  saved tensors during its recompute;
 * when core's attention materializes the token x token scores (its sub-quadratic, split and basic attention,
   ComfyUI's choice without PyTorch attention, e.g. on the CPU), each block whose graph is recorded keeps the
   scores and their softmax (heads x tokens^2 each), and the backward holds two more for one block.
