@@ -33,10 +33,10 @@ import torch
 from .cache_run import CacheForward
 from .config import SparseContextConfig
 from .neighbors import check_neighbors, dense_reason, unwrap_compiled
+from .planning import latent_token_grid, needs_attention
 from .reference_cache import JoinBuffer
 from .run import ForwardKeep, SparseContextPatch, SparseRun, entry_binding, single_binding
 from .selection import BINDING_KEY, SelectionBinding
-from .token_math import latent_token_grid, needs_attention
 
 log = logging.getLogger("SparseContext")
 

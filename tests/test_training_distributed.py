@@ -187,7 +187,7 @@ def test_a_rank_that_fails_at_a_step_stops_every_rank_and_the_last_checkpoint_re
     assert [p for p in (work / "rank1").rglob("*") if "data" not in p.parts] == []
     checkpoint = tr.latest_checkpoint(folder)
     with safe_open(str(checkpoint), framework="pt") as f:
-        written = json.loads(f.metadata()[tr.trainer.CHECKPOINT_KEY])
+        written = json.loads(f.metadata()[tr.resume.CHECKPOINT_KEY])
     assert written["step"] == 2 and len(written["losses"]) == 2
 
     # it loads and resumes (one process, the good data) to the end

@@ -80,3 +80,12 @@ def load_for_training(model_patcher, memory_required: float, noise_shape: tuple[
     # core frees what the clone's weights plus ``memory_required`` need on the device, not everything
     mm.load_models_gpu([model_patcher], memory_required=memory_required, force_full_load=True)
     return False
+
+
+def unload(model_patcher) -> None:
+    """Unload exactly ``model_patcher`` through core's ``free_memory`` (every other loaded model is kept)."""
+    import comfy.model_management as mm
+
+    others = [m for m in mm.current_loaded_models if m.model is not model_patcher]
+    mm.free_memory(1e30, model_patcher.load_device, keep_loaded=others)
+
