@@ -32,8 +32,10 @@ node does), called as a sampling step calls them (``BaseModel.apply_model``): ``
 ``compiled_sparse_s``, ``compile_first_call_s`` (the first call of each: tracing + compiling) and the graphs and
 graph breaks dynamo reported. Every setting compiles static graphs (``automatic_dynamic_shapes`` off), as a
 user running one setting gets them; dynamo's caches are reset per reference count.
-Peak memory: CUDA ``max_memory_allocated``; CPU the process's resident high-water mark (VmHWM, reset
-through /proc/self/clear_refs) during one forward. ``act`` = that peak minus the memory before the call.
+Peak memory (``peak_mem_mb``): CUDA ``max_memory_allocated`` during one forward (dense, sparse) or one short run
+(each cache mode: the first call and two cached steps, so the cache it holds is counted); on the CPU the peak of
+the tensor memory allocated during the same calls (torch's profiler), which leaves out what was allocated
+before (weights, inputs). ``act`` = the peak minus the memory allocated before the call.
 """
 
 from __future__ import annotations
@@ -156,31 +158,10 @@ class Timer:
         return time.perf_counter() - t0
 
 
-def _release_freed_heap() -> None:
-    """Give memory freed by earlier measurements back to the system (glibc keeps it otherwise), so a peak measured
-    on the CPU is this call's and not inflated by what an earlier variant left in the heap."""
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):  # not glibc
-        pass
-
-
-def _status_mb() -> dict[str, float]:
-    out = {}
-    with open("/proc/self/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith(("VmHWM:", "VmRSS:")):
-                key, value = line.split(":")
-                out[key] = int(value.split()[0]) / 1024
-    return out
-
-
-def peak_memory_mb(fn, device) -> tuple[float | None, float | None]:
-    """(peak, peak minus before) in MiB over one call of ``fn``; (None, None) where not measurable."""
+def peak_memory_mb(fn, device) -> tuple[float, float]:
+    """(peak, peak minus before) in MiB of the tensor memory allocated over one call of ``fn``: CUDA's
+    ``max_memory_allocated``; on the CPU, the live bytes of the allocations and frees torch's profiler records
+    during the call (before = 0: memory allocated earlier, such as the weights, is not counted)."""
     import torch
 
     if device.type == "cuda":
@@ -191,17 +172,16 @@ def peak_memory_mb(fn, device) -> tuple[float | None, float | None]:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         return peak / 2**20, (peak - before) / 2**20
-    _release_freed_heap()
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        before = _status_mb()["VmRSS"]
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-        peak = _status_mb()["VmHWM"]
-        return peak, peak - before
-    except OSError:  # not Linux, or /proc not writable
-        fn()
-        return None, None
+    live = peak = 0
+    for _, nbytes in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                            if e.name() == "[memory]"):
+        live += nbytes
+        peak = max(peak, live)
+    return peak / 2**20, peak / 2**20
 
 
 class Bench:
