@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .config import SparseContextConfig
+from .families import FAMILIES, ReferenceFamily, cache_refusal, dense_reason, match_family
 from .run import ForwardKeep, SparseContextPatch, SparseRun, entry_binding, single_binding
 from .selection import BINDING_KEY, SelectionBinding
 from .token_math import ReferencePlan, latent_token_grid, needs_attention
@@ -41,31 +42,38 @@ RUN_KEY = "sparse_context_run"  # transformer_options key of the per-run ``Spars
 KEEP_KEY = "sparse_context_keep"  # forward kwarg: the forward's ``ForwardKeep``
 WRAPPER_KEY = "sparse_context"  # key of our wrappers, so they can be found and removed
 
-#: Diffusion-model classes whose references are appended after the target through ``process_img``.
-SUPPORTED_CLASSES = {
-    "comfy.ldm.flux.model.Flux": "Flux (FLUX.1 Kontext, FLUX.2 dev/klein)",
-    "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel": "Qwen-Image(-Edit)",
-}
+#: Diffusion-model classes whose references the patch thins (one adapter each, ``families``).
+SUPPORTED_CLASSES = {f.class_path: f.name for f in FAMILIES}
+_HOOKS = tuple(dict.fromkeys(f.hook for f in FAMILIES))  # the methods a subsetter may be installed on
 
 _UNPLANNED = object()  # KEEP_KEY absent: a direct forward call that did not go through apply_model
 
 
 def model_family(diffusion_model: torch.nn.Module) -> str | None:
-    """A supported family's name, or None (exact class match: subclasses may order tokens differently)."""
-    cls = type(diffusion_model)
-    return SUPPORTED_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
+    """A supported family's name, or None (an adapter's class, or a subclass that inherits its hooked method)."""
+    match = match_family(diffusion_model)
+    return match.family.name if match is not None else None
+
+
+def _subsetter(diffusion_model) -> ReferenceSubsetter | None:
+    for hook in _HOOKS:
+        found = getattr(diffusion_model, hook, None)
+        if isinstance(found, ReferenceSubsetter):
+            return found
+    return None
 
 
 class ReferenceSubsetter:
-    """Object patch for ``diffusion_model.process_img``: returns a reference's kept tokens and ids.
+    """Object patch for the family's hook (``diffusion_model.process_img``): a reference's kept tokens and ids.
 
     Calls that are not one of the current forward's references (the target image, or any call when
     no forward is active) and references that keep every token pass through unchanged (no copy).
     """
 
-    def __init__(self, original, patch_size: int, positions: dict[str, int]):
+    def __init__(self, original, patch_size: int, positions: dict[str, int], family: ReferenceFamily):
         self.original = original
         self.patch_size = patch_size
+        self.family = family
         self.positions = positions  # the model's ``_forward`` parameter name -> its position
         self.active: _ActiveForward | None = None
         self.warned = False
@@ -105,10 +113,10 @@ class ReferenceSubsetter:
 class _ActiveForward:
     """The references of the forward in flight and what each keeps (made inside the traced forward)."""
 
-    def __init__(self, refs: list[torch.Tensor], keep: ForwardKeep, patch_size: int):
+    def __init__(self, refs: list[torch.Tensor], keep: ForwardKeep, patch_size: int, family: ReferenceFamily):
         self.refs = refs[:len(keep)]
         self.indices = keep
-        self.totals = [math.prod(latent_token_grid(tuple(r.shape), patch_size)) for r in self.refs]
+        self.totals = [math.prod(family.token_grid(tuple(r.shape), patch_size)) for r in self.refs]
         self._calls = 0
         self.thinned: set[int] = set()
 
@@ -120,10 +128,11 @@ class _ActiveForward:
                 found = i
                 break
         if found is None:
-            # Fallback for versions that convert references before patchifying: call 1 is the target,
-            # the calls after it come in reference order; accept only when the shape matches.
+            # Fallback for models that convert references before patchifying (repeated to the batch, time folded
+            # into it): call 1 is the target, the calls after it come in reference order; accept only when the
+            # spatial size matches.
             i = self._calls - 2
-            if 0 <= i < len(self.refs) and tuple(x.shape) == tuple(self.refs[i].shape):
+            if 0 <= i < len(self.refs) and tuple(x.shape[-2:]) == tuple(self.refs[i].shape[-2:]):
                 found = i
         if found is not None:
             self.thinned.add(found)
@@ -192,7 +201,7 @@ def sparse_apply_model_wrapper(executor, *args, **kwargs):
     options = named.get("transformer_options") or {}
     patch, run = _run_for(options)
     keep = None
-    if run is not None and refs and run.config.enabled:
+    if run is not None and refs and run.config.enabled and _uses_references(patch, named, executor.class_obj):
         binding = run.binding_for(named.get(BINDING_KEY), len(refs))
         if run.needs_forward_planning(binding, len(refs)):
             return executor(*args, **kwargs)
@@ -206,9 +215,15 @@ def sparse_apply_model_wrapper(executor, *args, **kwargs):
     return executor(*args, **kwargs, **{KEEP_KEY: keep})
 
 
+def _uses_references(patch: SparseContextPatch, named: dict, base_model) -> bool:
+    """Whether the model will append the references at all (Krea 2 needs a reference method)."""
+    family = patch.family
+    return family is None or family.uses_references(named, getattr(base_model, "diffusion_model", None))
+
+
 def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict, refs, keep: ForwardKeep):
     """Run the model with the subsetter keeping ``keep`` of ``refs``; warn once if a reference slipped past."""
-    active = subsetter.active = _ActiveForward(list(refs), keep, subsetter.patch_size)
+    active = subsetter.active = _ActiveForward(list(refs), keep, subsetter.patch_size, subsetter.family)
     try:
         out = executor(*args, **kwargs)
     finally:
@@ -228,8 +243,8 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
     and constants around.
     """
     keep = kwargs.pop(KEEP_KEY, _UNPLANNED)
-    subsetter = getattr(executor.class_obj, "process_img", None)
-    if not isinstance(subsetter, ReferenceSubsetter):
+    subsetter = _subsetter(executor.class_obj)
+    if subsetter is None:
         return executor(*args, **kwargs)
     if keep is _UNPLANNED:
         return _planned_forward(executor, subsetter, args, kwargs)
@@ -246,14 +261,15 @@ def _planned_forward(executor, subsetter: ReferenceSubsetter, args: tuple, kwarg
     refs = named.get("ref_latents")
     options = named.get("transformer_options") or {}
     _, run = _run_for(options)
-    if not refs or run is None or not run.config.enabled:
+    family = subsetter.family
+    if not refs or run is None or not run.config.enabled or not family.uses_references(named, executor.class_obj):
         return executor(*args, **kwargs)
     core_cache = core_reference_cache(options)
     if not _sparse_step(run, options, core_cache):
         return executor(*args, **kwargs)
     refs = list(refs)
     binding = run.binding_for(named.get(BINDING_KEY), len(refs))
-    x, context, patch_size = named["x"], named.get("context"), subsetter.patch_size
+    x, context, patch_size = family.target(named), family.context(named), subsetter.patch_size
     text, target = (int(context.shape[1]) if context is not None else 0), _tokens(x, patch_size)
     if not run.needs_forward_planning(binding, len(refs)):
         keep = run.forward_keep(refs, binding, patch_size, x.device, text, target)
@@ -278,7 +294,7 @@ def _activator(subsetter: ReferenceSubsetter):
 
     @contextmanager
     def activate(refs, plans: list[ReferencePlan], indices: list[torch.Tensor]):
-        subsetter.active = _ActiveForward(list(refs), tuple(indices), subsetter.patch_size)
+        subsetter.active = _ActiveForward(list(refs), tuple(indices), subsetter.patch_size, subsetter.family)
         try:
             yield
         finally:
@@ -375,19 +391,25 @@ def apply_sparse_context(model, config: SparseContextConfig):
 
     clone = model.clone()
     diffusion_model = clone.get_model_object("diffusion_model")
-    family = model_family(diffusion_model)
-    if family is None:
+    match = match_family(diffusion_model)
+    if match is None:
         cls = type(diffusion_model)
-        log.warning("SparseContext: %s.%s is not a supported model (supported: %s); its references run dense.",
-                    cls.__module__, cls.__qualname__, ", ".join(SUPPORTED_CLASSES.values()))
+        reason = dense_reason(diffusion_model)
+        log.warning("SparseContext: %s.%s is not a supported model (%s); its references run dense.",
+                    cls.__module__, cls.__qualname__, reason or "supported: " + ", ".join(SUPPORTED_CLASSES.values()))
         return clone
-    original = clone.get_model_object("diffusion_model.process_img")
+    family = match.family
+    refusal = cache_refusal(match)
+    if refusal is not None and config.enabled and (config.cache != "off" or config.rule == "attention"):
+        raise ValueError(f"cache: SparseContext cannot run cache={config.cache!r} or rule={config.rule!r} on this "
+                         f"model: {refusal}. Set cache to off and the rule to grid, random or detail.")
+    hook = f"diffusion_model.{family.hook}"
+    original = clone.get_model_object(hook)
     if isinstance(original, ReferenceSubsetter):  # applied twice: replace, do not stack
         original = original.original
-    patch_size = int(getattr(diffusion_model, "patch_size", 1))
-    clone.add_object_patch("diffusion_model.process_img",
-                           ReferenceSubsetter(original, patch_size, _positions(diffusion_model._forward)))
-    patch = clone.model_options["transformer_options"][PATCH_KEY] = SparseContextPatch(config, patch_size)
+    patch_size = family.patch_size(diffusion_model)
+    clone.add_object_patch(hook, ReferenceSubsetter(original, patch_size, _positions(diffusion_model._forward), family))
+    patch = clone.model_options["transformer_options"][PATCH_KEY] = SparseContextPatch(config, patch_size, family)
     for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, sparse_outer_sample_wrapper),
                           (WrappersMP.PREPARE_SAMPLING, sparse_prepare_sampling_wrapper),
                           (WrappersMP.APPLY_MODEL, sparse_apply_model_wrapper),

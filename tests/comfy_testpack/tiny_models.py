@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .host_config import checkpoint_keys, host_model_config
+from .host_config import HostLacksModel, checkpoint_keys, host_model_config
 
 # Families: the SIZES of each tiny model (hidden size 32-64, one or two blocks, rope axes summing to the head
 # dimension) and the checkpoint keys they imply. Everything structural (rope theta, modulation, biases, the
@@ -32,7 +32,25 @@ FAMILIES: dict[str, dict] = {
         image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=1,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
     ),
+    # Detection tells Mage-Flow from Qwen-Image by its 2560-wide text norm and 128-channel output (0.29+).
+    "mage_flow": dict(
+        image_model="mage_flow", in_channels=128, out_channels=128, num_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=2560, axes_dims_rope=(4, 6, 6),
+    ),
+    # Krea 2 (0.26+, references 0.29+): detection hard-codes 128-wide heads, so the head counts are set here.
+    "krea2": dict(
+        image_model="krea2", features=64, channels=16, patch=2, layers=1, heads=2, kvheads=1, txtlayers=2,
+        txtdim=16, txtheads=2, txtkvheads=2,
+    ),
+    # LongCat-Image(-Edit) (0.30+): core's Flux class; detection picks it by its 3584-wide text input.
+    "longcat_image_edit": dict(
+        image_model="flux", in_channels=16, context_in_dim=3584, hidden_size=32, num_heads=2, depth=1,
+        depth_single_blocks=1, axes_dim=[4, 6, 6], patch_size=2, guidance_embed=False,
+    ),
 }
+
+#: Families that share an ``image_model`` with another: the ``supported_models`` config the host must pick.
+EXPECTED_CONFIG = {"longcat_image_edit": "LongCatImage"}
 
 
 @dataclass(frozen=True)
@@ -44,12 +62,18 @@ class FamilySpec:
     context_dim: int
     pooled_dim: int | None
     video_latent: bool  # Qwen-Image uses 5-D (B, C, T, H, W) latents inside the model
+    timestep_arg: str = "timestep"  # the forward's name of the timestep (Krea 2: ``timesteps``)
+    flux_conds: bool = False  # the forward takes FLUX's ``y`` and ``guidance``
+    pixels_per_token: int = 16  # pixels per token (downscale x patch size)
 
 
 SPECS = {
-    "flux1_kontext": FamilySpec(16, 8, 16, 8, False),
-    "flux2_klein": FamilySpec(128, 16, 16, None, False),
+    "flux1_kontext": FamilySpec(16, 8, 16, 8, False, flux_conds=True),
+    "flux2_klein": FamilySpec(128, 16, 16, None, False, flux_conds=True),
     "qwen_image_edit": FamilySpec(16, 8, 16, None, True),
+    "mage_flow": FamilySpec(128, 16, 2560, None, False),
+    "krea2": FamilySpec(16, 8, 32, None, False, timestep_arg="timesteps"),  # context: txtlayers x txtdim
+    "longcat_image_edit": FamilySpec(16, 8, 3584, None, False, flux_conds=True),
 }
 
 
@@ -64,7 +88,20 @@ def _model_config(family: str):
     keys = checkpoint_keys(sizes["image_model"], sizes)
     if marker is not None:
         keys[marker] = torch.empty(0, device="meta")
-    return host_model_config(keys, sizes)
+    config = host_model_config(keys, sizes)
+    expected = EXPECTED_CONFIG.get(base)
+    if expected is not None and type(config).__name__ != expected:
+        raise HostLacksModel(f"this ComfyUI's model detection has no {expected} (it picks {type(config).__name__})")
+    return config
+
+
+def host_lacks(family: str) -> str | None:
+    """Why the running ComfyUI cannot build ``family`` (its detection does not know the model), or None."""
+    try:
+        _model_config(family)
+    except HostLacksModel as err:
+        return str(err)
+    return None
 
 
 @torch.no_grad()

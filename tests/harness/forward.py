@@ -16,9 +16,10 @@ def forward_inputs(family: str, seed: int, target: tuple[int, int], refs: list[t
     gen = torch.Generator().manual_seed(seed)
     x = sc_testpack.make_latent(family, seed + 1, target[0], target[1], batch)
     references = [sc_testpack.make_latent(family, seed + 2 + i, w, h, batch) for i, (w, h) in enumerate(refs)]
-    kwargs = dict(x=x, timestep=torch.full((batch,), 0.6), context=torch.randn((batch, text_tokens, spec.context_dim), generator=gen),
-                  ref_latents=references or None)
-    if family != "qwen_image_edit":
+    kwargs = {"x": x, spec.timestep_arg: torch.full((batch,), 0.6),
+              "context": torch.randn((batch, text_tokens, spec.context_dim), generator=gen),
+              "ref_latents": references or None}
+    if spec.flux_conds:
         kwargs["y"] = torch.randn((batch, spec.pooled_dim), generator=gen) if spec.pooled_dim else None
         kwargs["guidance"] = torch.full((batch,), 3.5) if family == "flux1_kontext" else None
     return kwargs
@@ -31,8 +32,10 @@ class Forward:
     plans: list | None  # the patch's plans for this forward, if the model is patched
 
 
-def run_forward(model, inputs: dict, *, probe=None, ids_probe: bool = False, **extra) -> Forward:
-    """One forward of a ModelPatcher's diffusion model with its patches and wrappers active."""
+def run_forward(model, inputs: dict, *, probe=None, ids_probe: bool = False, options: dict | None = None,
+                **extra) -> Forward:
+    """One forward of a ModelPatcher's diffusion model with its patches and wrappers active (``options``: extra
+    transformer_options entries, e.g. the ``rope_options`` a model's ``apply_model`` would set)."""
     import sparse_context.sparse_attention.direct as direct
     from sc_harness.oracle import IdsProbe
     from sparse_context.sparse_attention import PATCH_KEY
@@ -42,8 +45,9 @@ def run_forward(model, inputs: dict, *, probe=None, ids_probe: bool = False, **e
     if ids_probe:
         ids = IdsProbe(m.get_model_object("diffusion_model.pe_embedder"))
         m.add_object_patch("diffusion_model.pe_embedder", ids)
+    options_extra = options
     with direct.patched_diffusion_model(m) as (dm, options), torch.no_grad():
-        options = dict(options)
+        options = {**options, **(options_extra or {})}
         if probe is not None:
             options["optimized_attention_override"] = probe
         out = dm(**inputs, transformer_options=options, **extra)

@@ -21,14 +21,17 @@ class AttentionProbe:
     references] order), hides the other keys with an additive -inf mask: the dense forward with dropped tokens
     masked out as keys."""
 
-    def __init__(self, key_keep: torch.Tensor | None = None):
+    def __init__(self, key_keep: torch.Tensor | None = None, blocks_only: bool = False):
         self.key_keep = key_keep
+        self.blocks_only = blocks_only  # pass through calls outside the transformer blocks (Krea 2's text fusion)
         self.lengths: list[int] = []  # keys per attention call
         self.query_lengths: list[int] = []
         self.reference_counts: list = []  # transformer_options["reference_image_num_tokens"] where the host records it
 
     def __call__(self, func, *args, **kwargs):
         q, k, v, heads = args[:4]
+        if self.blocks_only and "block_index" not in (kwargs.get("transformer_options") or {}):
+            return func(*args, **kwargs)
         seq = 2 if kwargs.get("skip_reshape") else 1
         self.lengths.append(int(k.shape[seq]))
         self.query_lengths.append(int(q.shape[seq]))
