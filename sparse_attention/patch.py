@@ -96,15 +96,15 @@ class ReferenceSubsetter:
         idx = active.indices[position]
         if idx is None:
             return out
-        tokens, ids = out[0], out[1]
-        if tokens.shape[1] != active.totals[position]:
+        model, total = getattr(self.original, "__self__", None), active.totals[position]
+        count, expected = self.family.hook_tokens(out, model).shape[1], self.family.hooked_count(total, model)
+        if count != expected:
             raise RuntimeError(
-                f"SparseContext: reference #{position + 1} became {tokens.shape[1]} tokens, expected "
-                f"{active.totals[position]}; this ComfyUI version patchifies differently. Disable Apply "
+                f"SparseContext: reference #{position + 1} became {count} tokens, expected "
+                f"{expected}; this ComfyUI version patchifies differently. Disable Apply "
                 "Sparse Context and please report the ComfyUI version."
             )
-        # Tokens and their position ids are always taken with the same index.
-        return (tokens.index_select(1, idx), ids.index_select(1, idx.to(ids.device)), *out[2:])
+        return self.family.take(out, idx, total, model)
 
     def to(self, device):  # ModelPatcher may move object patches with the model
         return self
@@ -132,7 +132,7 @@ class _ActiveForward:
             # into it): call 1 is the target, the calls after it come in reference order; accept only when the
             # spatial size matches.
             i = self._calls - 2
-            if 0 <= i < len(self.refs) and tuple(x.shape[-2:]) == tuple(self.refs[i].shape[-2:]):
+            if 0 <= i < len(self.refs) and i not in self.thinned and tuple(x.shape[-2:]) == tuple(self.refs[i].shape[-2:]):
                 found = i
         if found is not None:
             self.thinned.add(found)

@@ -1,4 +1,4 @@
-"""The families added on their adapters (Mage-Flow, Krea 2, LongCat-Image-Edit), each against the masked-dense
+"""The families added on their adapters (Mage-Flow, Krea 2, LongCat-Image-Edit, Z-Image omni), each against the masked-dense
 oracle on every host whose model detection has it (Mage-Flow's reference cache: tests/test_reference_cache.py); the
 adapter gate (subclasses, refused cache modes); and the README's model table, generated from the adapters."""
 
@@ -17,7 +17,6 @@ from sparse_context.sparse_attention.families import FAMILIES, cache_refusal, ma
 from sparse_context.sparse_attention.patch import ReferenceSubsetter
 
 HOST = comfyui_version()
-NEW = ["mage_flow", "krea2", "longcat_image_edit"]
 
 
 def _needs(family: str):
@@ -95,6 +94,86 @@ def test_krea2_without_a_reference_method_ignores_references_and_thins_nothing(c
     assert fwd.plans is None
     assert "did not reach the model" not in caplog.text
     assert torch.equal(fwd.out, run_forward(base, inputs).out)
+
+
+class _KeepByLength:
+    """Attention override: hides keys by a (L,) keep mask chosen by the call's key length (Z-Image's refiners and
+    blocks see different sequences); records the key lengths."""
+
+    def __init__(self, keeps: dict[int, torch.Tensor] | None = None):
+        self.keeps = keeps or {}
+        self.lengths: list[int] = []
+
+    def __call__(self, func, *args, **kwargs):
+        q, k, v, heads = args[:4]
+        length = int(k.shape[2 if kwargs.get("skip_reshape") else 1])
+        self.lengths.append(length)
+        keep = self.keeps.get(length)
+        if keep is None:
+            return func(*args, **kwargs)
+        mask = args[4] if len(args) > 4 else kwargs.pop("mask", None)
+        add = torch.zeros(length, dtype=q.dtype)
+        add[~keep] = float("-inf")
+        add = add.view(1, 1, 1, -1) if mask is None else add.view(1, 1, 1, -1) + mask
+        return func(q, k, v, heads, mask=add, **kwargs)
+
+
+def _padded(n: int) -> int:
+    return -(-n // 32) * 32
+
+
+@_needs("z_image_omni")
+def test_z_image_omni_equals_the_masked_dense_oracle():
+    """Z-Image omni: [captions][SigLIP][references..., target], each image padded to 32 tokens with one pad token at
+    position 0 (at t=0 for references). The sparse run pads the kept tokens again; every reference pad token computes
+    the same values, so the oracle is the dense model with the dropped tokens and the surplus pad tokens hidden as keys,
+    in the image refiner (images only) and in the blocks (everything)."""
+    family = "z_image_omni"
+    base = sc_testpack.build_model_patcher(family, seed=11)
+    inputs = forward_inputs(family, 3, (128, 96), [(96, 96), (112, 80)])  # grids 6x6 and 5x7: 28 and 29 pads
+    probe = _KeepByLength()
+    fwd = run_forward(apply_sparse_context(base, _config(0.3)), inputs, probe=probe)
+    plans = fwd.plans
+    assert all(0 < p.kept < p.total for p in plans), [(p.kept, p.total) for p in plans]
+    dense_probe = _KeepByLength()
+    dense = run_forward(base, inputs, probe=dense_probe).out
+    target = _padded(6 * 8)  # the target: 6x8 tokens
+    images_dense = sum(_padded(p.total) for p in plans) + target
+    images_sparse = sum(_padded(p.kept) for p in plans) + target
+    front = max(dense_probe.lengths) - images_dense  # captions and SigLIP
+    assert set(probe.lengths) - set(dense_probe.lengths) == {images_sparse, front + images_sparse}
+
+    pads_sparse = sum(_padded(p.kept) - p.kept for p in plans)
+    pads_dense = sum(_padded(p.total) - p.total for p in plans)
+    assert pads_sparse <= pads_dense  # the oracle can only hide pad tokens
+    parts, spare = [], pads_sparse
+    for p in plans:
+        keep = torch.zeros(_padded(p.total), dtype=torch.bool)
+        keep[p.indices] = True
+        pads = _padded(p.total) - p.total
+        keep[p.total:p.total + min(pads, spare)] = True
+        spare -= min(pads, spare)
+        parts.append(keep)
+    images = torch.cat([*parts, torch.ones(target, dtype=torch.bool)])
+    oracle_keep = {images_dense: images, front + images_dense: torch.cat([torch.ones(front, dtype=torch.bool), images])}
+    oracle = run_forward(base, inputs, probe=_KeepByLength(oracle_keep)).out
+    err = (fwd.out - oracle).abs().max().item()
+    assert err < 1e-5, f"sparse differs from the masked dense oracle by {err}"
+    assert (fwd.out - dense).abs().max().item() > 100 * max(err, 1e-7)
+
+
+@_needs("z_image_omni")
+def test_z_image_omni_keep_all_is_bit_identical_and_the_cache_is_refused():
+    family = "z_image_omni"
+    base = sc_testpack.build_model_patcher(family, seed=5)
+    dense = _sampled(family, base, None)
+    assert torch.equal(_sampled(family, apply_sparse_context(base, _config(1.0)), None), dense)
+    sparse = apply_sparse_context(base, _config(0.25))
+    assert (_sampled(family, sparse, None) - dense).abs().max().item() > 1e-4
+    report = sparse.model_options["transformer_options"][PATCH_KEY].last_report
+    assert report is not None and all(r["kept"] < r["tokens"] for r in report["references"])
+    with pytest.raises(ValueError, match="Z-Image omni puts its references before the target"):
+        apply_sparse_context(base, _config(0.5, cache="first_step"))
 
 
 def _sampled(family: str, model, method: str | None) -> torch.Tensor:

@@ -16,8 +16,9 @@ from .flux import FLUX
 from .krea2 import KREA2
 from .mage_flow import MAGE_FLOW
 from .qwen_image import QWEN_IMAGE
+from .z_image import Z_IMAGE
 
-FAMILIES: tuple[ReferenceFamily, ...] = (FLUX, QWEN_IMAGE, MAGE_FLOW, KREA2)
+FAMILIES: tuple[ReferenceFamily, ...] = (FLUX, QWEN_IMAGE, MAGE_FLOW, KREA2, Z_IMAGE)
 _BY_CLASS = {f.class_path: f for f in FAMILIES}
 
 

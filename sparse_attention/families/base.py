@@ -61,6 +61,20 @@ class ReferenceFamily:
         """Whether the model will append ``named``'s reference latents at all (some families need a method)."""
         return True
 
+    def hook_tokens(self, out: tuple, model):
+        """The token tensor (B, L, D) in what ``hook`` returned for one reference."""
+        return out[0]
+
+    def hooked_count(self, total: int, model) -> int:
+        """How many tokens ``hook`` gives a reference of ``total`` grid tokens (the same, unless it pads)."""
+        return total
+
+    def take(self, out: tuple, idx, total: int, model) -> tuple:
+        """What ``hook`` returns for the kept tokens ``idx`` (k,) of a reference of ``total`` tokens: tokens and
+        their positions are always taken with the same index (inside the traced forward: tensor code only)."""
+        tokens, ids = out[0], out[1]
+        return (tokens.index_select(1, idx), ids.index_select(1, idx.to(ids.device)), *out[2:])
+
 
 @dataclass(frozen=True)
 class NeedsMethod(ReferenceFamily):

@@ -11,9 +11,6 @@ _NO_EXACT_HOOK = ("no official hook gives an exact route: its forward runs no DI
 DENSE_FAMILIES = (
     DenseFamily("OmniGen2", "comfy.ldm.omnigen.omnigen2.OmniGen2Transformer2DModel", "0.3.75", _NO_EXACT_HOOK),
     DenseFamily("Boogu-Image", "comfy.ldm.boogu.model.BooguTransformer2DModel", "0.30.0", _NO_EXACT_HOOK),
-    DenseFamily("Z-Image omni", "comfy.ldm.lumina.model.NextDiT", "0.10.0",
-                "not yet: its references enter through embed_all (RoPE frequencies, padded to 32) and sit before "
-                "the target, so the adapter needs a re-padding subsetter and a family-specific cache layout"),
     DenseFamily("JoyImage-Edit", "comfy.ldm.joyimage.model.JoyImageTransformer3DModel", "0.30.0",
                 "not yet: it patchifies [target, references] inline with a Conv3d (no per-reference method), so the "
                 "adapter needs a wrapper that packs the kept patches plus an object patch of "

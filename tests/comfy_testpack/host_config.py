@@ -45,6 +45,16 @@ def _krea2_keys(features: int, channels: int, layers: int, txtlayers: int, txtdi
     return keys
 
 
+def _z_image_keys(cap_feat_dim: int, layers: int, siglip_feat_dim: int) -> dict[str, tuple[int, ...]]:
+    """Z-Image (omni): detection reads the 3840 width from the caption embedder (the tiny width is set by the
+    caller), the 32-token padding from ``cap_pad_token`` and the SigLIP width from its embedder."""
+    keys = {"cap_embedder.1.weight": (3840, cap_feat_dim), "noise_refiner.0.attention.k_norm.weight": (16,),
+            "cap_pad_token": (1, 3840), "siglip_embedder.0.weight": (siglip_feat_dim,)}
+    for i in range(layers):
+        keys[f"layers.{i}.attention.k_norm.weight"] = (16,)
+    return keys
+
+
 def checkpoint_keys(image_model: str, sizes: dict) -> dict[str, torch.Tensor]:
     """Meta tensors under the key names of a real ``image_model`` checkpoint ("flux", "flux2", "qwen_image",
     "mage_flow", "krea2"), shaped by ``sizes`` (the unet-config names: hidden_size, in_channels, depth, ...).
@@ -60,6 +70,8 @@ def checkpoint_keys(image_model: str, sizes: dict) -> dict[str, torch.Tensor]:
         patch = s.get("patch_size", 1)
         shapes = _qwen_keys(inner, s["in_channels"], s["joint_attention_dim"], s["num_layers"],
                             patch ** 2 * s["out_channels"])
+    elif image_model == "lumina2":
+        shapes = _z_image_keys(s["cap_feat_dim"], s["n_layers"], s["siglip_feat_dim"])
     elif image_model == "krea2":
         shapes = _krea2_keys(s["features"], s["channels"], s["layers"], s["txtlayers"], s["txtdim"])
     else:

@@ -47,10 +47,20 @@ FAMILIES: dict[str, dict] = {
         image_model="flux", in_channels=16, context_in_dim=3584, hidden_size=32, num_heads=2, depth=1,
         depth_single_blocks=1, axes_dim=[4, 6, 6], patch_size=2, guidance_embed=False,
     ),
+    # Z-Image omni (0.10+): references with their own captions and SigLIP features (``TextEncodeZImageOmni``);
+    # its modulation needs a width of at least 256.
+    "z_image_omni": dict(
+        image_model="lumina2", patch_size=2, in_channels=16, dim=256, n_layers=1, n_refiner_layers=1, n_heads=8,
+        n_kv_heads=8, axes_dims=[8, 12, 12], cap_feat_dim=16, siglip_feat_dim=16,
+    ),
 }
 
 #: Families that share an ``image_model`` with another: the ``supported_models`` config the host must pick.
 EXPECTED_CONFIG = {"longcat_image_edit": "LongCatImage"}
+#: Families detection picks by the full-size width (overridden for the tiny model): the config to build.
+MODEL_CONFIG = {"z_image_omni": "ZImage"}
+#: A unet-config field only hosts with the family's reference path detect.
+HOST_FIELD = {"z_image_omni": "siglip_feat_dim"}
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class FamilySpec:
     timestep_arg: str = "timestep"  # the forward's name of the timestep (Krea 2: ``timesteps``)
     flux_conds: bool = False  # the forward takes FLUX's ``y`` and ``guidance``
     pixels_per_token: int = 16  # pixels per token (downscale x patch size)
+    num_tokens: bool = False  # the forward takes the text length (Lumina 2 / Z-Image)
 
 
 SPECS = {
@@ -74,6 +85,7 @@ SPECS = {
     "mage_flow": FamilySpec(128, 16, 2560, None, False),
     "krea2": FamilySpec(16, 8, 32, None, False, timestep_arg="timesteps"),  # context: txtlayers x txtdim
     "longcat_image_edit": FamilySpec(16, 8, 3584, None, False, flux_conds=True),
+    "z_image_omni": FamilySpec(16, 8, 16, None, False, timestep_arg="timesteps", num_tokens=True),
 }
 
 
@@ -88,7 +100,13 @@ def _model_config(family: str):
     keys = checkpoint_keys(sizes["image_model"], sizes)
     if marker is not None:
         keys[marker] = torch.empty(0, device="meta")
-    config = host_model_config(keys, sizes)
+    field = HOST_FIELD.get(base)
+    if field is not None:
+        import comfy.model_detection
+
+        if field not in (comfy.model_detection.detect_unet_config(keys, "") or {}):
+            raise HostLacksModel(f"this ComfyUI's model detection reads no {field} ({base}'s reference path)")
+    config = host_model_config(keys, sizes, model_config=MODEL_CONFIG.get(base))
     expected = EXPECTED_CONFIG.get(base)
     if expected is not None and type(config).__name__ != expected:
         raise HostLacksModel(f"this ComfyUI's model detection has no {expected} (it picks {type(config).__name__})")

@@ -19,6 +19,8 @@ def forward_inputs(family: str, seed: int, target: tuple[int, int], refs: list[t
     kwargs = {"x": x, spec.timestep_arg: torch.full((batch,), 0.6),
               "context": torch.randn((batch, text_tokens, spec.context_dim), generator=gen),
               "ref_latents": references or None}
+    if spec.num_tokens:
+        kwargs["num_tokens"] = text_tokens
     if spec.flux_conds:
         kwargs["y"] = torch.randn((batch, spec.pooled_dim), generator=gen) if spec.pooled_dim else None
         kwargs["guidance"] = torch.full((batch,), 3.5) if family == "flux1_kontext" else None
