@@ -71,7 +71,7 @@ class FamilySpec:
     downscale: int  # pixels per latent cell
     context_dim: int
     pooled_dim: int | None
-    video_latent: bool  # Qwen-Image uses 5-D (B, C, T, H, W) latents inside the model
+    video_latent: bool  # Qwen-Image and Krea 2 use 5-D (B, C, T, H, W) latents (Wan VAEs)
     timestep_arg: str = "timestep"  # the forward's name of the timestep (Krea 2: ``timesteps``)
     flux_conds: bool = False  # the forward takes FLUX's ``y`` and ``guidance``
     pixels_per_token: int = 16  # pixels per token (downscale x patch size)
@@ -83,7 +83,8 @@ SPECS = {
     "flux2_klein": FamilySpec(128, 16, 16, None, False, flux_conds=True),
     "qwen_image_edit": FamilySpec(16, 8, 16, None, True),
     "mage_flow": FamilySpec(128, 16, 2560, None, False),
-    "krea2": FamilySpec(16, 8, 32, None, False, timestep_arg="timesteps"),  # context: txtlayers x txtdim
+    # Krea 2: Wan 2.1 VAE latents (B, C, T, H, W); context: txtlayers x txtdim
+    "krea2": FamilySpec(16, 8, 32, None, True, timestep_arg="timesteps"),
     "longcat_image_edit": FamilySpec(16, 8, 3584, None, False, flux_conds=True),
     "z_image_omni": FamilySpec(16, 8, 16, None, False, timestep_arg="timesteps", num_tokens=True),
 }
@@ -175,7 +176,7 @@ def make_conditioning(family: str, seed: int, tokens: int = 8, references: list[
 
 def make_latent(family: str, seed: int, width: int, height: int, batch: int = 1) -> torch.Tensor:
     """A seeded latent of the family's layout, as VAEEncode gives it: ``(B, C, H/d, W/d)``, or
-    ``(B, C, 1, H/d, W/d)`` for Qwen-Image, whose Wan VAE makes one-frame video latents."""
+    ``(B, C, 1, H/d, W/d)`` for Qwen-Image and Krea 2, whose Wan VAEs make one-frame video latents."""
     spec = SPECS[family]
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, spec.latent_channels, height // spec.downscale, width // spec.downscale)
