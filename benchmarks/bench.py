@@ -156,6 +156,19 @@ class Timer:
         return time.perf_counter() - t0
 
 
+def _release_freed_heap() -> None:
+    """Give memory freed by earlier measurements back to the system (glibc keeps it otherwise), so a peak measured
+    on the CPU is this call's and not inflated by what an earlier variant left in the heap."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc
+        pass
+
+
 def _status_mb() -> dict[str, float]:
     out = {}
     with open("/proc/self/status", encoding="ascii") as f:
@@ -178,6 +191,7 @@ def peak_memory_mb(fn, device) -> tuple[float | None, float | None]:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         return peak / 2**20, (peak - before) / 2**20
+    _release_freed_heap()
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -210,6 +224,29 @@ class Bench:
         self.timestep = torch.full((1,), 0.6, device=device, dtype=dtype)
         self.timer = Timer(device)
         self._patched: dict[float, object] = {}
+        self._runs: dict[int, tuple] = {}
+
+    def run_for(self, model, fresh: bool = False):
+        """The ``SparseRun`` that the calls of a patched ``model`` share (each benchmark variant is one sampling
+        run: planned once, like a sampler's steps), or a fresh one; None for an unpatched model."""
+        from sparse_context.sparse_attention import PATCH_KEY
+
+        patch = model.model_options.get("transformer_options", {}).get(PATCH_KEY)
+        if patch is None:
+            return None
+        if fresh or id(model) not in self._runs:
+            self._runs[id(model)] = (model, patch.new_run())  # the model is kept alive with its id
+        return self._runs[id(model)][1]
+
+    def options(self, model, base: dict, run=None) -> dict:
+        """A forward's transformer_options: ``base`` and the model's run."""
+        from sparse_context.sparse_attention import RUN_KEY
+
+        options = dict(base)
+        run = run if run is not None else self.run_for(model)
+        if run is not None:
+            options[RUN_KEY] = run
+        return options
 
     def patched(self, keep: float):
         from sparse_context.selectors import Budget
@@ -237,22 +274,21 @@ class Bench:
         return apply_sparse_context(self.base, cfg)
 
     def cache_cell(self, keep: float, mode: str, refs: list, repeats: int) -> dict:
-        """(first call, median cached step, cache MiB) of ``mode``: each repeat starts a fresh run and store."""
-        from sparse_context.sparse_attention import PATCH_KEY
-
+        """(first call, median cached step, cache MiB, peak memory of a run) of ``mode``: each repeat is a fresh
+        run (a benchmark run has no model identity, so it never uses the cross-run store)."""
         model = self.cached(keep, mode)
-        patch = model.model_options["transformer_options"][PATCH_KEY]
         first, steady, report = [], [], {}
         for _ in range(repeats + 1):  # the first repeat warms up
-            patch.reset_direct_run()
-            patch.store.clear()
-            first.append(self.call(model, refs)[0])
+            run = self.run_for(model, fresh=True)
+            first.append(self.call(model, refs, run)[0])
             for _ in range(2):
-                seconds, report = self.call(model, refs)
+                seconds, report = self.call(model, refs, run)
                 steady.append(seconds)
+        run = self.run_for(model, fresh=True)
+        peak, act = peak_memory_mb(lambda: [self.forward(model, refs, run) for _ in range(3)], self.device)
         cache = (report or {}).get("cache", {})
         return {"first_s": statistics.median(first[1:]), "step_s": statistics.median(steady[2:]),
-                "mib": cache.get("mib"), "report": report}
+                "mib": cache.get("mib"), "report": report, "peak_mb": peak, "act_mb": act}
 
     def compiled(self, model, backend: str):
         """A clone of ``model`` compiled through core's own wrapper (what the TorchCompileModel node does)."""
@@ -270,32 +306,33 @@ class Bench:
 
         with patched_diffusion_model(model) as (_, options), torch.no_grad():
             return self.timer(lambda: model.model.apply_model(self.x, self.timestep, c_crossattn=self.context,
-                                                              transformer_options=dict(options),
+                                                              transformer_options=self.options(model, options),
                                                               ref_latents=refs or None))
 
-    def call(self, model, refs: list) -> tuple[float, object]:
-        """One timed forward; returns (seconds, the patch's last direct-run report or None)."""
+    def forward(self, model, refs: list, run=None) -> None:
+        """One forward of ``model`` in ``run`` (default: the model's shared run)."""
         import torch
-        from sparse_context.sparse_attention import PATCH_KEY
         from sparse_context.sparse_attention.direct import patched_diffusion_model
 
+        with patched_diffusion_model(model) as (dm, options), torch.no_grad():
+            dm(x=self.x, timestep=self.timestep, context=self.context, y=None, guidance=None,
+               ref_latents=refs or None, transformer_options=self.options(model, options, run))
+
+    def call(self, model, refs: list, run=None) -> tuple[float, object]:
+        """One timed forward; returns (seconds, the run's report or None)."""
+        import torch
+        from sparse_context.sparse_attention.direct import patched_diffusion_model
+
+        run = run if run is not None else self.run_for(model)
         with patched_diffusion_model(model) as (dm, options), torch.no_grad():
             def fwd():
                 dm(x=self.x, timestep=self.timestep, context=self.context, y=None, guidance=None,
-                   ref_latents=refs or None, transformer_options=dict(options))
+                   ref_latents=refs or None, transformer_options=self.options(model, options, run))
             seconds = self.timer(fwd)
-        patch = model.model_options.get("transformer_options", {}).get(PATCH_KEY)
-        report = patch.direct_run().report if patch is not None else None
-        return seconds, report
+        return seconds, run.report if run is not None else None
 
     def memory(self, model, refs: list) -> tuple[float | None, float | None]:
-        import torch
-        from sparse_context.sparse_attention.direct import patched_diffusion_model
-
-        with patched_diffusion_model(model) as (dm, options), torch.no_grad():
-            return peak_memory_mb(lambda: dm(x=self.x, timestep=self.timestep, context=self.context, y=None,
-                                             guidance=None, ref_latents=refs or None,
-                                             transformer_options=dict(options)), self.device)
+        return peak_memory_mb(lambda: self.forward(model, refs), self.device)
 
 
 def kept_count(keep: float, n: int) -> int:
@@ -413,6 +450,7 @@ def run(args) -> dict:
                               "cache_speedup": dense["s"] / c["step_s"],
                               "run4_speedup": 4 * dense["s"] / (c["first_s"] + 3 * c["step_s"]),
                               "run28_speedup": 28 * dense["s"] / (c["first_s"] + 27 * c["step_s"])}
+                    rec["peak_mem_mb"][mode], rec["act_mem_mb"][mode] = c["peak_mb"], c["act_mb"]
                     if mode == "reference_only":
                         rec.update(fields)
                     else:
@@ -510,10 +548,16 @@ def cache_table(result: dict) -> str:
                 f"| {r['cache_speedup']:.2f}x / {f['cache_speedup']:.2f}x "
                 f"| {r['run4_speedup']:.2f}x / {f['run4_speedup']:.2f}x "
                 f"| {r['run28_speedup']:.2f}x / {f['run28_speedup']:.2f}x | {r['dense_s'] / r['noref_s']:.2f}x "
-                f"| {r['cache_mib']:.1f} |")
+                f"| {r['cache_mib']:.1f} | {_peaks(r['peak_mem_mb'])} |")
 
     return _table(result, "cache_sparse_s", "| refs | keep | drop only | ideal drop | drop + cache, per step "
-                  "(reference_only / first_step) | 4-step run | 28-step run | no-ref ceiling | cache MiB |", row)
+                  "(reference_only / first_step) | 4-step run | 28-step run | no-ref ceiling | cache MiB "
+                  "| peak MiB dense / drop / reference_only / first_step |", row)
+
+
+def _peaks(peaks: dict) -> str:
+    values = [peaks.get(k) for k in ("dense", "sparse", "reference_only", "first_step")]
+    return " / ".join("n/a" if v is None else f"{v:.0f}" for v in values)
 
 
 def kv_table(result: dict) -> str:

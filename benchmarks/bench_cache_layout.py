@@ -1,5 +1,7 @@
 """How cached reference keys/values join each block's keys/values: concatenated into new tensors every block of
-every step, or written once into a per-block buffer that then only receives the text + target rows per step.
+every step ("concat"), written into ONE buffer that every block reuses ("join", what the pack does: the memory of
+one block), or written once into a buffer per block that then only receives the text + target rows per step
+("per_block": the fastest, but it keeps every block's whole keys/values alive between steps).
 
     .venv/bin/python -P benchmarks/bench_cache_layout.py --json docs/cache_layout.json
 
@@ -10,14 +12,21 @@ Shapes of one block's attention (batch 1, head dim 128) at a 1024 px target with
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))  # for packload only
+from packload import load_pack  # noqa: E402
+
+load_pack()
+JoinBuffer = importlib.import_module("sparse_context.sparse_attention.reference_cache").JoinBuffer
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -38,10 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     def concat():
         return torch.cat((k, ck), 2), torch.cat((v, cv), 2)
 
-    def buffer():
+    def per_block():
         buf_k[:, :, :n_q].copy_(k)
         buf_v[:, :, :n_q].copy_(v)
         return buf_k, buf_v
+
+    join_buffer = JoinBuffer()
+
+    def join():
+        return join_buffer.join(0, k, ck), join_buffer.join(1, v, cv)
 
     def timed(assemble, attend: bool) -> float:
         times = []
@@ -58,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return statistics.median(times[2:]) * 1000
 
     rows = {layout: {"assembly_ms": timed(fn, False), "with_attention_ms": timed(fn, True)}
-            for layout, fn in (("concat", concat), ("buffer", buffer))}
+            for layout, fn in (("concat", concat), ("join", join), ("per_block", per_block))}
     print("| layout | assembly ms | assembly + attention ms |\n|---|---|---|")
     for layout, r in rows.items():
         print(f"| {layout} | {r['assembly_ms']:.2f} | {r['with_attention_ms']:.1f} |")

@@ -28,11 +28,13 @@ REPORT_WRAPPER_KEY = "sparse_context_ui_report"
 
 
 def format_report(report: dict | None, enabled: bool, seconds: float) -> str:
-    """One line for the UI: kept tokens per reference, attention work, sampling time."""
+    """One line for the UI: kept tokens per reference, attention work, sampling time (or why nothing was thinned)."""
     if not enabled:
         return f"Sparse Context off (dense references). Sampling took {seconds:.2f} s."
     if not report:
         return f"No reference images reached the model (nothing to thin). Sampling took {seconds:.2f} s."
+    if report.get("dense_reason"):
+        return f"References ran dense: {report['dense_reason']}. Sampling took {seconds:.2f} s."
     refs = ", ".join(f"#{i + 1} {r['kept']}/{r['tokens']} ({r['rule']})" for i, r in enumerate(report["references"]))
     kept = sum(r["kept"] for r in report["references"])
     total = sum(r["tokens"] for r in report["references"])
@@ -43,7 +45,8 @@ def format_report(report: dict | None, enabled: bool, seconds: float) -> str:
     if own and own.get("mode") != "off":
         hits = f"{own['hits']} hit(s), {own['misses']} miss(es)" if own["mode"] == "reference_only" else (
             f"{own['misses']} entr{'y' if own['misses'] == 1 else 'ies'} recorded in the first step")
-        cache += f" Reference cache ({own['mode']}): {hits}, {own['mib']:.1f} MiB."
+        cache += (f" Reference cache ({own['mode']}): {hits}, {own['mib']:.1f} MiB (counted in ComfyUI's memory "
+                  f"estimate: {own.get('estimate_mib', 0.0):.1f} MiB with the join buffer).")
     return (f"Kept {kept}/{total} reference tokens ({share:.0f}%): {refs}. Joint attention work "
             f"{100 * report['attention_work_ratio']:.0f}% of dense.{cache} Sampling took {seconds:.2f} s.")
 
@@ -113,9 +116,11 @@ class SparseContextApply(SparseNode):
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (FLUX.1 Kontext, FLUX.2 dev/klein or "
                                                 "Qwen-Image-Edit); other models run unchanged."),
-                io.Float.Input("keep_ratio", default=0.25, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("keep_ratio", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="Share of each reference's tokens kept when neither a budget input nor the "
-                                       "reference's selection says otherwise. 0.2-0.3 keeps layout and most detail."),
+                                       "reference's selection says otherwise. Start at 0.5: lower ratios are faster "
+                                       "but lose visible detail unless the model was fine-tuned for sparse references "
+                                       "(Train Sparse Context LoRA); check your model with Sparse Context Calibrate."),
                 io.Combo.Input("rule", options=list(DEFAULT_RULES), default="grid",
                                tooltip="Rule for references without their own selection: grid = even coverage, "
                                        "detail = latent structure, random = seeded subset, attention = the tokens "
@@ -145,9 +150,10 @@ class SparseContextApply(SparseNode):
                                        "for cond and uncond separately. off = recomputed every step."),
                 SparseBudget.Input("budget", optional=True,
                                    tooltip="Optional Sparse Budget; replaces keep_ratio as the default budget."),
-                io.Float.Input("cache_mib", default=4096.0, min=0.0, max=1048576.0, step=256.0, optional=True,
-                               tooltip="reference_only: most MiB of cached keys/values kept across runs (least "
-                                       "recently used first out; freed when ComfyUI unloads the model)."),
+                io.Float.Input("cache_mib", default=1024.0, min=0.0, max=65536.0, step=256.0, optional=True,
+                               tooltip="reference_only: most MiB of cached keys/values kept across runs, in system "
+                                       "memory (least recently used first out; freed when ComfyUI unloads the "
+                                       "model). 0 = nothing kept across runs."),
             ],
             outputs=[io.Model.Output()],
             hidden=[io.Hidden.unique_id],
@@ -156,7 +162,7 @@ class SparseContextApply(SparseNode):
     @classmethod
     def execute(cls, model, keep_ratio: float, rule: str, total_tokens: int, bucket: int, start_percent: float,
                 end_percent: float, seed: int, enabled: bool, cache: str = "off", budget=None,
-                cache_mib: float = 4096.0) -> io.NodeOutput:
+                cache_mib: float = 1024.0) -> io.NodeOutput:
         cls.check_inputs(locals())
         if budget is not None and not isinstance(budget, Budget):
             raise fail(cls.NAME, f"budget: expected a SPARSE_BUDGET from a Sparse Budget node, got {type(budget).__name__}")

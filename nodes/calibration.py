@@ -18,6 +18,7 @@ import torch
 
 from ..selectors import Budget
 from ..sparse_attention import PATCH_KEY, SparseContextConfig, apply_sparse_context
+from .apply_node import REPORT_WRAPPER_KEY
 
 METRICS = ("psnr", "ssim")
 SPACES = ("latent", "image")
@@ -87,7 +88,7 @@ def sparse_model(model, keep: float):
     patch = model.model_options.get("transformer_options", {}).get(PATCH_KEY)
     base = patch.config if patch is not None else SparseContextConfig()
     budget = Budget(mode="ratio", ratio=keep, coverage=base.budget.coverage)
-    return apply_sparse_context(model, dataclasses.replace(base, budget=budget, enabled=True))
+    return _without_apply_report(apply_sparse_context(model, dataclasses.replace(base, budget=budget, enabled=True)))
 
 
 def dense_model(model):
@@ -95,7 +96,15 @@ def dense_model(model):
     patch = model.model_options.get("transformer_options", {}).get(PATCH_KEY)
     if patch is None:
         return model
-    return apply_sparse_context(model, dataclasses.replace(patch.config, enabled=False))
+    return _without_apply_report(apply_sparse_context(model, dataclasses.replace(patch.config, enabled=False)))
+
+
+def _without_apply_report(model):
+    """A Calibrate clone does not report on the Apply node it came from (its runs are not that node's)."""
+    import comfy.patcher_extension
+
+    model.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, REPORT_WRAPPER_KEY)
+    return model
 
 
 def run_sampler(model, positive, negative, latent: dict, seed: int, steps: int, cfg: float, sampler: str,

@@ -34,7 +34,7 @@ class SparseContextConfig:
         cache_mib: bound of the cross-run store of ``reference_only`` keys/values (MiB).
     """
 
-    budget: Budget = field(default_factory=lambda: Budget(mode="ratio", ratio=0.25))
+    budget: Budget = field(default_factory=lambda: Budget(mode="ratio", ratio=0.5))
     rule: str = "grid"
     total_tokens: int | None = None
     bucket: int = 64
@@ -43,7 +43,7 @@ class SparseContextConfig:
     seed: int = 0
     enabled: bool = True
     cache: str = "off"
-    cache_mib: float = 4096.0
+    cache_mib: float = 1024.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.budget, Budget):

@@ -24,16 +24,19 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import threading
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from .cache_run import CacheForward
 from .config import SparseContextConfig
 from .families import FAMILIES, ReferenceFamily, cache_refusal, dense_reason, match_family
+from .reference_cache import JoinBuffer
 from .run import ForwardKeep, SparseContextPatch, SparseRun, entry_binding, single_binding
 from .selection import BINDING_KEY, SelectionBinding
-from .token_math import ReferencePlan, latent_token_grid, needs_attention
+from .token_math import latent_token_grid, needs_attention
 
 log = logging.getLogger("SparseContext")
 
@@ -56,6 +59,7 @@ def model_family(diffusion_model: torch.nn.Module) -> str | None:
 
 
 def _subsetter(diffusion_model) -> ReferenceSubsetter | None:
+    """The model's ``ReferenceSubsetter`` (on its family's hook), or None."""
     for hook in _HOOKS:
         found = getattr(diffusion_model, hook, None)
         if isinstance(found, ReferenceSubsetter):
@@ -63,11 +67,20 @@ def _subsetter(diffusion_model) -> ReferenceSubsetter | None:
     return None
 
 
+class _PerThread(threading.local):
+    """The forward in flight, per thread; set in every thread from the start, so torch.compile's guards see the
+    same attribute before and after the first forward (no recompile)."""
+
+    def __init__(self):
+        self.active: _ActiveForward | None = None
+
+
 class ReferenceSubsetter:
     """Object patch for the family's hook (``diffusion_model.process_img``): a reference's kept tokens and ids.
 
     Calls that are not one of the current forward's references (the target image, or any call when
     no forward is active) and references that keep every token pass through unchanged (no copy).
+    The forward in flight is per thread: core's MultiGPU runs forwards of one model in several threads.
     """
 
     def __init__(self, original, patch_size: int, positions: dict[str, int], family: ReferenceFamily):
@@ -75,8 +88,30 @@ class ReferenceSubsetter:
         self.patch_size = patch_size
         self.family = family
         self.positions = positions  # the model's ``_forward`` parameter name -> its position
-        self.active: _ActiveForward | None = None
+        self._local = _PerThread()
         self.warned = False
+
+    def __deepcopy__(self, memo) -> ReferenceSubsetter:  # per-thread state and the original are shared
+        return self
+
+    @property
+    def active(self) -> _ActiveForward | None:
+        return self._local.active
+
+    @contextmanager
+    def activated(self, refs, keep: ForwardKeep):
+        """A context in which this thread's calls keep ``keep`` of ``refs`` (the cached run's forwards)."""
+        previous = self.activate(refs, keep)
+        try:
+            yield
+        finally:
+            self._local.active = previous
+
+    def activate(self, refs, keep: ForwardKeep) -> _ActiveForward | None:
+        """This thread's calls keep ``keep`` of ``refs`` from now; returns what was active before."""
+        previous = self.active
+        self._local.active = _ActiveForward(list(refs), tuple(keep), self.patch_size, self.family)
+        return previous
 
     def argument(self, args: tuple, kwargs: dict, name: str):
         """A ``_forward`` argument by name, whatever its positional order in this ComfyUI version."""
@@ -106,9 +141,6 @@ class ReferenceSubsetter:
             )
         return self.family.take(out, idx, total, model)
 
-    def to(self, device):  # ModelPatcher may move object patches with the model
-        return self
-
 
 class _ActiveForward:
     """The references of the forward in flight and what each keeps (made inside the traced forward)."""
@@ -129,17 +161,21 @@ class _ActiveForward:
                 break
         if found is None:
             # Fallback for models that convert references before patchifying (repeated to the batch, time folded
-            # into it): call 1 is the target, the calls after it come in reference order; accept only when the
-            # spatial size matches.
+            # into it): call 1 is the target, the calls after it come in reference order; accept only a reference
+            # not found yet, of the same spatial size.
             i = self._calls - 2
-            if 0 <= i < len(self.refs) and i not in self.thinned and tuple(x.shape[-2:]) == tuple(self.refs[i].shape[-2:]):
+            if (0 <= i < len(self.refs) and i not in self.thinned
+                    and tuple(x.shape[-2:]) == tuple(self.refs[i].shape[-2:])):
                 found = i
         if found is not None:
             self.thinned.add(found)
         return found
 
     def missed(self) -> list[int]:
-        """1-based numbers of the references that did not reach ``process_img`` as expected."""
+        """1-based numbers of the references that did not reach ``process_img`` as expected (none when the forward
+        did not patchify anything: another wrapper skipped the model, as EasyCache does on skipped steps)."""
+        if self._calls == 0:
+            return []
         return [i + 1 for i in range(len(self.refs)) if i not in self.thinned]
 
 
@@ -159,13 +195,12 @@ def _bind(fn, args: tuple, kwargs: dict) -> dict:
     return named
 
 
-def _run_for(options: dict) -> tuple[SparseContextPatch | None, SparseRun | None]:
-    """The patch and the run of a forward: the sampling run, else the patch's direct run."""
-    patch = options.get(PATCH_KEY)
-    if not isinstance(patch, SparseContextPatch):
-        return None, None
-    run = options.get(RUN_KEY)
-    return patch, run if isinstance(run, SparseRun) else patch.direct_run()
+def _with_argument(fn, args: tuple, kwargs: dict, name: str, value) -> tuple[tuple, dict]:
+    """``args`` and ``kwargs`` of a call of ``fn`` with the argument ``name`` replaced, passed as it was passed."""
+    if name in kwargs:
+        return args, {**kwargs, name: value}
+    position = list(inspect.signature(fn).parameters).index(name)
+    return (*args[:position], value, *args[position + 1:]), kwargs
 
 
 def _tokens(tensor: torch.Tensor | None, patch_size: int) -> int:
@@ -179,40 +214,62 @@ def core_reference_cache(transformer_options: dict) -> bool:
     return any(type(p).__name__ == "KV_Attn_Input" and type(p).__module__.endswith("nodes_flux") for p in patches)
 
 
-def _sparse_step(run: SparseRun, options: dict, core_cache: bool) -> bool:
-    """Whether this step thins references: inside the step window, or always with core's Flux KV Cache."""
+#: ``plan_step``'s answer for a forward that runs through the run's ``CachedRun`` (its steps differ: fill,
+#: record, append, measure).
+CACHED = "cached"
+
+
+def plan_step(run: SparseRun | None, patch: SparseContextPatch, options: dict, refs, binding, x: torch.Tensor,
+              text_tokens: int) -> ForwardKeep | str | None:
+    """What one forward does with its references, the one place that decides it: None (run unchanged), the kept
+    indices of each reference (plain dropping), or ``CACHED``."""
+    if run is None or not refs or not run.config.enabled:
+        return None
+    refs = list(refs)
+    core_cache = core_reference_cache(options)
     if core_cache and run.sigma_window is not None:
         if not run.warned_window:  # the cache keeps step 1's references: their token count cannot change mid-run
             run.warned_window = True
             log.warning("SparseContext: core's Flux KV Cache reuses the first step's reference keys/values, so the "
                         "references stay sparse in every step (the start/end window is ignored).")
-        return True
-    return run.in_window(options)
+    elif not run.in_window(options):
+        return None
+    binding = run.binding_for(binding, len(refs))
+    if run.needs_forward_planning(binding, len(refs)):
+        if core_cache:
+            raise ValueError("SparseContext: core's Flux KV Cache and the pack's reference cache / attention rule "
+                             "cannot both be active; set Apply Sparse Context's cache to off and its rule to another "
+                             "one, or remove the Flux KV Cache node.")
+        if options.get("multigpu_thread_device") is not None:
+            raise ValueError("SparseContext: the reference cache and the attention rule do not run under core's "
+                             "MultiGPU (forwards in several threads); set Apply Sparse Context's cache to off and its "
+                             "rule to another one.")
+        return CACHED
+    keep = run.forward_keep(refs, binding, patch.patch_size, x.device, text_tokens, _tokens(x, patch.patch_size))
+    if core_cache and run.report is not None:
+        run.report["kv_cache"] = "core FluxKVCache"
+    return keep
 
 
 def sparse_apply_model_wrapper(executor, *args, **kwargs):
     """APPLY_MODEL wrapper (outside any compiled module): what this forward keeps, as a forward kwarg.
 
     Forwards whose steps differ (the reference cache, attention-guided selection) get no kwarg: the
-    DIFFUSION_MODEL wrapper plans them itself.
+    DIFFUSION_MODEL wrapper runs them through the run's ``CachedRun``.
     """
     named = _bind(executor.original, args, kwargs)
-    refs = named.get("ref_latents")
     options = named.get("transformer_options") or {}
-    patch, run = _run_for(options)
-    keep = None
-    if run is not None and refs and run.config.enabled and _uses_references(patch, named, executor.class_obj):
-        binding = run.binding_for(named.get(BINDING_KEY), len(refs))
-        if run.needs_forward_planning(binding, len(refs)):
-            return executor(*args, **kwargs)
-        core_cache = core_reference_cache(options)
-        if _sparse_step(run, options, core_cache):
-            x, context = named["x"], named.get("c_crossattn")
-            keep = run.forward_keep(list(refs), binding, patch.patch_size, x.device,
-                                    int(context.shape[1]) if context is not None else 0, _tokens(x, patch.patch_size))
-            if core_cache and run.report is not None:
-                run.report["kv_cache"] = "core FluxKVCache"
-    return executor(*args, **kwargs, **{KEEP_KEY: keep})
+    patch, run = options.get(PATCH_KEY), options.get(RUN_KEY)
+    if not isinstance(patch, SparseContextPatch) or not isinstance(run, SparseRun):
+        return executor(*args, **kwargs)
+    context = named.get("c_crossattn")
+    refs = named.get("ref_latents") if _uses_references(patch, named, executor.class_obj) else None
+    step = plan_step(run, patch, options, refs, named.get(BINDING_KEY), named["x"],
+                     int(context.shape[1]) if context is not None else 0)
+    if step is CACHED:
+        return executor(*args, **kwargs)
+    _check_subsetter(executor.class_obj.diffusion_model, run, step)
+    return executor(*args, **kwargs, **{KEEP_KEY: step})
 
 
 def _uses_references(patch: SparseContextPatch, named: dict, base_model) -> bool:
@@ -221,13 +278,29 @@ def _uses_references(patch: SparseContextPatch, named: dict, base_model) -> bool
     return family is None or family.uses_references(named, getattr(base_model, "diffusion_model", None))
 
 
+def _check_subsetter(diffusion_model, run: SparseRun, step) -> bool:
+    """Whether the subsetter is still the model's ``process_img``; if not (another node replaced it after Apply
+    Sparse Context) a step that would thin runs dense, and the user is told once per run."""
+    if _subsetter(diffusion_model) is not None:
+        return True
+    if step is not None and not run.warned_subsetter:
+        run.warned_subsetter = True
+        reason = ("another node replaced the model's process_img after Apply Sparse Context, so its references run "
+                  "dense; put Apply Sparse Context after that node")
+        log.warning("SparseContext: %s.", reason)
+        if run.report is not None:
+            run.report["dense_reason"] = reason
+    return False
+
+
 def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict, refs, keep: ForwardKeep):
     """Run the model with the subsetter keeping ``keep`` of ``refs``; warn once if a reference slipped past."""
-    active = subsetter.active = _ActiveForward(list(refs), keep, subsetter.patch_size, subsetter.family)
+    previous = subsetter.activate(refs, keep)  # (plain try/finally: this runs inside torch.compile's trace)
+    active = subsetter.active
     try:
         out = executor(*args, **kwargs)
     finally:
-        subsetter.active = None
+        subsetter._local.active = previous
     missed = active.missed()
     if missed and not subsetter.warned:
         subsetter.warned = True
@@ -255,52 +328,43 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
 
 
 def _planned_forward(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict):
-    """A forward planned in Python, here: direct calls (benchmarks, training: no apply_model), the reference
-    cache and attention-guided selection (their steps differ: fill, record, append, measure)."""
+    """A forward planned here: the reference cache and attention-guided selection (their steps differ), and
+    forwards outside a sampling run (no ``SparseRun``: each plans afresh in a run of its own, so nothing of one
+    call is reused by another)."""
     named = _bind(executor.original, args, kwargs)
+    options = named.get("transformer_options")
+    patch = (options or {}).get(PATCH_KEY)
     refs = named.get("ref_latents")
-    options = named.get("transformer_options") or {}
-    _, run = _run_for(options)
     family = subsetter.family
-    if not refs or run is None or not run.config.enabled or not family.uses_references(named, executor.class_obj):
+    if not isinstance(patch, SparseContextPatch) or not refs or not family.uses_references(named, executor.class_obj):
         return executor(*args, **kwargs)
-    core_cache = core_reference_cache(options)
-    if not _sparse_step(run, options, core_cache):
+    run = options.get(RUN_KEY)
+    if not isinstance(run, SparseRun):
+        run = patch.new_run()
+    x, context = family.target(named), family.context(named)
+    step = plan_step(run, patch, options, refs, named.get(BINDING_KEY), x,
+                     int(context.shape[1]) if context is not None else 0)
+    if step is None:
         return executor(*args, **kwargs)
+    if step is not CACHED:
+        return _run_keep(executor, subsetter, args, kwargs, refs, step)
     refs = list(refs)
     binding = run.binding_for(named.get(BINDING_KEY), len(refs))
-    x, context, patch_size = family.target(named), family.context(named), subsetter.patch_size
-    text, target = (int(context.shape[1]) if context is not None else 0), _tokens(x, patch_size)
-    if not run.needs_forward_planning(binding, len(refs)):
-        keep = run.forward_keep(refs, binding, patch_size, x.device, text, target)
-        if core_cache and run.report is not None:
-            run.report["kv_cache"] = "core FluxKVCache"
-        return executor(*args, **kwargs) if keep is None else _run_keep(executor, subsetter, args, kwargs, refs, keep)
-    if core_cache:
-        raise ValueError("SparseContext: core's Flux KV Cache and the pack's reference cache / attention rule "
-                         "cannot both be active; set Apply Sparse Context's cache to off and its rule to another "
-                         "one, or remove the Flux KV Cache node.")
-    _, plans = run.forward_plans(refs, binding, patch_size, text, target)
+    text = int(context.shape[1]) if context is not None else 0
+    _, plans = run.forward_plans(refs, binding, patch.patch_size, text, _tokens(x, patch.patch_size))
     selections = run.selections(binding, len(refs))
-    cached = run.cached_run(patch_size)
-    out = cached.forward(executor, args, kwargs, named, refs, plans, needs_attention(selections, run.config),
-                         selections, run.config, _activator(subsetter))
+    fwd = CacheForward(executor, named, refs, plans, needs_attention(selections, run.config), selections, run.config,
+                       subsetter.activated, attention_blocks(executor.class_obj), patch.patch_size)
+    out = run.cached_run().forward(fwd)
     run.record_cached(refs)
     return out
 
 
-def _activator(subsetter: ReferenceSubsetter):
-    """``activate(refs, plans, indices)``: a context in which the subsetter keeps ``indices`` of ``refs``."""
-
-    @contextmanager
-    def activate(refs, plans: list[ReferencePlan], indices: list[torch.Tensor]):
-        subsetter.active = _ActiveForward(list(refs), tuple(indices), subsetter.patch_size, subsetter.family)
-        try:
-            yield
-        finally:
-            subsetter.active = None
-
-    return activate
+def attention_blocks(diffusion_model: torch.nn.Module) -> int:
+    """Attention calls per forward: the blocks of the model's block lists (``double_blocks`` and ``single_blocks``
+    of Flux, ``transformer_blocks`` of Qwen-Image), each attending once."""
+    return sum(len(m) for name, m in diffusion_model.named_children()
+               if isinstance(m, torch.nn.ModuleList) and name.endswith("blocks"))
 
 
 def share_binding(conds: dict, binding: SelectionBinding) -> None:
@@ -328,7 +392,8 @@ def sparse_outer_sample_wrapper(executor, *args, **kwargs):
     if not isinstance(patch, SparseContextPatch):
         return executor(*args, **kwargs)
     run = patch.new_run(guider.model_patcher.get_model_object("model_sampling"))
-    run.model_key = (id(guider.model_patcher.model), str(getattr(guider.model_patcher, "patches_uuid", "")))
+    run.model_key, run.keepalive = model_identity(guider.model_patcher, original_options)
+    patch.store.offload_device = guider.model_patcher.offload_device
     conds = getattr(guider, "conds", None) or {}
     run.shared_binding = single_binding(conds)
     if run.shared_binding is not None:
@@ -352,15 +417,92 @@ def kept_view(latent: torch.Tensor, kept: int, total: int) -> torch.Tensor:
     return flat[..., :round(flat.shape[-1] * kept / total)].unsqueeze(-2)
 
 
+def model_identity(patcher, model_options: dict) -> tuple[tuple, tuple]:
+    """What shapes the references' keys/values besides the inputs, as a key: the weights and their patches, the
+    object patches, block and attention patches, wrappers, rope options and the attention override in force (other
+    objects by type and ``id``). Returns (key, the objects named by ``id``: whoever keeps the key keeps them alive,
+    so no other object can take their ``id``)."""
+    objects: list = []
+
+    def walk(value):
+        if isinstance(value, dict):
+            return tuple(sorted((str(k), walk(v)) for k, v in value.items()))
+        if isinstance(value, (list, tuple)):
+            return tuple(walk(v) for v in value)
+        if value is None or isinstance(value, (str, int, float, bool)):
+            return value
+        objects.append(value)
+        return (type(value).__qualname__, id(value))
+
+    options = model_options.get("transformer_options", {})
+    key = (walk(patcher.model), str(getattr(patcher, "patches_uuid", "")), walk(patcher.object_patches),
+           walk(getattr(patcher, "wrappers", {})), walk(model_options.get("model_function_wrapper")),
+           walk({name: options.get(name) for name in ("patches", "patches_replace", "wrappers", "rope_options",
+                                                      "optimized_attention_override")}))
+    return key, tuple(objects)
+
+
+def attention_width(diffusion_model: torch.nn.Module) -> int:
+    """Channels of one token's keys (heads x head size): Flux's ``hidden_size``, Qwen-Image's ``inner_dim``."""
+    for name in ("hidden_size", "inner_dim", "dim"):
+        value = getattr(diffusion_model, name, None)
+        if isinstance(value, int):
+            return value
+    return max(m.in_features for m in diffusion_model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def _text_tokens(entry: dict) -> int:
+    cond = entry.get("model_conds", {}).get("c_crossattn")
+    context = getattr(cond, "cond", None)
+    if context is None:
+        context = entry.get("cross_attn")
+    return int(context.shape[1]) if isinstance(context, torch.Tensor) and context.ndim >= 2 else 0
+
+
+def cache_bytes(model, run: SparseRun, conds: dict, noise_shape, patch_size: int) -> int:
+    """Memory a cached run holds besides what ComfyUI's estimate counts for the kept tokens: every conditioning
+    entry's cached keys/values of every block (one row per latent of the batch) and the join buffer."""
+    dm = model.model.diffusion_model
+    import comfy.model_management
+
+    dtype = getattr(model.model, "manual_cast_dtype", None) or model.model_dtype()
+    unit = attention_width(dm) * comfy.model_management.dtype_size(dtype)
+    rows, blocks, entries, widest = int(noise_shape[0]), attention_blocks(dm), 0, 0
+    total = 0
+    for entry in (e for es in conds.values() for e in es if isinstance(e, dict) and e.get("reference_latents")):
+        refs = entry["reference_latents"]
+        kept = sum(k for k, _ in run.kept_tokens(refs, patch_size, entry_binding(entry)))
+        total += 2 * blocks * rows * kept * unit
+        entries += 1
+        widest = max(widest, _text_tokens(entry) + kept)
+    target = math.prod(latent_token_grid(tuple(noise_shape), patch_size))
+    return total + JoinBuffer.nbytes(rows * max(entries, 1), target + widest, unit, 1)
+
+
+def with_extra_area(model, noise_shape, extra_bytes: int) -> list[int]:
+    """``noise_shape`` with more cells, so that ComfyUI's memory estimate for one batch (its minimum) grows by
+    ``extra_bytes``: ComfyUI counts memory per latent cell, and this is how extra memory reaches its estimate."""
+    shape = list(noise_shape)
+    per_cell = model.model.memory_required([1, shape[1]] + [1] * (len(shape) - 2))
+    cells = math.ceil(extra_bytes / max(per_cell * shape[0], 1.0))
+    return shape[:2] + [1] * (len(shape) - 3) + [math.prod(shape[2:]) + cells]
+
+
 def sparse_prepare_sampling_wrapper(executor, *args, **kwargs):
-    """PREPARE_SAMPLING wrapper: while ComfyUI estimates the run's memory (and loads the model for it),
-    each reference latent in the conditionings is a view of its kept size; the originals are put back."""
+    """PREPARE_SAMPLING wrapper: while ComfyUI estimates the run's memory (and loads the model for it), each
+    reference latent in the conditionings is a view of its kept size, the originals are put back afterwards; in
+    cache modes the estimate also counts the cached keys/values and the join buffer."""
     named = _bind(executor.original, args, kwargs)
     options = (named.get("model_options") or {}).get("transformer_options", {})
     patch, run = options.get(PATCH_KEY), options.get(RUN_KEY)
     conds = named.get("conds")
     if not isinstance(patch, SparseContextPatch) or not isinstance(run, SparseRun) or not conds:
         return executor(*args, **kwargs)
+    if run.config.enabled and run.config.cache != "off":
+        extra = cache_bytes(named["model"], run, conds, named["noise_shape"], patch.patch_size)
+        args, kwargs = _with_argument(executor.original, args, kwargs, "noise_shape",
+                                      with_extra_area(named["model"], named["noise_shape"], extra))
+        run.cache_estimate = extra
     swapped = []
     try:
         for entries in conds.values():

@@ -62,8 +62,14 @@ class SparseRun:
         self.report: dict[str, Any] | None = None
         self.warned_window = False
         self.store: CacheStore | None = None  # the patch's cross-run store of reference keys/values
-        self.model_key: tuple = ("direct",)  # the weights' identity (model + weight patches), set per sampling run
+        # what shapes reference keys/values besides the inputs (``patch.model_identity``), set per sampling run;
+        # a run without it (outside a sampler) never uses the cross-run store
+        self.model_key: tuple | None = None
+        self.keepalive: tuple = ()
         self.cached: CachedRun | None = None
+        self.cache_estimate = 0  # bytes of cached keys/values counted in ComfyUI's memory estimate
+        self.warned_subsetter = False
+        self.last_plans: list[ReferencePlan] | None = None  # the plans of the latest forward that thinned
         self.log_kept = True  # one INFO line per run; training makes a run per forward and turns it off
 
     def binding_for(self, binding: Any, n_refs: int) -> SelectionBinding | None:
@@ -112,16 +118,18 @@ class SparseRun:
         """Whether the forward itself decides per step (the reference cache, attention-guided selection)."""
         return self.config.cache != "off" or any(needs_attention(self.selections(binding, n_refs), self.config))
 
-    def cached_run(self, patch_size: int) -> CachedRun:
+    def cached_run(self) -> CachedRun:
         """The run's cache state (made on first use)."""
         if self.cached is None:
-            self.cached = CachedRun(self.config.cache, self.store, self.model_key, patch_size)
+            store = self.store if self.model_key is not None else None
+            self.cached = CachedRun(self.config.cache, store, self.model_key, self.keepalive)
         return self.cached
 
     def forward_plans(self, refs: list[torch.Tensor], binding: SelectionBinding | None, patch_size: int,
                       text_tokens: int, target_tokens: int) -> tuple[tuple, list[ReferencePlan]]:
         """``plans`` of a forward that runs them; the run's report names the first forward's."""
         key, plans = self.plans(refs, patch_size, binding)
+        self.last_plans = plans
         if key not in self._reported:
             self._reported.add(key)
             self._record(plans, text_tokens, target_tokens)
@@ -167,7 +175,7 @@ class SparseRun:
         if final is not None and self.report.get("selected") is None:
             self._record(final, self.report["text_tokens"], self.report["target_tokens"])
             self.report["selected"] = "attention"
-        self.report["cache"] = self.cached.report()
+        self.report["cache"] = {**self.cached.report(), "estimate_mib": round(self.cache_estimate / 2**20, 2)}
 
     def _record(self, plans: list[ReferencePlan], text_tokens: int, target_tokens: int) -> None:
         dense = [p.total for p in plans]
@@ -193,7 +201,6 @@ class SparseContextPatch:
         self.patch_size = patch_size  # the diffusion model's patchify size (token grids of latents)
         self.family = family  # the model's ``families.ReferenceFamily`` (None: appends every reference)
         self.last_report: dict[str, Any] | None = None  # the latest sampling run's report (None: nothing thinned)
-        self._direct: SparseRun | None = None
         self.store = CacheStore(max_mib=config.cache_mib)  # reference_only keys/values, across runs
 
     def new_run(self, model_sampling=None) -> SparseRun:
@@ -205,21 +212,3 @@ class SparseContextPatch:
         run = SparseRun(c, window)
         run.store = self.store
         return run
-
-    def direct_run(self) -> SparseRun:
-        """The run used by forwards outside a sampling loop (benchmarks, training): persistent until
-        ``reset_direct_run``; callers that want fresh plans per call put their own ``new_run()`` under
-        ``transformer_options[RUN_KEY]``."""
-        if self._direct is None:
-            self._direct = self.new_run()
-        return self._direct
-
-    def reset_direct_run(self) -> None:
-        self._direct = None
-
-    # ModelPatcher treats transformer_options entries with these as patch objects.
-    def to(self, device):
-        return self
-
-    def models(self) -> list:
-        return []

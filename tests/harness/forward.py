@@ -40,21 +40,21 @@ def run_forward(model, inputs: dict, *, probe=None, ids_probe: bool = False, opt
     transformer_options entries, e.g. the ``rope_options`` a model's ``apply_model`` would set)."""
     import sparse_context.sparse_attention.direct as direct
     from sc_harness.oracle import IdsProbe
-    from sparse_context.sparse_attention import PATCH_KEY
+    from sparse_context.sparse_attention import PATCH_KEY, RUN_KEY
 
     m = model.clone()  # ComfyUI deep-copies model_options here: the clone has its own patch holder
     ids = None
     if ids_probe:
         ids = IdsProbe(m.get_model_object("diffusion_model.pe_embedder"))
         m.add_object_patch("diffusion_model.pe_embedder", ids)
+    patch = m.model_options["transformer_options"].get(PATCH_KEY)
+    run = patch.new_run() if patch is not None else None  # the forward's own run, made explicitly
     options_extra = options
     with direct.patched_diffusion_model(m) as (dm, options), torch.no_grad():
         options = {**options, **(options_extra or {})}
+        if run is not None:
+            options[RUN_KEY] = run
         if probe is not None:
             options["optimized_attention_override"] = probe
         out = dm(**inputs, transformer_options=options, **extra)
-    patch = m.model_options["transformer_options"].get(PATCH_KEY)
-    plans = None
-    if patch is not None and patch._direct is not None and patch._direct._plans:
-        plans = list(patch._direct._plans.values())[-1]
-    return Forward(out, ids.ids if ids else [], plans)
+    return Forward(out, ids.ids if ids else [], run.last_plans if run is not None else None)
