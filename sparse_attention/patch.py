@@ -295,6 +295,8 @@ def _check_subsetter(diffusion_model, run: SparseRun, step) -> bool:
 
 def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict, refs, keep: ForwardKeep):
     """Run the model with the subsetter keeping ``keep`` of ``refs``; warn once if a reference slipped past."""
+    if subsetter.family.packs:  # JoyImage: thinned references reach the model as strips of their kept patches
+        args, kwargs = _with_argument(executor.original, args, kwargs, "ref_latents", subsetter.pack(refs, keep))
     previous = subsetter.activate(refs, keep)  # (plain try/finally: this runs inside torch.compile's trace)
     active = subsetter.active
     try:
@@ -550,7 +552,10 @@ def apply_sparse_context(model, config: SparseContextConfig):
     if isinstance(original, ReferenceSubsetter):  # applied twice: replace, do not stack
         original = original.original
     patch_size = family.patch_size(diffusion_model)
-    clone.add_object_patch(hook, ReferenceSubsetter(original, patch_size, _positions(diffusion_model._forward), family))
+    subsetter = ReferenceSubsetter
+    if family.packs:
+        from .packed import ComponentRopeSubsetter as subsetter
+    clone.add_object_patch(hook, subsetter(original, patch_size, _positions(diffusion_model._forward), family))
     patch = clone.model_options["transformer_options"][PATCH_KEY] = SparseContextPatch(config, patch_size, family)
     for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, sparse_outer_sample_wrapper),
                           (WrappersMP.PREPARE_SAMPLING, sparse_prepare_sampling_wrapper),

@@ -1,4 +1,4 @@
-"""The families added on their adapters (Mage-Flow, Krea 2, LongCat-Image-Edit, Z-Image omni), each against the masked-dense
+"""The families added on their adapters (Mage-Flow, Krea 2, LongCat-Image-Edit, Z-Image omni, JoyImage-Edit), each against the masked-dense
 oracle on every host whose model detection has it (Mage-Flow's reference cache: tests/test_reference_cache.py); the
 adapter gate (subclasses, refused cache modes); and the README's model table, generated from the adapters."""
 
@@ -105,12 +105,14 @@ class _KeepByLength:
         self.lengths: list[int] = []
 
     def __call__(self, func, *args, **kwargs):
-        q, k, v, heads = args[:4]
+        q, k = args[:2]
         length = int(k.shape[2 if kwargs.get("skip_reshape") else 1])
         self.lengths.append(length)
         keep = self.keeps.get(length)
         if keep is None:
             return func(*args, **kwargs)
+        v = args[2]
+        heads = args[3] if len(args) > 3 else kwargs.pop("heads")  # JoyImage passes heads by name
         mask = args[4] if len(args) > 4 else kwargs.pop("mask", None)
         add = torch.zeros(length, dtype=q.dtype)
         add[~keep] = float("-inf")
@@ -174,6 +176,42 @@ def test_z_image_omni_keep_all_is_bit_identical_and_the_cache_is_refused():
     assert report is not None and all(r["kept"] < r["tokens"] for r in report["references"])
     with pytest.raises(ValueError, match="Z-Image omni puts its references before the target"):
         apply_sparse_context(base, _config(0.5, cache="first_step"))
+
+
+@_needs("joyimage_edit")
+def test_joyimage_equals_the_masked_dense_oracle():
+    """JoyImage-Edit patchifies [target, references] inline and orders the joint sequence [image, text]: the thinned
+    references reach it as strips of their kept patches, their RoPE rows come from the true grids."""
+    family = "joyimage_edit"
+    base = sc_testpack.build_model_patcher(family, seed=11)
+    target, refs = _sizes(family)
+    inputs = forward_inputs(family, 3, target, refs)
+    probe = _KeepByLength()
+    fwd = run_forward(apply_sparse_context(base, _config(0.3)), inputs, probe=probe)
+    plans = fwd.plans
+    assert all(0 < p.kept < p.total for p in plans), [(p.kept, p.total) for p in plans]
+    text = inputs["context"].shape[1]
+    n_target = (target[0] // 16) * (target[1] // 16)
+    assert set(probe.lengths) == {n_target + sum(p.kept for p in plans) + text}
+    keep = joint_keep(0, 0, plans)
+    images = torch.cat([torch.ones(n_target, dtype=torch.bool), keep, torch.ones(text, dtype=torch.bool)])
+    oracle = run_forward(base, inputs, probe=_KeepByLength({images.numel(): images})).out
+    dense = run_forward(base, inputs).out
+    err = (fwd.out - oracle).abs().max().item()
+    assert err < 1e-5, f"sparse differs from the masked dense oracle by {err}"
+    assert (fwd.out - dense).abs().max().item() > 100 * max(err, 1e-7)
+
+
+@_needs("joyimage_edit")
+def test_joyimage_keep_all_is_bit_identical_and_the_cache_is_refused():
+    family = "joyimage_edit"
+    base = sc_testpack.build_model_patcher(family, seed=5)
+    dense = _sampled(family, base, None)
+    assert torch.equal(_sampled(family, apply_sparse_context(base, _config(1.0)), None), dense)
+    sparse = apply_sparse_context(base, _config(0.25))
+    assert (_sampled(family, sparse, None) - dense).abs().max().item() > 1e-4
+    with pytest.raises(ValueError, match="JoyImage-Edit's joint order is"):
+        apply_sparse_context(base, _config(0.5, cache="reference_only"))
 
 
 def _sampled(family: str, model, method: str | None) -> torch.Tensor:

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from .base import DenseFamily, NeedsMethod, ReferenceFamily
 from .dense import DENSE_FAMILIES
 from .flux import FLUX
+from .joyimage import JOYIMAGE
 from .krea2 import KREA2
 from .mage_flow import MAGE_FLOW
 from .qwen_image import QWEN_IMAGE
 from .z_image import Z_IMAGE
 
-FAMILIES: tuple[ReferenceFamily, ...] = (FLUX, QWEN_IMAGE, MAGE_FLOW, KREA2, Z_IMAGE)
+FAMILIES: tuple[ReferenceFamily, ...] = (FLUX, QWEN_IMAGE, MAGE_FLOW, KREA2, Z_IMAGE, JOYIMAGE)
 _BY_CLASS = {f.class_path: f for f in FAMILIES}
 
 

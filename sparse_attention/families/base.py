@@ -29,6 +29,7 @@ class ReferenceFamily:
         patch_attr: the model attribute that holds the patch size.
         target_arg: the ``_forward`` argument that holds the target latent.
         context_arg: the ``_forward`` argument that holds the text tokens.
+        packs: whether the model patchifies references inline (see ``joyimage``).
     """
 
     name: str
@@ -41,6 +42,7 @@ class ReferenceFamily:
     patch_attr: str = "patch_size"
     target_arg: str = "x"
     context_arg: str = "context"
+    packs: bool = False  # references are patchified inline: the wrapper passes strips of kept patches (JoyImage)
 
     def patch_size(self, diffusion_model) -> int:
         """The model's patchify size (tokens per side of a latent cell block)."""

@@ -11,10 +11,6 @@ _NO_EXACT_HOOK = ("no official hook gives an exact route: its forward runs no DI
 DENSE_FAMILIES = (
     DenseFamily("OmniGen2", "comfy.ldm.omnigen.omnigen2.OmniGen2Transformer2DModel", "0.3.75", _NO_EXACT_HOOK),
     DenseFamily("Boogu-Image", "comfy.ldm.boogu.model.BooguTransformer2DModel", "0.30.0", _NO_EXACT_HOOK),
-    DenseFamily("JoyImage-Edit", "comfy.ldm.joyimage.model.JoyImageTransformer3DModel", "0.30.0",
-                "not yet: it patchifies [target, references] inline with a Conv3d (no per-reference method), so the "
-                "adapter needs a wrapper that packs the kept patches plus an object patch of "
-                "get_rotary_pos_embed_for_components"),
     DenseFamily("TripoSplat", "comfy.ldm.triposplat.model.LatentSeqMMFlowModel", "0.30.0",
                 "not reference-token concatenation: its reference latent is added to the image-feature context"),
     DenseFamily("WAN 2.2 S2V", "comfy.ldm.wan.model.WanModel_S2V", "0.3.75",

@@ -55,6 +55,15 @@ def _z_image_keys(cap_feat_dim: int, layers: int, siglip_feat_dim: int) -> dict[
     return keys
 
 
+def _joyimage_keys(hidden: int, in_channels: int, head_dim: int, layers: int) -> dict[str, tuple[int, ...]]:
+    keys = {"img_in.weight": (hidden, in_channels, 1, 2, 2), "condition_embedder.time_embedder.linear_1.weight":
+            (hidden, 256)}
+    for i in range(layers):
+        keys[f"double_blocks.{i}.attn.img_attn_qkv.weight"] = (3 * hidden, hidden)
+        keys[f"double_blocks.{i}.attn.img_attn_q_norm.weight"] = (head_dim,)
+    return keys
+
+
 def checkpoint_keys(image_model: str, sizes: dict) -> dict[str, torch.Tensor]:
     """Meta tensors under the key names of a real ``image_model`` checkpoint ("flux", "flux2", "qwen_image",
     "mage_flow", "krea2"), shaped by ``sizes`` (the unet-config names: hidden_size, in_channels, depth, ...).
@@ -72,6 +81,9 @@ def checkpoint_keys(image_model: str, sizes: dict) -> dict[str, torch.Tensor]:
                             patch ** 2 * s["out_channels"])
     elif image_model == "lumina2":
         shapes = _z_image_keys(s["cap_feat_dim"], s["n_layers"], s["siglip_feat_dim"])
+    elif image_model == "joyimage":
+        shapes = _joyimage_keys(s["hidden_size"], s["in_channels"], s["hidden_size"] // s["num_attention_heads"],
+                                s["num_layers"])
     elif image_model == "krea2":
         shapes = _krea2_keys(s["features"], s["channels"], s["layers"], s["txtlayers"], s["txtdim"])
     else:

@@ -53,6 +53,8 @@ FAMILIES: dict[str, dict] = {
         image_model="lumina2", patch_size=2, in_channels=16, dim=256, n_layers=1, n_refiner_layers=1, n_heads=8,
         n_kv_heads=8, axes_dims=[8, 12, 12], cap_feat_dim=16, siglip_feat_dim=16,
     ),
+    # JoyImage-Edit (0.29+): core fixes its RoPE axes to (16, 56, 56), so one 128-wide head; text width 4096.
+    "joyimage_edit": dict(image_model="joyimage", in_channels=16, hidden_size=128, num_attention_heads=1, num_layers=1),
 }
 
 #: Families that share an ``image_model`` with another: the ``supported_models`` config the host must pick.
@@ -76,6 +78,7 @@ class FamilySpec:
     flux_conds: bool = False  # the forward takes FLUX's ``y`` and ``guidance``
     pixels_per_token: int = 16  # pixels per token (downscale x patch size)
     num_tokens: bool = False  # the forward takes the text length (Lumina 2 / Z-Image)
+    target_arg: str = "x"  # the forward's name of the noisy latent (JoyImage: ``hidden_states``)
 
 
 SPECS = {
@@ -87,6 +90,7 @@ SPECS = {
     "krea2": FamilySpec(16, 8, 32, None, True, timestep_arg="timesteps"),
     "longcat_image_edit": FamilySpec(16, 8, 3584, None, False, flux_conds=True),
     "z_image_omni": FamilySpec(16, 8, 16, None, False, timestep_arg="timesteps", num_tokens=True),
+    "joyimage_edit": FamilySpec(16, 8, 4096, None, True, target_arg="hidden_states"),
 }
 
 

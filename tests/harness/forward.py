@@ -16,7 +16,7 @@ def forward_inputs(family: str, seed: int, target: tuple[int, int], refs: list[t
     gen = torch.Generator().manual_seed(seed)
     x = sc_testpack.make_latent(family, seed + 1, target[0], target[1], batch)
     references = [sc_testpack.make_latent(family, seed + 2 + i, w, h, batch) for i, (w, h) in enumerate(refs)]
-    kwargs = {"x": x, spec.timestep_arg: torch.full((batch,), 0.6),
+    kwargs = {spec.target_arg: x, spec.timestep_arg: torch.full((batch,), 0.6),
               "context": torch.randn((batch, text_tokens, spec.context_dim), generator=gen),
               "ref_latents": references or None}
     if spec.num_tokens:

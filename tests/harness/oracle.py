@@ -29,7 +29,7 @@ class AttentionProbe:
         self.reference_counts: list = []  # transformer_options["reference_image_num_tokens"] where the host records it
 
     def __call__(self, func, *args, **kwargs):
-        q, k, v, heads = args[:4]
+        q, k, v = args[:3]
         if self.blocks_only and "block_index" not in (kwargs.get("transformer_options") or {}):
             return func(*args, **kwargs)
         seq = 2 if kwargs.get("skip_reshape") else 1
@@ -38,6 +38,7 @@ class AttentionProbe:
         self.reference_counts.append((kwargs.get("transformer_options") or {}).get("reference_image_num_tokens"))
         if self.key_keep is None:
             return func(*args, **kwargs)
+        heads = args[3] if len(args) > 3 else kwargs.pop("heads")  # JoyImage passes heads by name
         mask = args[4] if len(args) > 4 else kwargs.pop("mask", None)
         add = torch.zeros(self.key_keep.shape[0], dtype=q.dtype, device=q.device)
         add[~self.key_keep.to(q.device)] = float("-inf")
