@@ -581,7 +581,7 @@ def compile_table(result: dict) -> str:
 
 
 FAMILY_NAMES = ("flux1_kontext", "flux2_klein", "qwen_image_edit", "mage_flow", "krea2", "longcat_image_edit",
-                "z_image_omni")
+                "z_image_omni", "joyimage_edit")
 
 
 def family_main(args) -> int:

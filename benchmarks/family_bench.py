@@ -21,6 +21,7 @@ FAMILIES = {
     "krea2": ("krea2", "index_timestep_zero"),
     "longcat_image_edit": ("longcat_image_edit", None),
     "z_image_omni": ("z_image_omni", None),
+    "joyimage_edit": ("joyimage_edit", None),
 }
 PIXELS = 512
 
