@@ -50,7 +50,7 @@ import time
 from dataclasses import asdict, dataclass
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))  # for packload only
-from packload import load_pack  # noqa: E402
+from packload import load_harness, load_pack  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PINNED_COMFYUI = ROOT / ".comfyui" / "ComfyUI-0.3.75"
@@ -302,7 +302,7 @@ class Bench:
         """One timed model call as a sampling step makes it: ``BaseModel.apply_model`` (core's compile wrapper
         and the patch's planning wrapper run there)."""
         import torch
-        from sparse_context.sparse_attention.direct import patched_diffusion_model
+        from sc_harness.direct import patched_diffusion_model
 
         with patched_diffusion_model(model) as (_, options), torch.no_grad():
             return self.timer(lambda: model.model.apply_model(self.x, self.timestep, c_crossattn=self.context,
@@ -312,7 +312,7 @@ class Bench:
     def forward(self, model, refs: list, run=None) -> None:
         """One forward of ``model`` in ``run`` (default: the model's shared run)."""
         import torch
-        from sparse_context.sparse_attention.direct import patched_diffusion_model
+        from sc_harness.direct import patched_diffusion_model
 
         with patched_diffusion_model(model) as (dm, options), torch.no_grad():
             dm(x=self.x, timestep=self.timestep, context=self.context, y=None, guidance=None,
@@ -321,7 +321,7 @@ class Bench:
     def call(self, model, refs: list, run=None) -> tuple[float, object]:
         """One timed forward; returns (seconds, the run's report or None)."""
         import torch
-        from sparse_context.sparse_attention.direct import patched_diffusion_model
+        from sc_harness.direct import patched_diffusion_model
 
         run = run if run is not None else self.run_for(model)
         with patched_diffusion_model(model) as (dm, options), torch.no_grad():
@@ -656,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         torch._dynamo.config.recompile_limit = 64
     import_comfy(args.device)
     load_pack()
+    load_harness()  # sc_harness.direct: forwards outside a sampler with the model's patches active
     t0 = time.perf_counter()
     result = run(args)
     result["meta"]["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -34,18 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from skimage import data
 
     load_pack()
-    from sparse_context.selectors import (
-        DEFAULT_COVERAGE,
-        Budget,
-        combine_scores,
-        edge_scores,
-        grid_scores,
-        mask_scores,
-        random_scores,
-        saliency_scores,
-        select,
-        token_grid_shape,
-    )
+    from sparse_context.selectors import Budget, default_coverage, reference_scores, select, token_grid_shape
 
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -59,24 +48,20 @@ def main(argv: list[str] | None = None) -> int:
     mask[:, n // 8 : n // 2, n // 4 : 3 * n // 4] = 1.0  # roughly the face and helmet
     grid = token_grid_shape(n, n)
 
-    def ratio(coverage: float = 0.0) -> Budget:
-        return Budget(mode="ratio", ratio=0.25, coverage=coverage)
+    def case(name: str, budget: Budget | None = None, **options):
+        """(scoring call, budget) of a selector by name, at ratio 0.25 with its default coverage floor."""
+        budget = budget or Budget(mode="ratio", ratio=0.25, coverage=default_coverage(name))
+        return lambda: reference_scores(name, img, mask, grid=grid, **options), budget
 
     cases = {
-        "random": (lambda: random_scores(1, grid, 0, device=dev), ratio()),
-        "grid": (lambda: grid_scores(grid, device=dev), ratio()),
-        "edge": (lambda: edge_scores(img), ratio(DEFAULT_COVERAGE["edge"])),
-        "edge full-res canny": (lambda: edge_scores(img, px_per_token=None), ratio(DEFAULT_COVERAGE["edge"])),
-        "saliency": (lambda: saliency_scores(img), ratio(DEFAULT_COVERAGE["saliency"])),
-        "mask (dilate 1, feather 2)": (
-            lambda: mask_scores(mask, image=img, dilate_tokens=1, feather_tokens=2),
-            ratio(DEFAULT_COVERAGE["mask"]),
-        ),
-        "edge+saliency mix": (
-            lambda: combine_scores([edge_scores(img), saliency_scores(img)]),
-            ratio(DEFAULT_COVERAGE["edge"]),
-        ),
-        "edge, adaptive budget": (lambda: edge_scores(img), Budget(mode="adaptive", coverage=0.25)),
+        "random": case("random", Budget(mode="ratio", ratio=0.25)),
+        "grid": case("grid", Budget(mode="ratio", ratio=0.25)),
+        "edge": case("edge"),
+        "edge full-res canny": case("edge", px_per_token=None),
+        "saliency": case("saliency"),
+        "mask (dilate 1, feather 2)": case("mask", dilate_tokens=1, feather_tokens=2),
+        "edge+saliency mix": case("edge+saliency"),
+        "edge, adaptive budget": case("edge", Budget(mode="adaptive", coverage=0.25)),
     }
 
     def sync() -> None:

@@ -3,6 +3,7 @@ off / on, base weights in the compute dtype vs fp8.
 
 Usage (run from anywhere; ``-P`` keeps the script's folder off sys.path):
     .venv/bin/python -P benchmarks/bench_training.py --json docs/bench_training_cpu.json       # CPU, ~5 min
+    .venv/bin/python -P benchmarks/bench_training.py --world-size 1 2 --json docs/bench_training_dist_cpu.json
     python -P benchmarks/bench_training.py --device cuda --config kontext12b --json bench_training_kontext.json
     python -P benchmarks/bench_training.py --device cuda --config klein9b --json bench_training_klein.json
 
@@ -36,6 +37,8 @@ import math
 import os
 import pathlib
 import platform
+import resource
+import socket
 import sys
 import time
 import weakref
@@ -242,6 +245,94 @@ def run_cell(size: Size, device, compute_dtype, keep: float, checkpointing: bool
     return cell
 
 
+def _rank_main(rank: int, world_size: int, port: int, args, queue) -> None:
+    """One process of a data-parallel run (Gloo on the CPU): ``args.steps`` steps of ``args.batch`` examples in all."""
+    import_comfy("cpu")
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(args.threads)  # per process: one thread each measures the processes, not thread contention
+    load_pack()
+    import sparse_context.training as tr
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if world_size > 1:
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        size = CONFIGS[args.config]
+        device = torch.device("cpu")
+        model = build_model(size, device, torch.float32, fp8=False)
+        trainer = tr.LoraTrainer(model, tr.LoraConfig(rank=16, alpha=16.0, targets="attention_mlp"),
+                                 tr.TrainConfig(steps=args.steps, grad_accumulation=args.batch, seed=0,
+                                                keep_ratios=tr.KeepRatioDistribution(kind="fixed", low=0.25,
+                                                                                     dense_share=0.0)))
+        examples = [example(size, seed=1 + i) for i in range(args.batch)]
+        with trainer.session():
+            trainer.train_step(examples)  # creates the optimizer state; not timed
+            with AllocatedBytes("cpu") as counter:
+                trainer.train_step(examples)
+            if world_size > 1:
+                dist.barrier()
+            start = time.perf_counter()
+            for _ in range(args.steps - 2):
+                trainer.train_step(examples)
+            seconds = time.perf_counter() - start
+        queue.put({"rank": rank, "seconds": seconds, "timed_steps": args.steps - 2, "act_mb": counter.peak / 2**20,
+                   "weights_mb": sum(t.numel() * t.element_size()
+                                     for t in model.model.diffusion_model.state_dict().values()) / 2**20,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "losses": trainer.losses, "threads": torch.get_num_threads()})
+    finally:
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def run_world(args, world_size: int) -> dict:
+    """A data-parallel run on ``world_size`` CPU processes (each its own interpreter, as torchrun starts them)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    ranks = sorted((queue.get(timeout=1800) for _ in procs), key=lambda r: r["rank"])
+    for p in procs:
+        p.join()
+    seconds = max(r["seconds"] for r in ranks)  # the step ends when the slowest rank ends it
+    steps = ranks[0]["timed_steps"]
+    return {"world_size": world_size, "examples_per_step": args.batch, "threads_per_rank": ranks[0]["threads"],
+            "steps_per_s": steps / seconds, "examples_per_s": steps * args.batch / seconds,
+            "peak_mb_per_rank": [r["weights_mb"] + r["act_mb"] for r in ranks],
+            "act_mb_per_rank": [r["act_mb"] for r in ranks], "peak_rss_mb_per_rank": [r["peak_rss_mb"] for r in ranks],
+            "losses": ranks[0]["losses"]}
+
+
+def run_distributed(args) -> dict:
+    size = CONFIGS[args.config]
+    print(f"model {args.config}, data-parallel on the CPU (Gloo): {args.batch} examples per step (keep 0.25), "
+          f"{args.steps} steps per run ({args.steps - 2} timed), {args.threads} thread(s) per process", flush=True)
+    runs = []
+    for n in args.world_size:
+        r = run_world(args, n)
+        runs.append(r)
+        print(f"  world size {n}: {r['steps_per_s']:.3f} steps/s, {r['examples_per_s']:.3f} examples/s, peak per rank "
+              f"{', '.join(f'{v:.1f}' for v in r['peak_mb_per_rank'])} MiB (weights + step allocations; resident "
+              f"high-water {', '.join(f'{v:.0f}' for v in r['peak_rss_mb_per_rank'])} MiB), "
+              f"losses {', '.join(f'{v:.6f}' for v in r['losses'])}", flush=True)
+    info = {"config": args.config, "size": asdict(size), "device": "cpu", "backend": "gloo", "steps": args.steps,
+            "examples_per_step": args.batch, "keep": 0.25, "torch": __import__("torch").__version__,
+            "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "memory": "peak_mb = weights + bytes of storages allocated by operators during one step (TorchDispatchMode); "
+                      "peak_rss_mb = the process's resident high-water mark",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    info["comfyui"] = importlib.import_module("comfyui_version").__version__
+    return {"meta": info, "runs": runs}
+
+
 def run(args) -> dict:
     import torch
 
@@ -313,14 +404,26 @@ def main(argv=None) -> int:
                     help="default: kontext-small on the CPU, kontext12b on a GPU")
     ap.add_argument("--dtype", default=None, choices=["fp32", "bf16"], help="compute dtype (default: fp32 CPU, bf16 GPU)")
     ap.add_argument("--steps", type=int, default=5, help="steps per cell (>= 3; the first is not measured)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (per process with --world-size; default 2, "
+                    "with --world-size 1)")
     ap.add_argument("--json", type=pathlib.Path, default=None)
+    ap.add_argument("--world-size", type=int, nargs="+", default=None,
+                    help="data-parallel throughput instead: one run per world size (CPU processes, Gloo)")
+    ap.add_argument("--batch", type=int, default=4, help="examples per step in all (with --world-size)")
     args = ap.parse_args(argv)
     args.config = args.config or ("kontext-small" if args.device == "cpu" else "kontext12b")
     args.dtype = args.dtype or ("fp32" if args.device == "cpu" else "bf16")
     import_comfy(args.device)
     import torch
 
+    args.threads = args.threads or (1 if args.world_size else 2)
+    if args.world_size:
+        if args.device != "cpu" or args.steps < 3:
+            raise SystemExit("--world-size: CPU processes (Gloo) and --steps >= 3")
+        result = run_distributed(args)
+        if args.json:
+            write_json(args.json, result)
+        return 0
     torch.set_num_threads(args.threads)
     load_pack()
 

@@ -30,10 +30,10 @@ def run_family(name: str, keeps: list[float], warmup: int, repeats: int) -> dict
     """Timings of family ``name`` (see ``FAMILIES``) per keep ratio; raises SystemExit if this host lacks it."""
     import sc_testpack
     import torch
+    from sc_harness.direct import patched_diffusion_model
     from sc_harness.forward import forward_inputs
     from sparse_context.selectors import Budget
     from sparse_context.sparse_attention import PATCH_KEY, RUN_KEY, SparseContextConfig, apply_sparse_context
-    from sparse_context.sparse_attention.direct import patched_diffusion_model
 
     family, method = FAMILIES[name]
     lacks = sc_testpack.host_lacks(family)

@@ -32,17 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from skimage import data
 
     load_pack()
-    from sparse_context.selectors import (
-        DEFAULT_COVERAGE,
-        Budget,
-        combine_scores,
-        edge_scores,
-        grid_scores,
-        mask_scores,
-        random_scores,
-        saliency_scores,
-        select,
-    )
+    from sparse_context.selectors import DEFAULT_COVERAGE, Budget, default_coverage, reference_scores, select
 
     a = data.astronaut()  # 512 x 512 -> 32 x 32 tokens of 16 px
     img = torch.from_numpy(a).float().div(255)[None]
@@ -52,22 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     mask = torch.from_numpy(face.astype(np.float32))
     grid = (h // 16, w // 16)
 
-    def b(cov: float) -> Budget:
-        return Budget(ratio=args.ratio, coverage=cov)
+    def panel(title: str, name: str, coverage: float | None = None, **options):
+        """(title, scores, budget) of a selector by name; its default coverage floor unless ``coverage``."""
+        cov = default_coverage(name) if coverage is None else coverage
+        return title, reference_scores(name, img, mask, grid=grid, **options), Budget(ratio=args.ratio, coverage=cov)
 
     panels = [
-        ("random (training rule)", random_scores(1, grid, 0), b(0.0)),
-        ("grid (stratified dither)", grid_scores(grid), b(0.0)),
-        ("edge, no coverage floor", edge_scores(img), b(0.0)),
-        (f"edge + {DEFAULT_COVERAGE['edge']:.0%} coverage floor", edge_scores(img), b(DEFAULT_COVERAGE["edge"])),
-        ("saliency (spectral residual)", saliency_scores(img), b(DEFAULT_COVERAGE["saliency"])),
-        ("mask (face), dilate 1", mask_scores(mask, dilate_tokens=1), b(DEFAULT_COVERAGE["mask"])),
-        ("mask outside (keep surroundings)", mask_scores(mask, inside=0.0, outside=1.0), b(0.0)),
-        (
-            "edge + saliency (mix)",
-            combine_scores([edge_scores(img), saliency_scores(img)]),
-            b(DEFAULT_COVERAGE["edge"]),
-        ),
+        panel("random (training rule)", "random"),
+        panel("grid (stratified dither)", "grid"),
+        panel("edge, no coverage floor", "edge", 0.0),
+        panel(f"edge + {DEFAULT_COVERAGE['edge']:.0%} coverage floor", "edge"),
+        panel("saliency (spectral residual)", "saliency"),
+        panel("mask (face), dilate 1", "mask", dilate_tokens=1),
+        panel("mask outside (keep surroundings)", "mask", 0.0, inside=0.0, outside=1.0),
+        panel("edge + saliency (mix)", "edge+saliency"),
     ]
     fig, axes = plt.subplots(3, 3, figsize=(12, 12.6))
     axes = axes.flatten()

@@ -20,6 +20,7 @@ from ..sparse_attention import (
     RUN_KEY,
     SparseContextConfig,
     apply_sparse_context,
+    unsupported_reason,
 )
 from .common import SparseBudget, SparseNode, fail, user_errors
 
@@ -27,10 +28,13 @@ log = logging.getLogger("SparseContext")
 REPORT_WRAPPER_KEY = "sparse_context_ui_report"
 
 
-def format_report(report: dict | None, enabled: bool, seconds: float) -> str:
-    """One line for the UI: kept tokens per reference, attention work, sampling time (or why nothing was thinned)."""
+def format_report(report: dict | None, enabled: bool, seconds: float, dense_reason: str | None = None) -> str:
+    """One line for the UI: kept tokens per reference, attention work, sampling time; or why references ran
+    dense (``dense_reason``: the model is not one this pack thins)."""
     if not enabled:
         return f"Sparse Context off (dense references). Sampling took {seconds:.2f} s."
+    if dense_reason:
+        return f"References ran dense: {dense_reason}. Sampling took {seconds:.2f} s."
     if not report:
         return f"No reference images reached the model (nothing to thin). Sampling took {seconds:.2f} s."
     if report.get("dense_reason"):
@@ -68,7 +72,7 @@ def _send_to_ui(text: str, node_id: str | None) -> None:
         log.debug("SparseContext: could not send the report to the UI: %s", err)
 
 
-def report_wrapper(node_id: str | None, enabled: bool):
+def report_wrapper(node_id: str | None, enabled: bool, dense_reason: str | None = None):
     """OUTER_SAMPLE wrapper: time the sampling run and show the patch's report on the Apply node."""
 
     def wrapper(executor, *args, **kwargs):
@@ -79,7 +83,7 @@ def report_wrapper(node_id: str | None, enabled: bool):
         options = executor.class_obj.model_options.get("transformer_options", {})
         # this run's own report (set by the patch's outer wrapper around this one): never an older run's
         report = getattr(options.get(RUN_KEY), "report", None)
-        text = format_report(report, enabled, seconds)
+        text = format_report(report, enabled, seconds, dense_reason)
         log.info("SparseContext (node %s): %s", node_id, text)
         _send_to_ui(text, node_id)
         return out
@@ -178,5 +182,6 @@ class SparseContextApply(SparseNode):
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
         outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
         patched.remove_wrappers_with_key(outer, REPORT_WRAPPER_KEY)
-        patched.add_wrapper_with_key(outer, REPORT_WRAPPER_KEY, report_wrapper(node_id, enabled))
+        patched.add_wrapper_with_key(outer, REPORT_WRAPPER_KEY, report_wrapper(node_id, enabled,
+                                                                              unsupported_reason(model)))
         return io.NodeOutput(patched)

@@ -10,15 +10,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..selectors import (
-    combine_scores,
-    edge_scores,
-    grid_scores,
-    mask_scores,
-    random_scores,
-    saliency_scores,
-    token_grid_shape,
-)
+from ..selectors import combine_scores, reference_scores, token_grid_shape
 from ..sparse_attention import ReferenceSelection
 from .common import (
     ITEM_NOTE,
@@ -73,7 +65,8 @@ class SparseContextEdgeSelector(SparseNode):
                 weight: float = 1.0) -> io.NodeOutput:
         cls.check_inputs(locals())
         with user_errors(cls.NAME):
-            scores = edge_scores(first_item(image, cls.NAME), STRIDE, low_threshold, high_threshold, spread=spread)
+            scores = reference_scores("edge", first_item(image, cls.NAME), stride=STRIDE, low_threshold=low_threshold,
+                                      high_threshold=high_threshold, spread=spread)
             return _selection(scores[0], budget, "edge", weight)
 
 
@@ -100,7 +93,7 @@ class SparseContextSaliencySelector(SparseNode):
     def execute(cls, image, blur_tokens: float, budget=None, weight: float = 1.0) -> io.NodeOutput:
         cls.check_inputs(locals())
         with user_errors(cls.NAME):
-            scores = saliency_scores(first_item(image, cls.NAME), STRIDE, blur_tokens=blur_tokens)
+            scores = reference_scores("saliency", first_item(image, cls.NAME), stride=STRIDE, blur_tokens=blur_tokens)
             return _selection(scores[0], budget, "saliency", weight)
 
 
@@ -143,8 +136,8 @@ class SparseContextMaskSelector(SparseNode):
             if not bool((m > 0).any()):
                 raise fail(cls.NAME, "mask: is empty (all zeros). Paint a mask on the reference (Load Image: right "
                                      "click > Open in MaskEditor) or use another selector.")
-            scores = mask_scores(m, stride=STRIDE, inside=inside, outside=outside, dilate_tokens=dilate_tokens,
-                                 feather_tokens=feather_tokens)
+            scores = reference_scores("mask", mask=m, stride=STRIDE, inside=inside, outside=outside,
+                                      dilate_tokens=dilate_tokens, feather_tokens=feather_tokens)
             return _selection(scores[0], budget, "mask", weight)
 
 
@@ -177,7 +170,8 @@ class SparseContextRandomSelector(SparseNode):
     def execute(cls, image, seed: int, budget=None, weight: float = 1.0) -> io.NodeOutput:
         cls.check_inputs(locals())
         with user_errors(cls.NAME):
-            return _selection(random_scores(1, _grid_of(image, cls.NAME), seed)[0], budget, "random", weight)
+            scores = reference_scores("random", grid=_grid_of(image, cls.NAME), seed=seed)
+            return _selection(scores[0], budget, "random", weight)
 
 
 class SparseContextGridSelector(SparseNode):
@@ -197,7 +191,7 @@ class SparseContextGridSelector(SparseNode):
     def execute(cls, image, budget=None, weight: float = 1.0) -> io.NodeOutput:
         cls.check_inputs(locals())
         with user_errors(cls.NAME):
-            return _selection(grid_scores(_grid_of(image, cls.NAME))[0], budget, "grid", weight)
+            return _selection(reference_scores("grid", grid=_grid_of(image, cls.NAME))[0], budget, "grid", weight)
 
 
 class SparseContextCombineSelections(SparseNode):

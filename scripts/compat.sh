@@ -3,7 +3,11 @@
 # per host, and writes docs/compat.json plus the README's compatibility table from the results.
 #   bash scripts/compat.sh                                   # the pinned 0.3.75 only (what CI runs)
 #   bash scripts/compat.sh .comfyui/ComfyUI-0.3.75 ~/hosts/ComfyUI-0.10.0 ~/hosts/ComfyUI-0.30.0
-#   COMPAT_PYTEST_ARGS="-k training" bash scripts/compat.sh DIR...   # a part of the suite (no table is written)
+#   COMPAT_PYTEST_ARGS="-k training" bash scripts/compat.sh DIR...   # a part of the suite (no host table is written)
+#   bash scripts/compat.sh DIR... --nodes ~/packs/ComfyUI-GGUF ~/packs/ComfyUI-TeaCache ~/packs/Comfy-WaveSpeed
+#       # also other custom-node packs (each a pack's folder, or a folder of packs): the compatibility matrix
+#       # (tests/test_compat_packs.py) runs with every pack it recognises and writes docs/compatibility.md
+#       # (COMPAT_PYTEST_ARGS="-k compat_packs" runs the matrix alone)
 # Each host gets its own virtual environment ($SPARSECONTEXT_COMPAT_VENVS/<version>, default .compat/) with that
 # ComfyUI's requirements and torch pinned by scripts/constraints.txt, set up by scripts/setup.sh as for a user's
 # existing install (COMFYUI_PATH); the checkout's own pinned ComfyUI (.comfyui/) runs in the checkout's venv
@@ -15,7 +19,21 @@ cd "$repo" || exit 2
 venvs="${SPARSECONTEXT_COMPAT_VENVS:-$repo/.compat}"
 results="$repo/.compat/results"  # per checkout, whatever the venv folder
 mkdir -p "$results"
-hosts=("$@")
+hosts=()
+nodes=()
+while [ "$#" -gt 0 ]; do
+  case "$1" in
+    --nodes) shift; while [ "$#" -gt 0 ] && [ "$1" != "--hosts" ]; do nodes+=("$1"); shift; done ;;
+    --hosts) shift ;;
+    *) hosts+=("$1"); shift ;;
+  esac
+done
+node_path=""
+for n in "${nodes[@]}"; do
+  n="$(cd "$n" 2>/dev/null && pwd -P)" || { echo "[compat] no such custom-node folder: $n" >&2; exit 2; }
+  node_path="${node_path:+$node_path:}$n"
+done
+export SPARSECONTEXT_NODES="$node_path"  # read by tests/harness/packs.py
 if [ "${#hosts[@]}" = 0 ]; then
   env_vars="$(bash scripts/setup.sh --dev)" || exit 2
   hosts=("$(eval "$env_vars"; echo "$COMFYUI_PATH")")
@@ -31,10 +49,12 @@ for dir in "${hosts[@]}"; do
   venv="$venvs/$version"
   [ "$dir" = "$pinned" ] && venv="${SPARSECONTEXT_VENV:-$repo/.venv}"
   log="$results/$version.log"
+  matrix="$results/$version.matrix.json"
+  rm -f "$matrix"
   echo "[compat] ComfyUI $version at $dir (venv $venv, log $log)" >&2
   start=$(date +%s)
   # shellcheck disable=SC2086  # COMPAT_PYTEST_ARGS is a list of pytest arguments
-  SPARSECONTEXT_VENV="$venv" COMFYUI_PATH="$dir" bash scripts/test.sh -q -rs -p no:cacheprovider \
+  SPARSECONTEXT_VENV="$venv" COMFYUI_PATH="$dir" SPARSECONTEXT_MATRIX_JSON="$matrix" bash scripts/test.sh -q -rs -p no:cacheprovider \
     --junitxml="$results/$version.xml" ${COMPAT_PYTEST_ARGS:-} > "$log" 2>&1
   tests_rc=$?
   tests_s=$(( $(date +%s) - start ))
@@ -49,5 +69,6 @@ done
 # One line per host, docs/compat.json and the README table (the summary reads the junit XML of each host).
 partial=0
 [ -n "${COMPAT_PYTEST_ARGS:-}" ] && partial=1
-python3 "$repo/scripts/compat_summary.py" --results "$results" --partial "$partial" "${summaries[@]}" || status=1
+python3 "$repo/scripts/compat_summary.py" --results "$results" --partial "$partial" --nodes "$node_path" \
+  "${summaries[@]}" || status=1
 exit "$status"

@@ -5,6 +5,8 @@ there); options:
     --out demo_output                               where images, keep maps, comparison.png, timings.json go
     --model natural                                 (default) the natural-image model of experiments/natural, trained
                                                     here on photographs, on a held-out photo task:
+    --results experiments/natural/results_long      which results folder of that experiment to load (default: its
+                                                    results/); its files must be the ones its JSON records (sha256)
     --task subject --example 0 --repeats 10         subject (default: a global change), edit (a region), composition
                                                     (2-3 references: odd examples have 3); which held-out example
     --variant full_ft                               base | lora (+ the drop-robust LoRA) | full_ft (the drop-robust
@@ -29,7 +31,8 @@ pack's nodes give them a task example (references, ground-truth target, one-hot 
 selector node and added with Sparse Reference Latent; Apply Sparse Context patches the model; KSampler samples;
 dense = the same graph without Apply Sparse Context, same seed. The demo prints the PSNR of dense and sparse
 against the target next to the timings and writes ``comparison.png`` (references | keep maps | dense | sparse |
-target). Timings: a warm-up run first, then ``--repeats`` runs per mode (alternating), per-step medians on a fixed
+target, each panel at least 256 px, nearest-neighbour upscaled, labelled). Before it starts, the trained model's
+files are checked against the sha256 its results JSON records: an overwritten model is refused with a message. Timings: a warm-up run first, then ``--repeats`` runs per mode (alternating), per-step medians on a fixed
 thread count. The seeded tiny model and other small models have no meaningful pictures (their timings and keep
 maps are real).
 
@@ -42,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import math
 import os
@@ -58,13 +62,13 @@ from packload import load_harness  # scripts/ is on sys.path when this file runs
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY_OF_CONFIG = {"Flux": "flux1_kontext", "Flux2": "flux2_klein", "QwenImage": "qwen_image_edit"}
-MINIATURE = ROOT / "experiments" / "miniature" / "results"
-MINIATURE_WEIGHTS, MINIATURE_LORA = "miniature_flux.safetensors", "miniature_flux_lora.safetensors"
-#: The natural-image model (experiments/natural): the miniature's architecture and file names, trained on photos;
-#: its variants: base, + the drop-robust LoRA, or the drop-robust full fine-tune (its own weights file).
-NATURAL = ROOT / "experiments" / "natural" / "results"
-NATURAL_FULL_FT = "natural_flux_full_ft.safetensors"
+#: The results folder each trained model loads by default (``--results`` picks another, e.g. the natural
+#: experiment's results_long/). Files: ``<experiment>_flux.safetensors`` (+ ``.json`` config), ``..._lora`` and,
+#: natural only, ``..._full_ft`` (the drop-robust full fine-tune, its own weights and config).
+RESULTS = {"natural": ROOT / "experiments" / "natural" / "results",
+           "miniature": ROOT / "experiments" / "miniature" / "results"}
 NATURAL_TASKS = ("subject", "edit", "composition")
+PANEL_PX = 256  # the smallest panel of the pictures the demo writes (nearest-neighbour upscaled)
 MINIATURE_PX_PER_TOKEN = 4  # experiments/miniature/encoding.py: 2x2 folding x Flux patch 2
 SELECTOR_ZOOM = 16 // MINIATURE_PX_PER_TOKEN  # the selector nodes score 16 px tokens: enlarge the image to match
 STEP_TIMES_EVENT = "sctest.step_times"  # sent by the test pack's SCTest_StepTimer (tests/comfy_testpack/step_timer.py)
@@ -127,63 +131,6 @@ class Graph:
         return [node_id, 0]
 
 
-def build_prompt(opts, images: list[str], mode: str, sparse: bool, steps: int, has_encoder: bool,
-                 seed: int | None = None) -> dict:
-    """The multi-reference graph (dense or sparse) for ``mode`` tiny / small / real."""
-    g = Graph()
-    fam = opts.family
-    if mode == "real":
-        model = g.add("model", "UNETLoader", unet_name=Path(opts.model).name, weight_dtype="default")
-        clip = g.add("clip", "CLIPLoader", clip_name=Path(opts.clip).name, type="flux2", device="default")
-        vae = g.add("vae", "VAELoader", vae_name=Path(opts.vae).name)
-        cond = g.add("text", "CLIPTextEncode", clip=clip, text=opts.prompt)
-    else:
-        if mode == "small":
-            model = g.add("model", "SCTest_SafetensorsModel", path=str(Path(opts.model).resolve()))
-        else:
-            model = g.add("model", "SCTest_TinyModel", family=fam, seed=1)
-        cond = g.add("text", "SCTest_Conditioning", family=fam, seed=3, tokens=opts.text_tokens)
-    # the keep ratio travels in each selection too, so the keep maps show exactly what the patch keeps
-    budget = g.add("budget", "SparseContextBudget", mode="ratio", keep_ratio=opts.keep, token_count=1024, mass=0.8,
-                   min_ratio=0.05, max_ratio=0.5, coverage=-1.0)
-    for i, name in enumerate(images, start=1):
-        image = g.add(f"load_{i}", "LoadImage", image=name)
-        image = g.add(f"scale_{i}", "ImageScale", image=image, upscale_method="area", width=opts.size,
-                      height=opts.size, crop="center")
-        if mode == "real":
-            latent = g.add(f"encode_{i}", "VAEEncode", pixels=image, vae=vae)
-        elif has_encoder:
-            latent = g.add(f"encode_{i}", "SCTest_ImageToLatent", image=image, family=fam)
-        else:  # older test pack without the demo nodes: seeded latents, the keep maps still use the images
-            latent = g.add(f"encode_{i}", "SCTest_Latent", family=fam, seed=10 + i, width=opts.size,
-                           height=opts.size, batch_size=1, empty=False)
-        selection = g.add(f"select_{i}", "SparseContextSaliencySelector", image=image, blur_tokens=1.0, weight=1.0,
-                          budget=budget)
-        cond = g.add(f"reference_{i}", "SparseContextReferenceLatent", conditioning=cond, latent=latent,
-                     selection=selection)
-        keep_map = g.add(f"keepmap_{i}", "SparseContextPreview", image=image, selection=selection, bucket=opts.bucket)
-        g.add(f"save_keepmap_{i}", "SaveImage", images=keep_map, filename_prefix=f"sc_demo_keepmap_{i}")
-    if mode == "real":
-        empty = g.add("empty", "EmptyFlux2LatentImage", width=opts.size, height=opts.size, batch_size=1)
-    else:
-        empty = g.add("empty", "SCTest_Latent", family=fam, seed=0, width=opts.size, height=opts.size,
-                      batch_size=1, empty=True)
-    if sparse:
-        model = g.add("sparse", "SparseContextApply", model=model, keep_ratio=opts.keep, rule="grid", total_tokens=0,
-                      bucket=opts.bucket, start_percent=0.0, end_percent=1.0, seed=0, enabled=True)
-    tag = "sparse" if sparse else "dense"
-    model = g.add(f"timer_{tag}", "SCTest_StepTimer", model=model, label=tag)
-    sampled = g.add(f"sampler_{tag}", "KSampler", model=model, positive=cond, negative=cond, latent_image=empty,
-                    seed=opts.seed if seed is None else seed, steps=steps, cfg=1.0, sampler_name="euler",
-                    scheduler="simple", denoise=1.0)
-    if mode == "real":
-        picture = g.add(f"decode_{tag}", "VAEDecode", samples=sampled, vae=vae)
-    else:
-        picture = g.add(f"decode_{tag}", "SCTest_LatentToImage", samples=sampled)
-    g.add(f"save_{tag}", "SaveImage", images=picture, filename_prefix=f"sc_demo_{tag}")
-    return g.nodes
-
-
 def experiment_settings(opts) -> tuple[int, str]:
     """(sampling steps, selector) from the experiment's JSON (miniature.json / natural.json): the selector measured
     best for the task at this keep ratio and model among those this demo has nodes for, else the task's default
@@ -202,13 +149,49 @@ def experiment_settings(opts) -> tuple[int, str]:
     return steps, selector
 
 
-def build_miniature_prompt(opts, sparse: bool, steps: int, seed: int, save_inputs: bool) -> dict:
-    """The trained miniature model on one task example: references -> encode + select -> Sparse
-    Reference Latent -> (Apply Sparse Context) -> KSampler -> decode, plus the target (ground truth)."""
-    g = Graph()
+def _image_inputs(g: Graph, opts, budget: list, images: list[str], has_encoder: bool, save_inputs: bool):
+    """tiny / small / real: the model, the conditioning with each reference image added, the empty latent and the
+    decoder of a graph on pictures (yours or drawn)."""
+    real = opts.mode == "real"
+    if real:
+        model = g.add("model", "UNETLoader", unet_name=Path(opts.model).name, weight_dtype="default")
+        clip = g.add("clip", "CLIPLoader", clip_name=Path(opts.clip).name, type="flux2", device="default")
+        vae = g.add("vae", "VAELoader", vae_name=Path(opts.vae).name)
+        cond = g.add("text", "CLIPTextEncode", clip=clip, text=opts.prompt)
+    else:
+        if opts.mode == "small":
+            model = g.add("model", "SCTest_SafetensorsModel", path=str(Path(opts.model).resolve()))
+        else:
+            model = g.add("model", "SCTest_TinyModel", family=opts.family, seed=1)
+        cond = g.add("text", "SCTest_Conditioning", family=opts.family, seed=3, tokens=opts.text_tokens)
+    for i, name in enumerate(images, start=1):
+        image = g.add(f"load_{i}", "LoadImage", image=name)
+        image = g.add(f"scale_{i}", "ImageScale", image=image, upscale_method="area", width=opts.size,
+                      height=opts.size, crop="center")
+        if real:
+            latent = g.add(f"encode_{i}", "VAEEncode", pixels=image, vae=vae)
+        elif has_encoder:
+            latent = g.add(f"encode_{i}", "SCTest_ImageToLatent", image=image, family=opts.family)
+        else:  # older test pack without the demo nodes: seeded latents, the keep maps still use the images
+            latent = g.add(f"encode_{i}", "SCTest_Latent", family=opts.family, seed=10 + i, width=opts.size,
+                           height=opts.size, batch_size=1, empty=False)
+        selection = g.add(f"select_{i}", "SparseContextSaliencySelector", image=image, blur_tokens=1.0, weight=1.0,
+                          budget=budget)
+        cond = _add_reference(g, i, cond, latent, image, selection, opts, save_inputs)
+    if real:
+        empty = g.add("empty", "EmptyFlux2LatentImage", width=opts.size, height=opts.size, batch_size=1)
+        return model, cond, empty, ("VAEDecode", {"vae": vae})
+    empty = g.add("empty", "SCTest_Latent", family=opts.family, seed=0, width=opts.size, height=opts.size,
+                  batch_size=1, empty=True)
+    return model, cond, empty, ("SCTest_LatentToImage", {})
+
+
+def _trained_inputs(g: Graph, opts, budget: list, save_inputs: bool):
+    """A trained model of experiments/ on one example of its task: references -> encode + select, the target
+    (ground truth) saved with the inputs; returns the model, conditioning, empty latent and decoder."""
     model = g.add("model", "SCTest_SafetensorsModel", path=str(opts.weights))
     if opts.lora:  # in both runs, so dense and sparse differ only by the token dropping
-        model = g.add("lora", "LoraLoaderModelOnly", model=model, lora_name=MINIATURE_LORA, strength_model=1.0)
+        model = g.add("lora", "LoraLoaderModelOnly", model=model, lora_name=opts.lora_file.name, strength_model=1.0)
     if opts.experiment == "natural":
         task = g.add("task", "SCTest_NaturalTask", task=opts.task, example=opts.example)
         size = {"width": [task[0], 5], "height": [task[0], 6]}  # a zoom crop's target is smaller
@@ -217,9 +200,6 @@ def build_miniature_prompt(opts, sparse: bool, steps: int, seed: int, save_input
         size = {"width": opts.size, "height": opts.size}
     refs, target, cond = [task[0], 0], [task[0], 1], [task[0], 2]
     node, widgets = SELECTOR_NODES[opts.selector]
-    # the keep ratio travels in each selection too, so the keep maps show exactly what the patch keeps
-    budget = g.add("budget", "SparseContextBudget", mode="ratio", keep_ratio=opts.keep, token_count=1024, mass=0.8,
-                   min_ratio=0.05, max_ratio=0.5, coverage=-1.0)
     for i in range(1, opts.refs + 1):
         image = g.add(f"ref_{i}", "ImageFromBatch", image=refs, batch_index=i - 1, length=1)
         latent = g.add(f"encode_{i}", "SCTest_MiniatureEncode", image=image)
@@ -227,15 +207,40 @@ def build_miniature_prompt(opts, sparse: bool, steps: int, seed: int, save_input
         # 4x nearest enlargement gives them one score per miniature token, the same grid the patch uses.
         big = g.add(f"zoom_{i}", "ImageScaleBy", image=image, upscale_method="nearest-exact", scale_by=SELECTOR_ZOOM)
         selection = g.add(f"select_{i}", node, image=big, weight=1.0, budget=budget, **widgets)
-        cond = g.add(f"reference_{i}", "SparseContextReferenceLatent", conditioning=cond, latent=latent,
-                     selection=selection)
+        cond = _add_reference(g, i, cond, latent, big, selection, opts, save_inputs)
         if save_inputs:
-            keep_map = g.add(f"keepmap_{i}", "SparseContextPreview", image=big, selection=selection, bucket=opts.bucket)
-            g.add(f"save_keepmap_{i}", "SaveImage", images=keep_map, filename_prefix=f"sc_demo_keepmap_{i}")
             g.add(f"save_ref_{i}", "SaveImage", images=big, filename_prefix=f"sc_demo_reference_{i}")
     if save_inputs:
         g.add("save_target", "SaveImage", images=target, filename_prefix="sc_demo_target")
     empty = g.add("empty", "SCTest_MiniatureEmptyLatent", batch_size=1, **size)
+    return model, cond, empty, ("SCTest_MiniatureDecode", {})
+
+
+def _add_reference(g: Graph, i: int, cond: list, latent: list, image: list, selection: list, opts,
+                   save_inputs: bool) -> list:
+    """Sparse Reference Latent of reference ``i`` and, with the inputs, its keep map (what the patch keeps)."""
+    cond = g.add(f"reference_{i}", "SparseContextReferenceLatent", conditioning=cond, latent=latent,
+                 selection=selection)
+    if save_inputs:
+        keep_map = g.add(f"keepmap_{i}", "SparseContextPreview", image=image, selection=selection, bucket=opts.bucket)
+        g.add(f"save_keepmap_{i}", "SaveImage", images=keep_map, filename_prefix=f"sc_demo_keepmap_{i}")
+    return cond
+
+
+def build_prompt(opts, sparse: bool, steps: int, seed: int, save_inputs: bool = False, images: list[str] = (),
+                 has_encoder: bool = True) -> dict:
+    """The demo graph, dense or sparse: the inputs of the trained model's task or of ``images``, then (Apply
+    Sparse Context) -> step timer -> KSampler -> decode -> save; ``save_inputs`` also saves references, keep maps
+    and the target."""
+    g = Graph()
+    # the keep ratio travels in each selection too, so the keep maps show exactly what the patch keeps
+    budget = g.add("budget", "SparseContextBudget", mode="ratio", keep_ratio=opts.keep, token_count=1024, mass=0.8,
+                   min_ratio=0.05, max_ratio=0.5, coverage=-1.0)
+    if opts.mode == "miniature":
+        model, cond, empty, (decoder, decoder_inputs) = _trained_inputs(g, opts, budget, save_inputs)
+    else:
+        model, cond, empty, (decoder, decoder_inputs) = _image_inputs(g, opts, budget, images, has_encoder,
+                                                                      save_inputs)
     if sparse:
         model = g.add("sparse", "SparseContextApply", model=model, keep_ratio=opts.keep, rule="grid", total_tokens=0,
                       bucket=opts.bucket, start_percent=0.0, end_percent=1.0, seed=0, enabled=True)
@@ -243,7 +248,7 @@ def build_miniature_prompt(opts, sparse: bool, steps: int, seed: int, save_input
     model = g.add(f"timer_{tag}", "SCTest_StepTimer", model=model, label=tag)
     sampled = g.add(f"sampler_{tag}", "KSampler", model=model, positive=cond, negative=cond, latent_image=empty,
                     seed=seed, steps=steps, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
-    picture = g.add(f"decode_{tag}", "SCTest_MiniatureDecode", samples=sampled)
+    picture = g.add(f"decode_{tag}", decoder, samples=sampled, **decoder_inputs)
     g.add(f"save_{tag}", "SaveImage", images=picture, filename_prefix=f"sc_demo_{tag}")
     return g.nodes
 
@@ -263,14 +268,15 @@ def psnr(image: Path, target: Path) -> float:
 
 
 def comparison_png(out: Path, refs: list[Path], keep_maps: list[Path], labels: dict[str, str], title: str,
-                   tile: int = 160) -> Path:
-    """``comparison.png``: a title line, then references | keep maps | dense | sparse | target, each tile
-    ``tile`` px (nearest scaling, so single pixels stay visible), a caption under each."""
+                   tile: int = PANEL_PX) -> Path:
+    """``comparison.png``: a title line, then references | keep maps | dense | sparse (| target, if ``labels``
+    has one), each panel ``tile`` px (enlarged by nearest-neighbour scaling, so single pixels stay visible), a
+    caption under each."""
     from PIL import Image, ImageDraw
 
     tiles = [(p, f"reference {i}") for i, p in enumerate(refs, 1)]
     tiles += [(p, f"keep map {i}") for i, p in enumerate(keep_maps, 1)]
-    tiles += [(out / f"{k}.png", labels[k]) for k in ("dense", "sparse", "target")]
+    tiles += [(out / f"{k}.png", labels[k]) for k in ("dense", "sparse", "target") if k in labels]
     gap, caption = 6, 18
     width = len(tiles) * (tile + gap) + gap
     lines = _wrap(title, width - 2 * gap, ImageDraw.Draw(Image.new("RGB", (1, 1))))
@@ -280,7 +286,9 @@ def comparison_png(out: Path, refs: list[Path], keep_maps: list[Path], labels: d
     draw.text((gap, 4), "\n".join(lines), fill=(0, 0, 0), spacing=3)
     for n, (path, text) in enumerate(tiles):
         x = gap + n * (tile + gap)
-        sheet.paste(Image.open(path).convert("RGB").resize((tile, tile), Image.NEAREST), (x, head + gap))
+        picture = Image.open(path).convert("RGB")
+        scaling = Image.NEAREST if picture.width <= tile else Image.LANCZOS  # big pictures shrink smoothly
+        sheet.paste(picture.resize((tile, tile), scaling), (x, head + gap))
         draw.text((x + 2, head + gap + tile + 3), text, fill=(0, 0, 0))
     path = out / "comparison.png"
     sheet.save(path)
@@ -365,6 +373,20 @@ def collect_images(server, prompt_id: str, out: Path, rename: dict[str, str]) ->
     return copied
 
 
+def speedup(dense: dict, sparse: dict) -> dict:
+    """Dense / sparse median step time of each repeat (steps 2..), their median and range: the spread that the
+    run-to-run noise of a shared machine leaves."""
+    ratios = sorted(statistics.median(d[1:] or d) / statistics.median(s[1:] or s)
+                    for d, s in zip(dense["runs_step_s"], sparse["runs_step_s"], strict=True))
+    return {"median": statistics.median(ratios), "low": ratios[0], "high": ratios[-1], "runs": len(ratios)}
+
+
+def speedup_text(s: dict) -> str:
+    """E.g. "1.3x (1.2-1.4)": one decimal, the range over the timed runs (none for a single run)."""
+    spread = f" ({s['low']:.1f}-{s['high']:.1f})" if s["runs"] > 1 else " (one run)"
+    return f"{s['median']:.1f}x{spread}"
+
+
 def summarize(name: str, runs: list[dict]) -> dict:
     """Per-step times of ``runs`` (repeats of one mode); the median pools steps 2.. of every run (step 1
     also pays for loading the model and planning the tokens)."""
@@ -374,6 +396,33 @@ def summarize(name: str, runs: list[dict]) -> dict:
             "runs_step_s": [run["step_s"] for run in runs], "first_step_s": first["step_s"][0],
             "median_step_s": statistics.median(later), "sampling_s": first["sampling_s"],
             "prompt_s": first["prompt_s"]}
+
+
+# -- the trained model is the committed one --------------------------------------------------------
+def model_files_problem(results: Path, experiment: str, files: list[Path]) -> str | None:
+    """What is wrong with a trained model's ``files`` (None if nothing): each must exist and have the sha256 the
+    experiment's results JSON records (a model trained again, or a smoke run written into the folder, has not)."""
+    record = results / f"{experiment}.json"
+    run = f"experiments/{experiment}/run.py"
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"no readable {record.name} in {results} ({err}); train and publish with {run} --publish"
+    hashes = info.get("model", {}).get("files")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing in {results}; train and publish with {run} --publish"
+    if not isinstance(hashes, dict):
+        return f"{record.name} records no sha256 of its model files; publish the run again with {run} --publish"
+    changed = [f.name for f in files if hashes.get(f.name) != hashlib.sha256(f.read_bytes()).hexdigest()]
+    if changed:
+        what = f"{', '.join(changed)} in {results} is not the model {record.name} records (sha256)"
+    elif info.get("smoke"):
+        what = f"{record.name} in {results} is a smoke run's (a few training steps: noise, not pictures)"
+    else:
+        return None
+    return (f"{what}: it was overwritten, e.g. by a run writing into that folder. Restore the committed files "
+            f"(git checkout -- {results}) or run {run} --publish to train and record a new model")
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -398,6 +447,9 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--model", default="natural",
                     help="natural (default: trained on photographs) | miniature (trained on generated shapes) | tiny | "
                          "a small .safetensors (+ JSON) | a real FLUX.2 .safetensors")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="natural/miniature: the experiment's results folder to load (default: its results/, e.g. "
+                         "experiments/natural/results_long for the long run)")
     ap.add_argument("--task", default=None, choices=["subject", "edit", "composition", "multi"],
                     help="natural: subject (default), edit, composition; miniature: edit (default), subject, multi")
     ap.add_argument("--selector", default=None, choices=sorted(SELECTOR_NODES),
@@ -420,10 +472,11 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--images", nargs="+", type=Path, default=None, help="tiny/real: your own reference images")
     opts = ap.parse_args(argv)
     opts.mode, opts.family, opts.experiment = "tiny", "flux2_klein", None
-    for name, folder in (("natural", NATURAL), ("miniature", MINIATURE)):
-        if opts.model == name or (opts.model != "tiny" and Path(opts.model).expanduser().resolve()
-                                  == (folder / MINIATURE_WEIGHTS).resolve()):
-            opts.mode, opts.family, opts.experiment, opts.results = "miniature", "flux1_kontext", name, folder
+    if opts.model in RESULTS:
+        opts.mode, opts.family, opts.experiment = "miniature", "flux1_kontext", opts.model
+        opts.results = (opts.results or RESULTS[opts.model]).resolve()
+    elif opts.results is not None:
+        ap.error("--results: only with --model natural or miniature")
     if opts.mode == "miniature":  # a trained model of experiments/: its own tasks, pixel "VAE" and ground truth
         natural = opts.experiment == "natural"
         tasks = NATURAL_TASKS if natural else ("edit", "subject", "multi")
@@ -434,13 +487,13 @@ def parse_args(argv: list[str] | None):
         if opts.variant == "full_ft" and not natural:
             ap.error("--variant full_ft: only the natural model has a full fine-tune")
         opts.lora = opts.variant == "lora"
-        weights = NATURAL_FULL_FT if opts.variant == "full_ft" else MINIATURE_WEIGHTS
-        opts.weights = (opts.results / weights).resolve()
-        run = f"experiments/{opts.experiment}/run.py"
-        if not opts.weights.is_file() or not opts.weights.with_suffix(".json").is_file():
-            ap.error(f"--model {opts.experiment}: no {weights} + JSON in {opts.results}; run {run}")
-        if opts.lora and not (opts.results / MINIATURE_LORA).is_file():
-            ap.error(f"--model {opts.experiment}: no {MINIATURE_LORA} in {opts.results} (or pass --variant base)")
+        stem = opts.results / f"{opts.experiment}_flux"
+        opts.weights = Path(f"{stem}_full_ft.safetensors" if opts.variant == "full_ft" else f"{stem}.safetensors")
+        opts.lora_file = Path(f"{stem}_lora.safetensors")
+        problem = model_files_problem(opts.results, opts.experiment, [opts.weights, opts.weights.with_suffix(".json")]
+                                      + ([opts.lora_file] if opts.lora else []))
+        if problem:
+            ap.error(f"--model {opts.experiment}: {problem}")
         if opts.images is not None:
             ap.error(f"--images: the {opts.experiment} model works on its own tasks' images (use --task / --example)")
         if natural:  # composition examples alternate 2 and 3 references (tasks.eval_items)
@@ -527,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         paths = {"diffusion_models": opts.model, "text_encoders": opts.clip, "vae": opts.vae}
         server_kwargs["cpu"] = False
     elif opts.mode == "miniature":  # core's LoraLoaderModelOnly finds the LoRA in the experiment's results folder
-        paths = {"loras": str(opts.results / MINIATURE_LORA)}
+        paths = {"loras": str(opts.lora_file)}
     if paths:
         yaml = scratch / "demo_models.yaml"
         yaml.write_text("sc_demo_models:\n" + "".join(
@@ -550,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"steps, seed {opts.seed}, {opts.repeats} timed run(s) each, {opts.threads} CPU thread(s)", flush=True)
 
             def prompt_for(sparse: bool, steps: int, seed: int, save_inputs: bool = False) -> dict:
-                return build_miniature_prompt(opts, sparse, steps, seed, save_inputs)
+                return build_prompt(opts, sparse, steps, seed, save_inputs)
         else:
             has_encoder = "SCTest_ImageToLatent" in server.object_info() if opts.mode != "real" else True
             if not has_encoder:
@@ -569,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"target {opts.size}x{opts.size}, {opts.steps} steps, keep {opts.keep}", flush=True)
 
             def prompt_for(sparse: bool, steps: int, seed: int, save_inputs: bool = False) -> dict:
-                return build_prompt(opts, names, opts.mode, sparse, steps, has_encoder, seed)
+                return build_prompt(opts, sparse, steps, seed, save_inputs, names, has_encoder)
 
         # Warm-up: runs everything the timed runs share (model, images, selections, keep maps) once.
         warm = run_prompt(server, prompt_for(False, 1, opts.seed, save_inputs=True), "dense")
@@ -604,16 +657,19 @@ def main(argv: list[str] | None = None) -> int:
         for k, steps in enumerate(r["runs_step_s"]):
             name = r["run"] + (f" #{k + 1}" if opts.repeats > 1 else "")
             print(f"  {name:<20}" + " ".join(f"{s:8.3f}" for s in steps))
-    speedup = dense["median_step_s"] / sparse["median_step_s"]
+    gain = speedup(dense, sparse)
     threads = f", {opts.threads} CPU thread(s)" if opts.threads else ""
     print(f"\nmedian step (steps 2..{opts.steps}" + (f", {opts.repeats} runs each" if opts.repeats > 1 else "")
-          + f"{threads}): dense {dense['median_step_s']:.4f} s, sparse {sparse['median_step_s']:.4f} s -> speed-up "
-          f"{speedup:.2f}x")
+          + f"{threads}): dense {1000 * dense['median_step_s']:.1f} ms, sparse {1000 * sparse['median_step_s']:.1f} ms"
+          f" -> speed-up {speedup_text(gain)}" + (" (median and range over the runs)" if gain["runs"] > 1 else ""))
     print(f"first run's sampling wall time, warm-up included (model patching, token planning; not a speed "
           f"measure): dense {dense['sampling_s']:.2f} s, sparse {sparse['sampling_s']:.2f} s")
     if report:
         print(f"patch report: {report}")
     quality = {}
+    labels = {"dense": "dense", "sparse": "sparse"}
+    refs = sorted(out.glob("reference_*.*"))
+    what = f"the {opts.mode} model {opts.model}"
     if opts.mode == "miniature":
         target = out / "target.png"
         quality = {tag: round(psnr(out / f"{tag}.png", target), 2) for tag in ("dense", "sparse")}
@@ -621,24 +677,24 @@ def main(argv: list[str] | None = None) -> int:
               f"{quality['sparse']:.2f} dB ({quality['sparse'] - quality['dense']:+.2f} dB)")
         labels = {"dense": f"dense {quality['dense']:.1f} dB", "sparse": f"sparse {quality['sparse']:.1f} dB",
                   "target": "target (truth)"}
-        refs = [out / f"reference_{i}.png" for i in range(1, opts.refs + 1)]
-        title = (f"SparseContext on the trained {opts.experiment} model ({opts.variant}; {opts.task}, {opts.refs} "
-                 f"reference(s), {opts.selector} selector, keep "
-                 f"{opts.keep}, {opts.steps} steps, seed {opts.seed}): median step dense "
-                 f"{1000 * dense['median_step_s']:.1f} ms, sparse {1000 * sparse['median_step_s']:.1f} ms "
-                 f"({speedup:.2f}x, {opts.threads} CPU thread(s)); PSNR vs target dense {quality['dense']:.2f} dB, "
-                 f"sparse {quality['sparse']:.2f} dB")
-        comparison_png(out, refs, keep_maps, labels, title)
+        what = (f"the trained {opts.experiment} model ({opts.variant}; {opts.task}, {opts.refs} reference(s), "
+                f"{opts.selector} selector)")
+    title = (f"SparseContext on {what}, keep {opts.keep}, {opts.steps} steps, seed {opts.seed}: median step dense "
+             f"{1000 * dense['median_step_s']:.1f} ms, sparse {1000 * sparse['median_step_s']:.1f} ms, speed-up "
+             f"{speedup_text(gain)}{threads}" + (f"; PSNR vs target dense {quality['dense']:.1f} dB, sparse "
+                                                 f"{quality['sparse']:.1f} dB" if quality else ""))
+    comparison_png(out, refs, keep_maps, labels, title)
     summary = {"model": str(opts.weights) if opts.mode == "miniature" else opts.model, "mode": opts.mode,
                "family": opts.family, "refs": opts.refs, "size": opts.size, "steps": opts.steps, "keep": opts.keep,
                "bucket": opts.bucket, "seed": opts.seed, "repeats": opts.repeats, "dense": dense, "sparse": sparse,
-               "speedup_median_step": speedup, "patch_report": report, "keep_maps": [p.name for p in keep_maps],
+               "speedup_median_step": gain, "patch_report": report, "keep_maps": [p.name for p in keep_maps],
                "wall_s": round(time.perf_counter() - t0, 1)}
     if opts.mode == "miniature":
-        summary |= {"experiment": opts.experiment, "task": opts.task, "example": opts.example, "lora": opts.lora,
-                    "variant": opts.variant, "selector": opts.selector, "psnr_vs_target_db": quality}
+        summary |= {"experiment": opts.experiment, "results": str(opts.results), "task": opts.task,
+                    "example": opts.example, "lora": opts.lora, "variant": opts.variant, "selector": opts.selector,
+                    "psnr_vs_target_db": quality}
     (out / "timings.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    written = "dense.png, sparse.png, " + ("target.png, comparison.png, " if opts.mode == "miniature" else "")
+    written = "dense.png, sparse.png, comparison.png, " + ("target.png, " if opts.mode == "miniature" else "")
     print(f"\n[demo] wrote {out}/: {written}keepmap_1..{opts.refs}.png, reference_*.png, timings.json "
           f"({summary['wall_s']} s in all; ComfyUI stopped)")
     return 0

@@ -25,16 +25,21 @@ fi
 #   2. multi-reference: three references composed, same model and keep;
 #   3. where dropping hurts: an aligned edit at keep 0.25 with the untuned model, then what to do about it
 #      (the drop-robust fine-tune at keep 0.5).
-echo "[demo] The natural-image model of the short run (docs/natural.json). On the longer-trained model of"
-echo "[demo] docs/natural_long.json the same settings cost about 5-6.5 dB against dense: README, Evidence of quality."
-"$PYTHON" "$repo/scripts/demo.py" --task subject --example 2 --variant full_ft --keep 0.5 --out "$repo/demo_output/1_subject"
+# The natural model the cases load: its results folder (model files + natural.json with their sha256, checked at
+# load). The long run's (experiments/natural/results_long) once its model files are committed.
+results="$repo/experiments/natural/results"
+echo "[demo] The natural-image model of ${results#"$repo/"} (its natural.json has the measured quality per keep ratio)."
+"$PYTHON" "$repo/scripts/demo.py" --results "$results" --task subject --example 2 --variant full_ft --keep 0.5 \
+  --out "$repo/demo_output/1_subject"
 echo
-"$PYTHON" "$repo/scripts/demo.py" --task composition --example 1 --variant full_ft --keep 0.5 \
+"$PYTHON" "$repo/scripts/demo.py" --results "$results" --task composition --example 1 --variant full_ft --keep 0.5 \
   --out "$repo/demo_output/2_multi_reference"
 echo
 echo "[demo] 3. where dropping hurts: an aligned edit (everything outside the region is copied token by token) at keep"
 echo "[demo]    0.25 with the untuned model: a dropped token has nothing at its own position to copy"
-"$PYTHON" "$repo/scripts/demo.py" --task edit --example 2 --variant base --keep 0.25 --out "$repo/demo_output/3_edit_hurts"
+"$PYTHON" "$repo/scripts/demo.py" --results "$results" --task edit --example 2 --variant base --keep 0.25 \
+  --out "$repo/demo_output/3_edit_hurts"
 echo
 echo "[demo]    what to do: keep 0.5 with the drop-robust fine-tune (or LoRA), which learned to fill dropped tokens in"
-"$PYTHON" "$repo/scripts/demo.py" --task edit --example 2 --variant full_ft --keep 0.5 --out "$repo/demo_output/3_edit_fixed"
+"$PYTHON" "$repo/scripts/demo.py" --results "$results" --task edit --example 2 --variant full_ft --keep 0.5 \
+  --out "$repo/demo_output/3_edit_fixed"

@@ -38,3 +38,15 @@ def load_testpack() -> ModuleType:
 def load_harness() -> ModuleType:
     """The tests' harness (ComfyUI host, server, sampling helpers) as ``sc_harness``."""
     return load_package("sc_harness", REPO / "tests" / "harness")
+
+
+def load_experiment(name: str) -> ModuleType:
+    """``experiments/<name>`` as ``sc_<name>``, after ComfyUI (CPU), the pack, the harness and what the experiments
+    share (``sc_experiment``); the natural experiment also reuses the miniature's modules (``sc_miniature``)."""
+    load_package("sc_experiment", REPO / "experiments" / "common")
+    from sc_experiment.host import prepare
+
+    prepare()
+    if name != "miniature":
+        load_package("sc_miniature", REPO / "experiments" / "miniature")
+    return load_package(f"sc_{name}", REPO / "experiments" / name)

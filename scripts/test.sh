@@ -20,7 +20,9 @@ echo "[test] ComfyUI: $COMFYUI_PATH" >&2
 # console scripts, not `python -m`: that would put the pack root (and its selectors/) on sys.path
 "$(dirname "$PYTHON")/ruff" check . >&2
 set +e
-"$(dirname "$PYTHON")/pytest" "$@"
+# --rootdir=tests: pytest 9.2 imports the pack root's __init__.py as a package when its tree starts above tests/,
+# which fails in a checkout folder whose name is no Python identifier (comfyui-sparse-context, wt-train)
+"$(dirname "$PYTHON")/pytest" --rootdir=tests "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then

@@ -13,7 +13,19 @@ Example (FLUX.1 Kontext dev on one 24 GB GPU: fp8 base, gradient checkpointing o
         models/text_encoders/t5xxl_fp16.safetensors --data my_examples --validation my_held_out \\
         --out loras/kontext_drop_robust.safetensors --steps 2000 --validate-every 100 --checkpoint-every 250
 
-Resume: the same command with ``--resume latest`` (or a checkpoint path). Output: the LoRA, its curves
+Several GPUs (one LoRA, data-parallel; each process runs its share of every step's ``--grad-accum`` examples)::
+
+    torchrun --nproc_per_node 4 scripts/train_lora.py ... --grad-accum 8
+
+Several machines: torchrun's own rendezvous, the same command on every node (the checkpoint folder on storage every
+node reads, for ``--resume``)::
+
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 --rdzv_id my_run \
+        scripts/train_lora.py ...
+
+Rank 0 alone writes checkpoints, the curves and the LoRA; losses and validation are those of the whole job.
+
+Resume: the same command with ``--resume latest`` (or a checkpoint path), with any number of processes. Output: the LoRA, its curves
 (``<out>.curves.png``: loss, and validation PSNR dense vs sparse) and checkpoints. ComfyUI is found through
 ``--comfyui``, ``$COMFYUI_PATH``, the pack's pinned dev copy, or the ComfyUI this pack is installed in.
 """
@@ -128,10 +140,18 @@ def train(args, training, model, make_encoder) -> Path:
     """Everything after loading the diffusion model: data, trainer, resume, fit, outputs."""
     import torch
 
+    group = training.distributed.init_from_env(model.load_device)
+    say = print if group.is_main else (lambda *a, **k: None)
     family = training.family.base_family(model)[0]
     examples, held_out = load_examples(args, training, family, make_encoder)
-    print(f"{len(examples)} training examples from {args.data}"
-          + (f", {len(held_out)} validation examples from {args.validation}" if held_out else ""))
+    say(f"{len(examples)} training examples from {args.data}"
+        + (f", {len(held_out)} validation examples from {args.validation}" if held_out else ""))
+    if group.world_size > 1:
+        say(f"{group.world_size} processes: {args.grad_accum} examples per step in all "
+            f"({args.grad_accum / group.world_size:g} per process)")
+        if args.grad_accum < group.world_size:
+            say(f"warning: --grad-accum {args.grad_accum} < {group.world_size} processes: some processes idle; "
+                f"use --grad-accum {group.world_size} or more")
     trainer = training.LoraTrainer(
         model,
         training.LoraConfig(rank=args.rank, alpha=float(args.alpha if args.alpha is not None else args.rank),
@@ -144,7 +164,7 @@ def train(args, training, model, make_encoder) -> Path:
                              lora_dtype=getattr(torch, DTYPES[args.lora_dtype]),
                              gradient_checkpointing=not args.no_gradient_checkpointing),
     )
-    print(f"{trainer.family_name}: LoRA rank {args.rank} on {len(trainer.lora.deltas)} layers "
+    say(f"{trainer.family_name}: LoRA rank {args.rank} on {len(trainer.lora.deltas)} layers "
           f"({trainer.lora.num_parameters() / 1e6:.1f} M parameters); {trainer.config.keep_ratios.describe()}; "
           f"gradient checkpointing {'on' if trainer.config.gradient_checkpointing else 'off'}")
     out = Path(args.out)
@@ -154,9 +174,11 @@ def train(args, training, model, make_encoder) -> Path:
         if resume is None:
             sys.exit(f"--resume latest: no checkpoint in {ckpt_dir}")
         trainer.load_checkpoint(resume)
-        print(f"resumed from {resume} at step {trainer.step}")
+        say(f"resumed from {resume} at step {trainer.step}")
     trainer.fit(examples, checkpoint_every=args.checkpoint_every, checkpoint_dir=ckpt_dir,
                 validation=held_out, validate_every=args.validate_every)
+    if not group.is_main:
+        return out
     path = trainer.save(out, dtype=getattr(torch, DTYPES[args.save_dtype]))
     from sparse_context.training.plot import curves_image
 
@@ -172,12 +194,23 @@ def train(args, training, model, make_encoder) -> Path:
     return path
 
 
+def pin_cuda_device_for_rank() -> None:
+    """Before CUDA starts: this process sees only its local rank's GPU (what ComfyUI's own ``--cuda-device``
+    does), so ComfyUI's model management uses that one."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    visible = [v for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible[local] if visible else str(local)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
     comfy_path = find_comfyui(args.comfyui)
     if str(comfy_path) not in sys.path:
         sys.path.insert(0, str(comfy_path))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not args.cpu:
+        pin_cuda_device_for_rank()
     import comfy.cli_args
 
     comfy.cli_args.args.cpu = args.cpu
@@ -186,7 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 
     training = import_pack()
     model = comfy.sd.load_diffusion_model(args.model, model_options={"dtype": getattr(torch, DTYPES[args.dtype])})
-    train(args, training, model, lambda family: comfy_encoder(args, training, family))
+    try:
+        train(args, training, model, lambda family: comfy_encoder(args, training, family))
+    finally:
+        training.distributed.shutdown()
     return 0
 
 

@@ -10,12 +10,14 @@ Shapes and conventions:
 * selections: LongTensor (k,) of sorted unique flat row-major indices into h_tok * w_tok.
 
 Selectors (each returns scores): :func:`random_scores`, :func:`grid_scores`, :func:`edge_scores`,
-:func:`saliency_scores`, :func:`mask_scores`; :func:`combine_scores` mixes them. Budgets:
+:func:`saliency_scores`, :func:`mask_scores`; :func:`combine_scores` mixes them; :func:`reference_scores`
+scores by a selector's name (one wiring for nodes, experiments and benchmarks). Budgets:
 :class:`Budget` (ratio / count / adaptive, with a stratified coverage floor), :func:`pick_tokens`,
 :func:`select`, :func:`share_budget`. Invalid input raises ``ValueError`` naming the argument.
 """
 
 from .budget import Budget, pick_tokens, select, share_budget
+from .by_name import SELECTOR_NAMES, default_coverage, reference_scores
 from .combine import combine_scores, normalize_scores
 from .coverage import grid_ranking, grid_scores, random_scores
 from .edges import edge_scores
@@ -26,7 +28,7 @@ from .tokens import resize_scores, token_grid_shape
 # Recommended Budget.coverage per selector. Edge: a prototype's pure top-k Canny pick lost to random
 # on a recolouring edit (it needs shape interiors), so a quarter of its budget goes to even coverage.
 # Mask (meant for edits, whose target is mostly unedited picture to copy): half goes to coverage. In the
-# miniature replication (docs/miniature.json) the floor helped edits (keep 0.1 with the LoRA: -11.7 vs
+# miniature replication (experiments/miniature/results/miniature.json) the floor helped edits (keep 0.1 with the LoRA: -11.7 vs
 # -13.3 dB) and hurt a subject mask (keep 0.25: -15.5 vs -1.3 dB): for subjects set coverage to 0.
 DEFAULT_COVERAGE: dict[str, float] = {
     "random": 0.0,
@@ -39,8 +41,10 @@ DEFAULT_COVERAGE: dict[str, float] = {
 
 __all__ = [
     "DEFAULT_COVERAGE",
+    "SELECTOR_NAMES",
     "Budget",
     "combine_scores",
+    "default_coverage",
     "edge_scores",
     "grid_ranking",
     "grid_scores",
@@ -48,6 +52,7 @@ __all__ = [
     "normalize_scores",
     "pick_tokens",
     "random_scores",
+    "reference_scores",
     "resize_scores",
     "saliency_scores",
     "select",

@@ -2,7 +2,7 @@
 functions, so this package loads without ComfyUI) and its pure token math."""
 
 from .config import CACHE_MODES, DEFAULT_RULES, SparseContextConfig
-from .patch import PATCH_KEY, RUN_KEY, apply_sparse_context, model_family
+from .patch import PATCH_KEY, RUN_KEY, apply_sparse_context, model_family, unsupported_reason
 from .run import SparseContextPatch, SparseRun
 from .selection import BINDING_KEY, ReferenceSelection, SelectionBinding
 
@@ -19,4 +19,5 @@ __all__ = [
     "SparseRun",
     "apply_sparse_context",
     "model_family",
+    "unsupported_reason",
 ]

@@ -32,7 +32,8 @@ import torch
 
 from .cache_run import CacheForward
 from .config import SparseContextConfig
-from .families import FAMILIES, ReferenceFamily, cache_refusal, dense_reason, match_family
+from .families import FAMILIES, ReferenceFamily, cache_refusal, match_family, why_dense
+from .neighbors import check_neighbors, dense_reason, unwrap_compiled
 from .reference_cache import JoinBuffer
 from .run import ForwardKeep, SparseContextPatch, SparseRun, entry_binding, single_binding
 from .selection import BINDING_KEY, SelectionBinding
@@ -103,15 +104,18 @@ class ReferenceSubsetter:
         """A context in which this thread's calls keep ``keep`` of ``refs`` (the cached run's forwards)."""
         previous = self.activate(refs, keep)
         try:
-            yield
+            yield self.active  # (whether the model patchified anything: another wrapper may skip the forward)
         finally:
-            self._local.active = previous
+            self.restore(previous)
 
     def activate(self, refs, keep: ForwardKeep) -> _ActiveForward | None:
         """This thread's calls keep ``keep`` of ``refs`` from now; returns what was active before."""
         previous = self.active
         self._local.active = _ActiveForward(list(refs), tuple(keep), self.patch_size, self.family)
         return previous
+
+    def restore(self, previous: _ActiveForward | None) -> None:
+        self._local.active = previous
 
     def argument(self, args: tuple, kwargs: dict, name: str):
         """A ``_forward`` argument by name, whatever its positional order in this ComfyUI version."""
@@ -170,6 +174,11 @@ class _ActiveForward:
         if found is not None:
             self.thinned.add(found)
         return found
+
+    @property
+    def patchified(self) -> bool:
+        """Whether the model patchified anything in this forward (False: another wrapper skipped the model)."""
+        return self._calls > 0
 
     def missed(self) -> list[int]:
         """1-based numbers of the references that did not reach ``process_img`` as expected (none when the forward
@@ -266,9 +275,9 @@ def sparse_apply_model_wrapper(executor, *args, **kwargs):
     refs = named.get("ref_latents") if _uses_references(patch, named, executor.class_obj) else None
     step = plan_step(run, patch, options, refs, named.get(BINDING_KEY), named["x"],
                      int(context.shape[1]) if context is not None else 0)
+    _check_subsetter(executor.class_obj.diffusion_model, run, step)
     if step is CACHED:
         return executor(*args, **kwargs)
-    _check_subsetter(executor.class_obj.diffusion_model, run, step)
     return executor(*args, **kwargs, **{KEEP_KEY: step})
 
 
@@ -278,19 +287,17 @@ def _uses_references(patch: SparseContextPatch, named: dict, base_model) -> bool
     return family is None or family.uses_references(named, getattr(base_model, "diffusion_model", None))
 
 
-def _check_subsetter(diffusion_model, run: SparseRun, step) -> bool:
-    """Whether the subsetter is still the model's ``process_img``; if not (another node replaced it after Apply
-    Sparse Context) a step that would thin runs dense, and the user is told once per run."""
+def _check_subsetter(diffusion_model, run: SparseRun, step) -> None:
+    """If the subsetter is no longer on the model's hooked method (another node replaced it after Apply Sparse
+    Context), a step that would thin runs dense: the user is told once per run, in the log and the report."""
     if _subsetter(diffusion_model) is not None:
-        return True
+        return
     if step is not None and not run.warned_subsetter:
         run.warned_subsetter = True
         reason = ("another node replaced the model's process_img after Apply Sparse Context, so its references run "
                   "dense; put Apply Sparse Context after that node")
         log.warning("SparseContext: %s.", reason)
-        if run.report is not None:
-            run.report["dense_reason"] = reason
-    return False
+        run.report = {**(run.report or {}), "dense_reason": reason}
 
 
 def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict, refs, keep: ForwardKeep):
@@ -302,7 +309,7 @@ def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict
     try:
         out = executor(*args, **kwargs)
     finally:
-        subsetter._local.active = previous
+        subsetter.restore(previous)
     missed = active.missed()
     if missed and not subsetter.warned:
         subsetter.warned = True
@@ -356,7 +363,8 @@ def _planned_forward(executor, subsetter: ReferenceSubsetter, args: tuple, kwarg
     _, plans = run.forward_plans(refs, binding, patch.patch_size, text, _tokens(x, patch.patch_size))
     selections = run.selections(binding, len(refs))
     fwd = CacheForward(executor, named, refs, plans, needs_attention(selections, run.config), selections, run.config,
-                       subsetter.activated, attention_blocks(executor.class_obj), patch.patch_size)
+                       subsetter.activated, attention_blocks(executor.class_obj), patch.patch_size,
+                       tuple(inspect.signature(executor.original).parameters)[:len(args)])
     out = run.cached_run().forward(fwd)
     run.record_cached(refs)
     return out
@@ -393,6 +401,8 @@ def sparse_outer_sample_wrapper(executor, *args, **kwargs):
     patch = original_options.get("transformer_options", {}).get(PATCH_KEY)
     if not isinstance(patch, SparseContextPatch):
         return executor(*args, **kwargs)
+    # a pack added after Apply (TeaCache, WaveSpeed) is visible now, before the first step
+    check_neighbors(original_options, guider.model_patcher.get_model_object("diffusion_model"), patch.config)
     run = patch.new_run(guider.model_patcher.get_model_object("model_sampling"))
     run.model_key, run.keepalive = model_identity(guider.model_patcher, original_options)
     patch.store.offload_device = guider.model_patcher.offload_device
@@ -464,9 +474,9 @@ def _text_tokens(entry: dict) -> int:
 def cache_bytes(model, run: SparseRun, conds: dict, noise_shape, patch_size: int) -> int:
     """Memory a cached run holds besides what ComfyUI's estimate counts for the kept tokens: every conditioning
     entry's cached keys/values of every block (one row per latent of the batch) and the join buffer."""
-    dm = model.model.diffusion_model
     import comfy.model_management
 
+    dm = model.model.diffusion_model
     dtype = getattr(model.model, "manual_cast_dtype", None) or model.model_dtype()
     unit = attention_width(dm) * comfy.model_management.dtype_size(dtype)
     rows, blocks, entries, widest = int(noise_shape[0]), attention_blocks(dm), 0, 0
@@ -526,6 +536,15 @@ def _positions(fn) -> dict[str, int]:
     return {name: i for i, name in enumerate(params)}
 
 
+def unsupported_reason(model) -> str | None:
+    """Why this pack leaves a ModelPatcher's references dense (its diffusion model's class), or None."""
+    diffusion_model = unwrap_compiled(model.get_model_object("diffusion_model"))
+    if model_family(diffusion_model) is not None:
+        return None
+    reason, known = dense_reason(diffusion_model, ", ".join(SUPPORTED_CLASSES.values())), why_dense(diffusion_model)
+    return f"{reason}; {known}" if known else reason
+
+
 def apply_sparse_context(model, config: SparseContextConfig):
     """A clone of ``model`` (a ComfyUI ModelPatcher) whose references are sparse; ``model`` is untouched.
 
@@ -534,14 +553,13 @@ def apply_sparse_context(model, config: SparseContextConfig):
     from comfy.patcher_extension import CallbacksMP, WrappersMP
 
     clone = model.clone()
-    diffusion_model = clone.get_model_object("diffusion_model")
+    # a torch.compile wrapper (a compile node before this one) forwards object patches to the module it compiles
+    diffusion_model = unwrap_compiled(clone.get_model_object("diffusion_model"))
     match = match_family(diffusion_model)
     if match is None:
-        cls = type(diffusion_model)
-        reason = dense_reason(diffusion_model)
-        log.warning("SparseContext: %s.%s is not a supported model (%s); its references run dense.",
-                    cls.__module__, cls.__qualname__, reason or "supported: " + ", ".join(SUPPORTED_CLASSES.values()))
+        log.warning("SparseContext: %s; its references run dense.", unsupported_reason(clone))
         return clone
+    check_neighbors(clone.model_options, diffusion_model, config)
     family = match.family
     refusal = cache_refusal(match)
     if refusal is not None and config.enabled and (config.cache != "off" or config.rule == "attention"):

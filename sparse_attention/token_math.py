@@ -166,7 +166,6 @@ def attention_work_ratio(text_tokens: int, target_tokens: int, dense_refs: list[
 
 
 __all__ = [
-    "Budget",
     "ReferencePlan",
     "attention_work_ratio",
     "bucket_round",

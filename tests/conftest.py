@@ -42,3 +42,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's report on the test item (the matrix fixture reads the test's outcome from it)."""
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
+@pytest.fixture(scope="session")
+def matrix_rows():
+    from sc_harness.host import comfyui_version
+    from sc_harness.matrix import write
+
+    rows: list = []
+    yield rows
+    write(rows, comfyui_version())
+
+
+@pytest.fixture
+def matrix(request, matrix_rows):
+    """This test's row of the compatibility matrix (see ``sc_harness.matrix``)."""
+    from sc_harness.host import comfyui_version
+    from sc_harness.matrix import Row
+
+    row = Row(test=request.node.nodeid, comfyui=comfyui_version())
+    yield row
+    report = getattr(request.node, "report_call", None)
+    row["outcome"] = report.outcome if report is not None else "error"
+    if report is not None and report.skipped:
+        row.setdefault("result", "not run")
+        row["message"] = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else row.get("message", "")
+    matrix_rows.append(row)

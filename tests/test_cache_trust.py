@@ -8,19 +8,17 @@ import logging
 import threading
 
 import comfy.ldm.modules.attention as attention
-import comfy.patcher_extension
-import comfy.sampler_helpers
 import pytest
 import sc_testpack
 import torch
+from sc_harness.direct import patched_diffusion_model
 from sc_harness.forward import forward_inputs, run_forward
 from sc_harness.oracle import AttentionProbe
-from sc_harness.sampling import sample, with_references
+from sc_harness.sampling import memory_estimate, sample, with_references
 from sparse_context.nodes.apply_node import SparseContextApply
 from sparse_context.nodes.calibrate_node import SparseContextCalibrate
 from sparse_context.selectors import Budget
 from sparse_context.sparse_attention import PATCH_KEY, RUN_KEY, SparseContextConfig, apply_sparse_context
-from sparse_context.sparse_attention.direct import patched_diffusion_model
 from sparse_context.sparse_attention.errors import SparseContextBypassed
 from sparse_context.sparse_attention.patch import attention_blocks
 from sparse_context.sparse_attention.reference_cache import CacheAttention, reference_attention_mass
@@ -171,9 +169,10 @@ def test_plain_dropping_composes_with_blocks_called_without_transformer_options(
     assert (out - _sample(sparse, _case())).abs().max().item() < 1e-6
 
 
-def test_process_img_replaced_after_apply_warns_once_and_the_report_says_why(caplog):
+@pytest.mark.parametrize("cache", ["off", "first_step"])
+def test_process_img_replaced_after_apply_warns_once_and_the_report_says_why(caplog, cache):
     base = sc_testpack.build_model_patcher(FAMILY, seed=6)
-    model = apply_sparse_context(base, _config(0.5)).clone()
+    model = apply_sparse_context(base, _config(0.5, cache)).clone()
     model.add_object_patch("diffusion_model.process_img", base.get_model_object("diffusion_model.process_img"))
     with caplog.at_level(logging.WARNING, logger="SparseContext"):
         out = _sample(model, _case())
@@ -231,17 +230,8 @@ def test_cache_modes_refuse_forwards_from_several_threads_and_core_multigpu():
 # -- hidden memory ------------------------------------------------------------------------------------------------
 
 def _estimate(model, case) -> float:
-    """Core's memory estimate (bytes) of a real sampling run, as core computes it inside prepare_sampling."""
-    records = []
-
-    def record(executor, patcher, noise_shape, conds, *args, **kwargs):
-        records.append(comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)[1])
-        return executor(patcher, noise_shape, conds, *args, **kwargs)
-
-    m = model.clone()
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "test_estimate", record)
-    _sample(m, case, steps=2)
-    return records[0]
+    """Core's minimum memory estimate (bytes, one batch) of a real sampling run."""
+    return memory_estimate(model, lambda m: _sample(m, case, steps=2))[1]
 
 
 def _tensor_bytes(obj, seen=None) -> int:

@@ -63,3 +63,22 @@ def test_full_run_writes_json_and_the_readme_table(results, tmp_path, monkeypatc
     assert "old table" not in readme and readme.startswith("intro\n") and readme.endswith(f"{cs.END}\nrest\n")
     assert "| 0.3.75 | 2025-11 | 2026-01-01 | 9 passed, 0 failed, 0 errors, 0 skipped | ok |" in readme
     assert "| 0.10.0 | 2026-01 |" in readme and "| 2 passed, 1 failed, 1 errors, 1 skipped | ok |" in readme
+
+
+def test_the_matrix_rows_become_docs_compatibility_md_even_after_a_partial_run(results, tmp_path, monkeypatch):
+    monkeypatch.setattr(cs, "JSON_PATH", tmp_path / "compat.json")
+    monkeypatch.setattr(cs, "MATRIX_DOC", tmp_path / "compatibility.md")
+    monkeypatch.setattr(cs, "README", tmp_path / "README.md")
+    base = {"pack": "TeaCache (x@1)", "family": "FLUX.1 Kontext", "order": "pack -> Apply"}
+    rows = [dict(base, mode="cache=first_step", result="refused", message="SparseContext: no | pipes", outcome="passed"),
+            dict(base, mode="cache=off", result="composes", message="oracle 1e-6", outcome="failed"),
+            dict(base, mode="rule=attention", result="not run", message="Skipped: not given", outcome="skipped")]
+    (results / "0.10.0.matrix.json").write_text(json.dumps({"comfyui": "0.10.0", "rows": rows}), encoding="utf-8")
+    cs.JSON_PATH.write_text(json.dumps({"matrix": {"0.3.75": {"checked": "2026-01-01", "rows": []}}}), encoding="utf-8")
+    assert cs.main(["--results", str(results), "--partial", "1", "--nodes", "/p/TeaCache", "0.10.0|/h|0|1|0|1"]) == 0
+    assert set(json.loads(cs.JSON_PATH.read_text(encoding="utf-8"))["matrix"]) == {"0.3.75", "0.10.0"}
+    doc = cs.MATRIX_DOC.read_text(encoding="utf-8")
+    assert "## ComfyUI 0.10.0" in doc and "## ComfyUI 0.3.75 (checked 2026-01-01)" in doc
+    assert "| cache=first_step | refused | SparseContext: no \\| pipes |" in doc
+    assert "| cache=off | FAILED (test failed: see the log) |" in doc  # never the intended result of a failed test
+    assert "| rule=attention | not run |" in doc and "`TeaCache`" in doc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 
@@ -54,7 +55,7 @@ def test_demo_runs_the_trained_miniature_dense_and_sparse(tmp_path):
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     text = res.stdout
-    assert re.search(r"speed-up \d+\.\d+x", text), text
+    assert re.search(r"speed-up \d+\.\dx \(one run\)", text), text
     for name in ("dense", "sparse", "target", "comparison", "reference_1", "keepmap_1", "keepmap_3"):
         assert (out / f"{name}.png").is_file(), name
     # The patch's own report: every reference kept fewer tokens than it has (dense keeps them all).
@@ -69,6 +70,10 @@ def test_demo_runs_the_trained_miniature_dense_and_sparse(tmp_path):
     assert all(math.isfinite(psnr[tag]) and psnr[tag] > 0 for tag in ("dense", "sparse")), psnr
     assert f"PSNR dense {psnr['dense']:.2f} dB, sparse {psnr['sparse']:.2f} dB" in text
     assert len(summary["dense"]["step_s"]) == summary["steps"] == len(summary["sparse"]["step_s"])
+    from PIL import Image
+
+    with Image.open(out / "comparison.png") as sheet:  # 3 references, 3 keep maps, dense, sparse, target
+        assert sheet.width >= 9 * 256 and sheet.height >= 256, sheet.size
 
 
 @pytest.mark.server
@@ -88,3 +93,28 @@ def test_demo_runs_the_natural_model_with_the_experiment_settings(tmp_path):
 
     assert Image.open(out / "target.png").size == (32, 32)  # a zoom crop: the empty latent follows the target
     assert len(summary["dense"]["runs_step_s"]) == 2 and "median" in res.stdout
+    gain = summary["speedup_median_step"]
+    assert gain["runs"] == 2 and gain["low"] <= gain["median"] <= gain["high"]
+    assert f"speed-up {gain['median']:.1f}x ({gain['low']:.1f}-{gain['high']:.1f})" in res.stdout, res.stdout
+
+
+def test_committed_models_are_the_ones_their_results_record():
+    import demo
+
+    for results, experiment in ((NATURAL, "natural"), (MINIATURE, "miniature")):
+        recorded = json.loads((results / f"{experiment}.json").read_text(encoding="utf-8"))["model"]["files"]
+        assert recorded and demo.model_files_problem(results, experiment, [results / n for n in recorded]) is None
+
+
+def test_demo_refuses_an_overwritten_model_with_a_clear_message(tmp_path):
+    copy = tmp_path / "results"
+    shutil.copytree(NATURAL, copy)
+    weights = copy / "natural_flux_full_ft.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight: what a retraining or smoke run into the folder does on a large scale
+    weights.write_bytes(bytes(data))
+    res = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py"), "--results", str(copy), "--out",
+                          str(tmp_path / "demo")], capture_output=True, text=True, cwd="/", timeout=60)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "natural_flux_full_ft.safetensors in" in res.stderr and "not the model natural.json records" in res.stderr
+    assert "git checkout" in res.stderr and not (tmp_path / "demo").exists()

@@ -6,11 +6,9 @@ The estimate is the one core makes before loading the model (``comfy.sampler_hel
 
 from __future__ import annotations
 
-import comfy.patcher_extension
-import comfy.sampler_helpers
 import sc_testpack
 import torch
-from sc_harness.sampling import sample, with_references
+from sc_harness.sampling import memory_estimate, sample, with_references
 from sparse_context.selectors import Budget
 from sparse_context.sparse_attention import SparseContextConfig, apply_sparse_context
 
@@ -19,17 +17,8 @@ FAMILY = "flux1_kontext"
 
 def _estimate(model, positive: list, negative: list) -> float:
     """Core's memory estimate (bytes) of a real sampling run of ``model``."""
-    records = []
-
-    def record(executor, patcher, noise_shape, conds, *args, **kwargs):
-        records.append(comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds)[0])
-        return executor(patcher, noise_shape, conds, *args, **kwargs)
-
-    m = model.clone()
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "test_estimate", record)
-    sample(m, positive, negative, torch.zeros((1, 16, 8, 8)), steps=1, cfg=2.0, seed=1)
-    assert len(records) == 1
-    return records[0]
+    return memory_estimate(model, lambda m: sample(m, positive, negative, torch.zeros((1, 16, 8, 8)), steps=1, cfg=2.0,
+                                                   seed=1))[0]
 
 
 def _config(keep: float, **kw) -> SparseContextConfig:

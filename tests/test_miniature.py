@@ -3,6 +3,7 @@ drop-robust LoRA with the pack's trainer, evaluation through the pack's model pa
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
@@ -31,10 +32,15 @@ def mini():
 
 
 @pytest.fixture(scope="module")
-def smoke(mini, tmp_path_factory):
-    out = tmp_path_factory.mktemp("miniature")
+def smoke(mini):
+    """The documented pipeline check as a user runs it (no --out): it must leave the committed files alone."""
+    from sc_harness.repo_files import git_status
+
     run = importlib.import_module("sc_miniature.run")
-    result = run.main(["--smoke", "--out", str(out)])
+    before = git_status()
+    result = run.main(["--smoke"])
+    assert git_status() == before, "run.py --smoke changed the repository's files"
+    out = ROOT / "out" / "experiments" / "miniature_smoke"  # the scratch folder (git-ignored)
     return out, result
 
 
@@ -128,16 +134,19 @@ def test_saved_model_and_lora_load_back_as_comfy_models(mini, smoke):
     from sparse_context.training import load_lora_file, match_lora
 
     out, _ = smoke
-    base = model.load_trained_model(out, lora=False)
+    files = model.ModelFiles(out, "miniature")
+    base = model.load_trained_model(files.base)
     assert isinstance(base, comfy.model_patcher.ModelPatcher)
     fresh = model.build_model(seed=0)  # the init the run started from: training changed the weights
     trained = base.model.diffusion_model.state_dict()
     assert any(not torch.equal(v, trained[k]) for k, v in fresh.model.diffusion_model.state_dict().items())
-    sd, meta = load_lora_file(out / model.LORA_FILE)
+    sd, meta = load_lora_file(files.lora)
     assert meta.is_sparse_context and match_lora(base, sd).ok
     assert any(k.endswith("lora_up.weight") and v.abs().max() > 0 for k, v in sd.items()), "LoRA never moved"
-    with_lora = model.load_trained_model(out, lora=True)
+    with_lora = model.load_trained_model(files.base, lora=True)
     assert with_lora.patches, "the LoRA reached ComfyUI's weight patches"
-    info = json.loads((out / model.CONFIG_FILE).read_text(encoding="utf-8"))
-    assert info["flux_kwargs"] == model.FLUX_KWARGS
-    assert (out / model.BASE_FILE).stat().st_size < 5_000_000
+    info = json.loads(files.config.read_text(encoding="utf-8"))
+    assert info["flux_kwargs"] == model.FLUX_KWARGS and info["weights"] == "miniature_flux.safetensors"
+    assert files.base.stat().st_size < 5_000_000
+    hashes = json.loads((out / "miniature.json").read_text(encoding="utf-8"))["model"]["files"]
+    assert hashes[files.base.name] == hashlib.sha256(files.base.read_bytes()).hexdigest()

@@ -16,10 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def nat():
-    from packload import load_package
+    from packload import load_experiment
 
-    load_package("sc_miniature", ROOT / "experiments" / "miniature")
-    return load_package("sc_natural", ROOT / "experiments" / "natural")
+    return load_experiment("natural")
 
 
 def test_photos_ship_in_wheels_and_whole_photos_are_held_out(nat, monkeypatch):
@@ -75,13 +74,19 @@ def test_baseline_keeps_the_patch_tokens_and_inpaints_the_rest(nat):
     assert 15 < psnr < evaluate.PSNR_CAP and evaluate.metrics(item.target, item.target)["psnr"] == evaluate.PSNR_CAP
 
 
-def test_smoke_pipeline(nat, tmp_path):
+def test_smoke_pipeline(nat):
+    """The documented pipeline check as a user runs it (no --out): its files go to the scratch folder and the
+    committed ones stay as they are."""
+    from sc_harness.repo_files import git_status
     from sc_natural import run
 
     if Path(sys.path[0]).resolve() == (ROOT / "experiments" / "natural"):
         pytest.fail("the experiment folder must not be on sys.path")
-    result = run.main(["--smoke", "--out", str(tmp_path)])
-    saved = json.loads((tmp_path / "natural.json").read_text(encoding="utf-8"))
+    before = git_status()
+    result = run.main(["--smoke"])
+    assert git_status() == before, "run.py --smoke changed the repository's files"
+    out = ROOT / "out" / "experiments" / "natural_smoke"  # the scratch folder (git-ignored)
+    saved = json.loads((out / "natural.json").read_text(encoding="utf-8"))
     assert saved["schema"] == "sparse_context.natural/1" and saved["smoke"] is True
     assert saved["extra"]["measured"] and saved["machine"]["load_average_1_5_15_at_stages"]
     cfg = saved["config"]
@@ -102,5 +107,11 @@ def test_smoke_pipeline(nat, tmp_path):
     assert result["summary"] == saved["summary"]
     from sc_miniature import model
 
-    for name in ("natural.png", model.BASE_FILE, model.LORA_FILE, run.FULL_FT_FILE):
-        assert (tmp_path / name).stat().st_size > 10_000, name
+    files = model.ModelFiles(out, "natural")
+    for path in (out / "natural.png", files.base, files.lora, files.full_ft):
+        assert path.stat().st_size > 10_000, path.name
+    configs = [json.loads(p.read_text(encoding="utf-8")) for p in (files.config, files.full_ft_config)]
+    assert [c["weights"] for c in configs] == [files.base.name, files.full_ft.name], "each config names its own file"
+    assert configs[1]["fine_tune_of"] == files.base.name
+    assert set(saved["model"]["files"]) == {p.name for p in (files.base, files.lora, files.config, files.full_ft,
+                                                               files.full_ft_config)}

@@ -1,6 +1,6 @@
 """Publishing to the Comfy Registry: comfy-cli's own ``node validate`` and ``node pack`` pass on a copy of the
 working tree, the zip keeps the pack and drops the development folders, and the README reads right inside it
-(no link to a file ``.comfyignore`` strips, images as absolute URLs of the Repository, a square icon)."""
+(absolute links only, images as URLs of the Repository and not shipped, a square icon)."""
 
 from __future__ import annotations
 
@@ -65,24 +65,17 @@ def test_comfy_cli_validates_and_packs(packed):
     assert not [n for n in names if n.startswith(stripped)], "development files in the published zip"
 
 
-def test_readme_links_resolve_inside_the_published_zip(packed):
+def test_readme_links_are_absolute_and_pictures_stay_out_of_the_zip(packed):
+    """The registry shows the README outside the repository: every link is absolute (that each resolves to a file of
+    the repository is tests/test_repository.py's check); the pictures it links by URL need not ship."""
     _, zf, _ = packed
     names = set(zf.namelist())
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    problems = []
-    for target in LINK.findall(readme):
-        if target.startswith("#") or target.startswith("mailto:"):
-            continue
-        if target.startswith(RAW):
-            if target[len(RAW):].split("#")[0] not in names:
-                problems.append(f"{target}: not in the published zip")
-        elif target.startswith(("http://", "https://")):
-            continue
-        else:
-            problems.append(f"{target}: relative link (the registry shows the README outside the repository)")
-    assert not problems, problems
+    relative = [t for t in LINK.findall(readme) if not t.startswith(("#", "mailto:", "http://", "https://"))]
+    assert not relative, f"relative links (the registry shows the README outside the repository): {relative}"
     images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)", readme)
     assert images and all(i.startswith(RAW) for i in images), images
+    assert not [n for n in names if n.startswith("docs/") and n != "docs/icon.png"], "docs/ beyond the icon ships"
 
 
 def test_registry_metadata_and_square_icon():

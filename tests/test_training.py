@@ -56,7 +56,7 @@ def _trainer(model_seed: int = 0, dtype=torch.float32, family: str = FAMILY, bas
         mp = sc_testpack.build_model_patcher(family, model_seed, dtype=base_dtype, manual_cast=dtype)
     else:
         mp = sc_testpack.build_model_patcher(family, model_seed, dtype=dtype)
-    config = tr.TrainConfig(compute_dtype=dtype, lora_dtype=dtype, **train)
+    config = tr.TrainConfig(lora_dtype=dtype, **train)
     return mp, tr.LoraTrainer(mp, tr.LoraConfig(rank=4, alpha=4.0), config)
 
 
@@ -159,7 +159,7 @@ def test_lora_on_an_fp8_base_is_exact_for_the_fp8_weights_upcast():
     fp8_weights = fp8.model.diffusion_model.state_dict()
     assert {v.dtype for v in fp8_weights.values()} == {torch.float8_e4m3fn}
     wide.model.diffusion_model.load_state_dict({k: v.double() for k, v in fp8_weights.items()})
-    config = tr.TrainConfig(compute_dtype=torch.float64, lora_dtype=torch.float64)
+    config = tr.TrainConfig(lora_dtype=torch.float64)
     a, b, c = (tr.LoraTrainer(m, tr.LoraConfig(rank=4, alpha=4.0), config) for m in (fp8, wide, full))
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():

@@ -11,6 +11,9 @@ Modules (each usable on its own):
 * ``checkpointing``: exact per-block gradient checkpointing through core's block-replacement patches;
 * ``base_weights``: reading the frozen base (inference tensors, fp8) and refusing layers a LoRA cannot train;
 * ``host_ops``: autograd-capable host kernels during training;
+* ``model_call``: the training forward through the model's own ``apply_model`` (inputs built by core);
+* ``loading``: loading the base for training (core's weight offload where the host has it);
+* ``distributed``: data-parallel training over ``torch.distributed`` (torchrun);
 * ``trainer``: ``TrainConfig``, ``LoraTrainer`` (``loss``, ``train_step``, ``evaluate``, ``validate``, ``fit``,
   ``save``, checkpoints);
 * ``progress``, ``plot``: the console progress bar and the curves image.
@@ -18,6 +21,7 @@ Modules (each usable on its own):
 Needs ComfyUI importable for everything that touches a model (imports are lazy where possible).
 """
 
+from . import distributed
 from .dropping import DENSE_ONLY, KeepRatioDistribution
 from .example_folder import ComfyEncoder, ImageExample, find_image_examples, load_example_folder
 from .examples import TrainingExample, examples_from_comfy, load_example, save_example
@@ -26,6 +30,7 @@ from .lora_file import LoraMatch, LoraMetadata, apply_lora, load_lora_file, matc
 from .trainer import LoraTrainer, TrainConfig, latest_checkpoint, sparse_run_for
 
 __all__ = [
+    "distributed",
     "DENSE_ONLY",
     "ComfyEncoder",
     "ImageExample",

@@ -55,13 +55,6 @@ class KeepRatioDistribution:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
-    @classmethod
-    def from_json(cls, text: str) -> KeepRatioDistribution:
-        data = json.loads(text)
-        if not isinstance(data, dict):
-            raise ValueError("keep ratio distribution: expected a JSON object")
-        return cls(**{k: data[k] for k in ("kind", "low", "high", "dense_share") if k in data})
-
     def describe(self) -> str:
         body = f"{self.low:g}" if self.kind == "fixed" else f"U[{self.low:g}, {self.high:g}]"
         return f"keep {body}, {100 * self.dense_share:g}% dense"

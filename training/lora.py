@@ -105,7 +105,7 @@ def find_targets(diffusion_model: torch.nn.Module, patterns: list[str]) -> dict[
 
 
 class LoraDelta(torch.nn.Module):
-    """A ComfyUI weight wrapper: ``fn(W) = W + strength * alpha / rank * up @ down``.
+    """A ComfyUI weight wrapper: ``fn(W) = W + alpha / rank * up @ down``.
 
     Shapes: ``up`` (out, rank), ``down`` (rank, in), for a linear weight W (out, in). Parameters stay in
     their own dtype (float32 by default); the delta is cast to W's dtype when applied.
@@ -116,7 +116,6 @@ class LoraDelta(torch.nn.Module):
         super().__init__()
         self.rank = rank
         self.alpha = float(alpha)
-        self.strength = 1.0
         down = torch.empty((rank, in_features), dtype=torch.float32)
         # nn.Linear's default init for down, zeros for up: the LoRA starts as an exact no-op.
         bound = 1.0 / math.sqrt(in_features)
@@ -126,15 +125,13 @@ class LoraDelta(torch.nn.Module):
 
     @property
     def scale(self) -> float:
-        return self.strength * self.alpha / self.rank
+        return self.alpha / self.rank
 
     def delta(self) -> torch.Tensor:
         """(out, in) weight delta, in the parameters' dtype."""
         return self.scale * (self.lora_up @ self.lora_down)
 
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:  # called by comfy.ops.cast_bias_weight
-        if self.strength == 0.0:
-            return weight
         return weight + self.delta().to(weight.dtype).reshape(weight.shape)
 
     # ModelPatcher moves weight functions with the model and counts their memory.
@@ -167,10 +164,6 @@ class LoraSet:
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def set_strength(self, strength: float) -> None:
-        for d in self.deltas.values():
-            d.strength = float(strength)
 
     def state_dict(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Tensors in core's LoRA file format (CPU, contiguous; ``dtype`` for up/down if given)."""

@@ -10,8 +10,11 @@ Loss (how FLUX and Qwen-Image are trained, in ComfyUI's conventions): with ``x0`
 ``x_t = (1 - sigma) x0 + sigma noise`` (``CONST.noise_scaling``); the diffusion model is called with
 ``timestep = model_sampling.timestep(sigma)`` (= sigma for Flux and Qwen-Image) and predicts the velocity
 ``noise - x0`` (ComfyUI's ``calculate_denoised`` is ``x_t - sigma * output``); loss = MSE.
-The model's other inputs (text context, pooled vector, guidance, reference latents scaled by
-``process_latent_in``, FLUX.2's text padding) come from the model's own ``extra_conds``, as in sampling.
+The forward is the model's own ``apply_model`` on inputs core's sampler functions build from the example's
+conditioning (``training.model_call``); the loss takes the diffusion model's raw output.
+
+Data-parallel over ``torch.distributed`` (``training.distributed``): each rank runs its share of every step's
+examples, gradients are summed over the ranks, and rank 0 alone writes checkpoints.
 
 Typical use::
 
@@ -28,13 +31,14 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..selectors import Budget
 from ..sparse_attention import RUN_KEY, SparseContextConfig, SparseContextPatch, apply_sparse_context
+from . import distributed
 from .autograd import clone_saved_tensors
 from .base_weights import (
     check_lora_reaches_weights,
@@ -47,8 +51,10 @@ from .dropping import KeepRatioDistribution
 from .examples import TrainingExample
 from .family import architecture, base_family
 from .host_ops import differentiable_host_ops
+from .loading import load_for_training
 from .lora import PREFIX, LoraConfig, attach_lora
 from .lora_file import LoraMetadata, pack_version, save_lora
+from .model_call import CAPTURE_KEY, OutputCapture, apply_model_inputs
 from .progress import ConsoleProgress
 
 log = logging.getLogger("SparseContext.training")
@@ -71,14 +77,14 @@ class TrainConfig:
         steps: optimizer steps.
         learning_rate: AdamW learning rate (after ``warmup_steps`` of linear warm-up).
         weight_decay: AdamW weight decay.
-        grad_accumulation: examples per optimizer step (each example is its own forward; batch 1).
+        grad_accumulation: examples per optimizer step (each example is its own forward; batch 1): the global
+            batch, split over the ranks of a distributed job.
         max_grad_norm: gradient clipping (None = off).
         keep_ratios: distribution of the per-example keep ratio.
         timestep_sampling: ``"logit_normal"`` (sigma = sigmoid(N(0, 1)), as FLUX / SD3 trainers use),
             ``"uniform"`` (sigma ~ U(0, 1)) or ``"shifted"`` (uniform through the model's own sigma shift).
         seed: seeds the LoRA init and every per-step draw (example order, keep ratio, kept tokens, sigma,
             noise); a resumed run draws exactly what the uninterrupted run would have.
-        compute_dtype: dtype of the model inputs (None = the model's compute dtype).
         lora_dtype: dtype of the LoRA parameters while training (float32 recommended).
         recommended_keep_ratio: written to the LoRA's metadata; the loader outputs it for Apply Sparse
             Context. Clamped into the trained range.
@@ -96,7 +102,6 @@ class TrainConfig:
     keep_ratios: KeepRatioDistribution = field(default_factory=KeepRatioDistribution)
     timestep_sampling: str = "logit_normal"
     seed: int = 0
-    compute_dtype: torch.dtype | None = None
     lora_dtype: torch.dtype = torch.float32
     recommended_keep_ratio: float = 0.25
     gradient_checkpointing: bool = True
@@ -162,6 +167,8 @@ class LoraTrainer:
         self.base = model_patcher
         self.family, self.family_name, self.arch = base_family(model_patcher)
         self.architecture = architecture(model_patcher)
+        import comfy.patcher_extension as pe
+
         sparse = apply_sparse_context(model_patcher, SparseContextConfig(rule="random", bucket=1))
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; trainable tensors must not be
             self.model, self.lora = attach_lora(sparse, self.lora_config, self.arch, seed=self.config.seed,
@@ -170,6 +177,8 @@ class LoraTrainer:
             if self.config.gradient_checkpointing:
                 add_block_checkpointing(self.model, self.arch, {name: [d.lora_down, d.lora_up]
                                                                 for name, d in self.lora.deltas.items()})
+            self._capture = OutputCapture()
+            self.model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, CAPTURE_KEY, self._capture)
             for p in self.lora.parameters():
                 p.requires_grad_(True)
             self.optimizer = torch.optim.AdamW(list(self.lora.parameters()), lr=self.config.learning_rate,
@@ -179,6 +188,7 @@ class LoraTrainer:
         self.validation: list[dict] = []
         self.last_report: dict | None = None
         self.memory_required = 0.0  # activation bytes the session asks core to make room for (set by fit)
+        self.offloading = False  # whether core may keep base weights off the device (set by the session)
         self._checked = False
         self._depth = 0
         self._dm = None
@@ -198,12 +208,10 @@ class LoraTrainer:
             finally:
                 self._depth -= 1
             return
-        import comfy.model_management as mm
         import comfy.patcher_extension as pe
 
         with torch.inference_mode(False):
-            # core frees what the clone's weights plus ``memory_required`` need on the device, not everything
-            mm.load_models_gpu([self.model], memory_required=self.memory_required, force_full_load=True)
+            self.offloading = load_for_training(self.model, self.memory_required)
             dm = self.model.model.diffusion_model
             options = pe.copy_nested_dicts(self.model.model_options.get("transformer_options", {}))
             options["wrappers"] = pe.copy_nested_dicts(self.model.wrappers)
@@ -233,9 +241,10 @@ class LoraTrainer:
 
     # -- one forward -----------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
-        if self.config.compute_dtype is not None:
-            return self.config.compute_dtype
+        """The dtype the model computes in (what ``apply_model`` casts its inputs to)."""
         base = self.model.model
+        if hasattr(base, "get_dtype_inference"):
+            return base.get_dtype_inference()
         return base.manual_cast_dtype or base.get_dtype()
 
     def _sample_sigma(self, gen: torch.Generator) -> torch.Tensor:
@@ -254,7 +263,7 @@ class LoraTrainer:
                  clone_saved: bool) -> _Forward:
         with self.session():
             gen = _generator(seed, 17)
-            dtype, device = self._dtype(), self._device
+            device = self._device
             base = self.model.model
             x0 = base.process_latent_in(example.target.to(device=device, dtype=torch.float32))
             noise = torch.randn(example.target.shape, generator=gen).to(device)
@@ -262,14 +271,15 @@ class LoraTrainer:
             s = s.to(device)
             shape = (-1,) + (1,) * (x0.ndim - 1)
             x_t = (1.0 - s.view(shape)) * x0 + s.view(shape) * noise
-            x_in, timestep, kwargs = self._model_inputs(example, x_t, s, device, dtype)
+            x_in, kwargs = apply_model_inputs(base, example, x_t, s, device)
             options = dict(self._options)
-            run = sparse_run_for(keep_ratio, seed)
+            run = sparse_run_for(keep_ratio, seed)  # always an explicit run: never the patch's default
             options[RUN_KEY] = run
             with differentiable_host_ops(), ExitStack() as stack:
                 if clone_saved and torch.is_grad_enabled() and not self.config.gradient_checkpointing:
                     stack.enter_context(clone_saved_tensors())
-                pred = self._dm(x_in, timestep, transformer_options=options, **kwargs)
+                base.apply_model(x_in, s, transformer_options=options, **kwargs)
+            pred = self._capture.take()
             self.last_report = run.report
             return _Forward(pred, noise - x0, x0, x_t, s)
 
@@ -284,34 +294,6 @@ class LoraTrainer:
         loss_dtype = torch.float64 if f.pred.dtype == torch.float64 else torch.float32
         return torch.nn.functional.mse_loss(f.pred.to(loss_dtype), f.target.to(loss_dtype))
 
-    def _model_inputs(self, example: TrainingExample, x_t: torch.Tensor, sigma: torch.Tensor, device, dtype):
-        """Diffusion-model inputs as ComfyUI's ``BaseModel._apply_model`` builds them from a conditioning."""
-        base = self.model.model
-        cond = dict(cross_attn=example.context.to(device), pooled_output=None if example.pooled is None
-                    else example.pooled.to(device), reference_latents=[r.to(device) for r in example.references],
-                    noise=x_t, device=device)
-        if example.guidance is not None:
-            cond["guidance"] = example.guidance
-        if example.reference_method is not None:
-            cond["reference_latents_method"] = example.reference_method
-        kwargs = {}
-        for name, c in base.extra_conds(**cond).items():
-            value = c.process_cond(batch_size=x_t.shape[0], device=device, area=None).cond
-            if isinstance(value, list):
-                value = [_cast(v, device, dtype) for v in value]
-            else:
-                value = _cast(value, device, dtype)
-            kwargs[name] = value
-        x_in = x_t
-        concat = kwargs.pop("c_concat", None)
-        if concat is not None:
-            x_in = torch.cat([x_in, concat.to(x_in)], dim=1)
-        kwargs["context"] = kwargs.pop("c_crossattn", None)
-        kwargs["control"] = None
-        ms = self.model.get_model_object("model_sampling")
-        timestep = ms.timestep(sigma).float()
-        return x_in.to(dtype), timestep, kwargs
-
     # -- training --------------------------------------------------------------------------------
     def _micro_draw(self, micro: int, n_examples: int) -> tuple[int, float, int]:
         """(example index, keep ratio, seed) of micro-step ``micro`` (epoch-wise shuffled order)."""
@@ -323,23 +305,40 @@ class LoraTrainer:
         return int(order[pos]), keep, seed
 
     def train_step(self, examples: Sequence[TrainingExample]) -> float:
-        """One optimizer step over ``grad_accumulation`` examples; returns the mean loss."""
+        """One optimizer step over ``grad_accumulation`` examples (in a distributed job: this rank's share of
+        them, gradients summed over the ranks); returns the mean loss of the whole step."""
         if not examples:
             raise ValueError("examples: at least one training example is required")
         c = self.config
+        group = distributed.current()
         params = list(self.lora.parameters())
         with self.session(), torch.enable_grad():
             lr = c.learning_rate * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.learning_rate
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            total = 0.0
-            for a in range(c.grad_accumulation):
-                index, keep, seed = self._micro_draw(self.step * c.grad_accumulation + a, len(examples))
-                loss = self.loss(examples[index], keep, seed)
-                # only the LoRA: base weights that require grad (as models built outside ComfyUI's loaders do)
-                # get no .grad, and the shared model is not touched
-                (loss / c.grad_accumulation).backward(inputs=params)
-                total += float(loss.detach())
+            for param_group in self.optimizer.param_groups:
+                param_group["lr"] = lr
+            total, error = 0.0, None
+            try:
+                for a in group.share(c.grad_accumulation):
+                    index, keep, seed = self._micro_draw(self.step * c.grad_accumulation + a, len(examples))
+                    loss = self.loss(examples[index], keep, seed)
+                    # only the LoRA: base weights that require grad (as models built outside ComfyUI's loaders do)
+                    # get no .grad, and the shared model is not touched
+                    (loss / c.grad_accumulation).backward(inputs=params)
+                    total += float(loss.detach())
+            except Exception as err:
+                if group.world_size == 1:
+                    raise
+                error = err  # the other ranks must learn of it in this step's all-reduce, not hang in it
+            if group.world_size > 1:
+                (total,), failed = distributed.reduce_step(params, [total], error is not None, group)
+                if failed:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    where = f"step {self.step + 1}"
+                    if error is not None:
+                        raise RuntimeError(f"training failed on rank {group.rank} at {where}: {error}") from error
+                    raise distributed.RankFailed(
+                        f"training stopped at {where}: rank(s) {', '.join(map(str, failed))} of {group.world_size} "
+                        "failed (their output says why); the last checkpoint stays loadable")
             if c.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
             self.optimizer.step()
@@ -371,17 +370,22 @@ class LoraTrainer:
         keep = self.metadata().recommended_keep_ratio if keep_ratio is None else float(keep_ratio)
         report = self.last_report
         record = {"step": self.step, "keep": keep}
+        group = distributed.current()
+        cases = [(i, j) for i in range(len(examples)) for j in range(len(VALIDATION_SIGMAS))]
         with self.session():
-            for tag, ratio in (("dense", 1.0), ("sparse", keep)):
-                values = []
-                for i, ex in enumerate(examples):
-                    for j, sigma in enumerate(VALIDATION_SIGMAS):
-                        f = self._forward(ex, ratio, seed + 7919 * i + j, sigma, clone_saved=False)
-                        x0_hat = f.x_t - f.sigma.view((-1,) + (1,) * (f.x_t.ndim - 1)) * f.pred.float()
-                        mse = float(torch.mean((x0_hat.double() - f.x0.double()) ** 2))
-                        peak = float(f.x0.max() - f.x0.min())
-                        values.append(10.0 * math.log10(peak**2 / max(mse, 1e-20)))
-                record[f"{tag}_psnr"] = sum(values) / len(values)
+            sums = []
+            for ratio in (1.0, keep):
+                total = 0.0
+                for k in group.share(len(cases)):  # in a distributed job each rank measures its share
+                    i, j = cases[k]
+                    f = self._forward(examples[i], ratio, seed + 7919 * i + j, VALIDATION_SIGMAS[j], clone_saved=False)
+                    x0_hat = f.x_t - f.sigma.view((-1,) + (1,) * (f.x_t.ndim - 1)) * f.pred.float()
+                    mse = float(torch.mean((x0_hat.double() - f.x0.double()) ** 2))
+                    peak = float(f.x0.max() - f.x0.min())
+                    total += 10.0 * math.log10(peak**2 / max(mse, 1e-20))
+                sums.append(total)
+            dense, sparse = distributed.reduce_values(sums, group, self._device)
+        record["dense_psnr"], record["sparse_psnr"] = dense / len(cases), sparse / len(cases)
         self.last_report = report
         return record
 
@@ -395,7 +399,9 @@ class LoraTrainer:
         ``callback(step, loss)`` runs after every step (progress bars; it may raise to stop, e.g. ComfyUI's
         interrupt). With ``validation`` examples and ``validate_every`` > 0, ``validate`` runs before the first
         step, every ``validate_every`` steps and after the last one; records go to ``self.validation``.
-        ``checkpoint_every`` > 0 writes ``checkpoint_dir/checkpoint_<step>.safetensors`` (``save_checkpoint``)."""
+        ``checkpoint_every`` > 0 writes ``checkpoint_dir/checkpoint_<step>.safetensors`` (``save_checkpoint``).
+        In a distributed job every rank calls this; losses and validations are those of the whole job, and only
+        rank 0 shows progress and writes checkpoints."""
         with torch.inference_mode(False):  # ComfyUI runs nodes in inference mode; those tensors cannot be saved
             examples = [ex.detached() for ex in examples]
             validation = [ex.detached() for ex in validation]
@@ -403,7 +409,8 @@ class LoraTrainer:
         if examples:
             self.memory_required = max(self.training_memory(ex) for ex in examples)
         validating = bool(validation) and validate_every > 0
-        bar = ConsoleProgress(total, self.step) if progress else None
+        main = distributed.current().is_main
+        bar = ConsoleProgress(total, self.step) if progress and main else None
         try:
             with self.session():
                 if validating and not any(r["step"] == self.step for r in self.validation):
@@ -418,7 +425,7 @@ class LoraTrainer:
                         bar.update(self.step, loss, seconds, self.validation[-1] if self.validation else None)
                     if callback is not None:
                         callback(self.step, loss)
-                    if checkpoint_every and checkpoint_dir is not None and self.step % checkpoint_every == 0:
+                    if main and checkpoint_every and checkpoint_dir is not None and self.step % checkpoint_every == 0:
                         path = self.save_checkpoint(Path(checkpoint_dir) / f"checkpoint_{self.step:06d}.safetensors")
                         log.info("SparseContext: checkpoint %s (step %d, loss %.4f)", path, self.step, loss)
         finally:
@@ -457,12 +464,14 @@ class LoraTrainer:
         header = self.metadata().to_header()
         header[CHECKPOINT_KEY] = json.dumps({
             "step": self.step, "losses": self.losses, "validation": self.validation, "lora": asdict(self.lora_config),
-            "train": {k: v for k, v in asdict(replace(self.config, compute_dtype=None)).items()
-                      if k not in ("keep_ratios", "lora_dtype", "compute_dtype")},
+            "world_size": distributed.current().world_size,  # for the record: any world size resumes it
+            "train": {k: v for k, v in asdict(self.config).items() if k not in ("keep_ratios", "lora_dtype")},
         })
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=header)
+        partial = path.with_name(path.name + ".partial")  # a crash mid-write never leaves a bad checkpoint_*
+        save_file(tensors, str(partial), metadata=header)
+        partial.replace(path)
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
@@ -505,9 +514,3 @@ def _unload(model_patcher) -> None:
     others = [m for m in mm.current_loaded_models if m.model is not model_patcher]
     mm.free_memory(1e30, model_patcher.load_device, keep_loaded=others)
 
-
-def _cast(value, device, dtype):
-    if isinstance(value, torch.Tensor):
-        value = value.to(device)
-        return value.to(dtype) if value.is_floating_point() else value
-    return value

@@ -30,43 +30,25 @@ class Selector:
     coverage: float
 
 
-def _selectors() -> dict[str, Selector]:
-    from sparse_context.selectors import (
-        DEFAULT_COVERAGE,
-        combine_scores,
-        edge_scores,
-        grid_scores,
-        mask_scores,
-        random_scores,
-        saliency_scores,
-    )
+#: The mask selector here takes the object plus one token around it.
+MASK_OPTIONS = {"dilate_tokens": 1}
 
-    def edge(img, mask, grid, seed):
-        return edge_scores(img, stride=STRIDE)[0]
 
-    def sal(img, mask, grid, seed):
-        return saliency_scores(img, stride=STRIDE)[0]
+def selectors() -> dict[str, Selector]:
+    """Every selector this experiment measures, by name: the pack's (``reference_scores``) with its default
+    coverage floor, and the pure top-k pick of edge, saliency and mask without one (``_nofloor``, for the record:
+    the prototype's top-k Canny; the mask's object first and nothing spread elsewhere)."""
+    from sparse_context.selectors import default_coverage, reference_scores
 
-    def msk(img, mask, grid, seed):
-        return mask_scores(mask, image=img, stride=STRIDE, dilate_tokens=1)[0]
+    def scorer(name: str):
+        return lambda img, mask, grid, seed: reference_scores(name, img, mask, stride=STRIDE, seed=seed, grid=grid,
+                                                              by_part={"mask": MASK_OPTIONS})[0]
 
-    def mix(*fns):
-        return lambda img, mask, grid, seed: combine_scores([f(img, mask, grid, seed) for f in fns])[0]
-
-    cov = DEFAULT_COVERAGE
-    items = [
-        Selector("random", lambda img, mask, grid, seed: random_scores(1, grid, seed)[0], cov["random"]),
-        Selector("grid", lambda img, mask, grid, seed: grid_scores(grid)[0], cov["grid"]),
-        Selector("edge", edge, cov["edge"]),
-        Selector("edge_nofloor", edge, 0.0),  # the prototype's pure top-k Canny, for the record
-        Selector("saliency", sal, cov["saliency"]),
-        Selector("saliency_nofloor", sal, 0.0),
-        Selector("mask", msk, cov["mask"]),
-        Selector("mask_nofloor", msk, 0.0),  # the object (+1 token) first, nothing spread elsewhere
-        Selector("edge+mask", mix(edge, msk), max(cov["edge"], cov["mask"])),
-        Selector("saliency+mask", mix(sal, msk), max(cov["saliency"], cov["mask"])),
-        Selector("edge+saliency", mix(edge, sal), max(cov["edge"], cov["saliency"])),
-    ]
+    items = []
+    for name in ("random", "grid", "edge", "edge_nofloor", "saliency", "saliency_nofloor", "mask", "mask_nofloor",
+                 "edge+mask", "saliency+mask", "edge+saliency"):
+        base = name.removesuffix("_nofloor")
+        items.append(Selector(name, scorer(base), 0.0 if base != name else default_coverage(name)))
     return {s.name: s for s in items}
 
 

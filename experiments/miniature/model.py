@@ -1,8 +1,8 @@
 """The miniature model: a tiny FLUX.1-Kontext-shaped ComfyUI ``Flux``, saved and loaded as safetensors.
 
-Needs ComfyUI importable and ``scripts/`` on sys.path (``bootstrap.py``, the tests' conftest): the model config
+Needs ComfyUI importable and ``scripts/`` on sys.path (``packload.load_experiment``, the tests' conftest): the model config
 comes from the running ComfyUI's own detection (``tests/comfy_testpack/host_config.py``).
-``load_trained_model(path)`` returns a ComfyUI ModelPatcher (base, or base + the drop-robust LoRA).
+``load_trained_model(weights, lora)`` returns a ComfyUI ModelPatcher (base, or base + the drop-robust LoRA).
 """
 
 from __future__ import annotations
@@ -25,7 +25,19 @@ FLUX_KWARGS: dict = dict(
     hidden_size=128, mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2,
     axes_dim=[16, 24, 24], theta=4, patch_size=2, qkv_bias=True, guidance_embed=False,
 )
-BASE_FILE, LORA_FILE, CONFIG_FILE = "miniature_flux.safetensors", "miniature_flux_lora.safetensors", "miniature_flux.json"
+
+
+class ModelFiles:
+    """The files of one trained model in a results folder, named after the experiment that trained it
+    (``<experiment>_flux.safetensors``, its config ``<experiment>_flux.json``, the drop-robust LoRA and, for the
+    natural experiment, the drop-robust full fine-tune with its own config)."""
+
+    def __init__(self, folder: str | Path, experiment: str):
+        stem = Path(folder) / f"{experiment}_flux"
+        self.folder, self.experiment = Path(folder), experiment
+        self.base, self.config = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+        self.lora = Path(f"{stem}_lora.safetensors")
+        self.full_ft, self.full_ft_config = Path(f"{stem}_full_ft.safetensors"), Path(f"{stem}_full_ft.json")
 
 
 #: Initial value of the q/k RMSNorm scales. Their product bounds an attention logit at
@@ -60,51 +72,49 @@ def build_model(flux_kwargs: dict | None = None, seed: int = 0, qk_norm_init: fl
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
-def save_model(model_patcher, folder: str | Path, flux_kwargs: dict | None = None, metadata: dict | None = None) -> Path:
-    """Write the diffusion model's weights (safetensors) and its config JSON into ``folder``."""
+def save_model(model_patcher, files: ModelFiles, flux_kwargs: dict | None = None, metadata: dict | None = None,
+               full_ft: bool = False) -> Path:
+    """Write the diffusion model's weights (safetensors, float16) and its config JSON: the base model's, or with
+    ``full_ft`` the full fine-tune's (its config names its own weights and the base model it was tuned from)."""
     from safetensors.torch import save_file
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    Path(files.folder).mkdir(parents=True, exist_ok=True)
+    weights, config = (files.full_ft, files.full_ft_config) if full_ft else (files.base, files.config)
     # float16 on disk (half the size; loading casts back to the model's float32)
     sd = {k: v.detach().to(torch.float16).contiguous().cpu()
           for k, v in model_patcher.model.diffusion_model.state_dict().items()}
-    save_file(sd, str(folder / BASE_FILE), metadata={"format": "sparse_context_miniature", "prefix": ""})
+    save_file(sd, str(weights), metadata={"format": "sparse_context_miniature", "prefix": ""})
     info = {"flux_kwargs": flux_kwargs or FLUX_KWARGS, "model_config": "comfy.supported_models.Flux",
-            "weights": BASE_FILE, "lora": LORA_FILE,
+            "weights": weights.name, **({"fine_tune_of": files.base.name} if full_ft else {"lora": files.lora.name}),
             "latent": "encoding.py: RGB+luma folded 2x2 -> 16 ch at 1/2 res, scaled so process_latent_in gives 2*px-1",
             **(metadata or {})}
-    (folder / CONFIG_FILE).write_text(json.dumps(info, indent=2), encoding="utf-8")
-    return folder / BASE_FILE
+    config.write_text(json.dumps(info, indent=2), encoding="utf-8")
+    return weights
 
 
-def load_trained_model(path: str | Path, lora: bool | str | Path = True, strength: float = 1.0):
-    """The trained miniature model as a ComfyUI ModelPatcher.
+def load_trained_model(weights: str | Path, lora: bool | str | Path = False, strength: float = 1.0):
+    """A trained model as a ComfyUI ModelPatcher.
 
     Args:
-        path: the results folder (with ``miniature_flux.safetensors`` and ``miniature_flux.json``) or
-            the base safetensors file itself (its JSON next to it).
-        lora: True = apply the drop-robust LoRA found next to it (``miniature_flux_lora.safetensors``,
-            standard ``diffusion_model.<layer>.lora_A/lora_B/alpha`` keys, loaded by ComfyUI's own
-            ``load_lora_for_models``); False = base only; a path = that LoRA file.
+        weights: its safetensors file (``ModelFiles.base`` or ``.full_ft``), its config JSON beside it (same stem).
+        lora: True = apply the drop-robust LoRA its config names (standard ``diffusion_model.<layer>.lora_A/lora_B/
+            alpha`` keys, loaded by ComfyUI's own ``load_lora_for_models``); False = none; a path = that LoRA file.
         strength: LoRA strength.
     """
     import comfy.sd
     import comfy.utils
 
-    path = Path(path)
-    folder = path if path.is_dir() else path.parent
-    weights = path if path.is_file() else folder / BASE_FILE
-    config_file = folder / CONFIG_FILE
+    weights = Path(weights)
+    config_file = weights.with_suffix(".json")
     if not weights.is_file() or not config_file.is_file():
-        raise FileNotFoundError(f"load_trained_model: expected {BASE_FILE} and {CONFIG_FILE} in {folder}")
+        raise FileNotFoundError(f"load_trained_model: expected {weights.name} and {config_file.name} in {weights.parent}")
     info = json.loads(config_file.read_text(encoding="utf-8"))
     model = build_model(info["flux_kwargs"])
     sd = comfy.utils.load_torch_file(str(weights), safe_load=True)
     # the host's own key conversion, as core's loader applies it (e.g. RMSNorm ``scale`` -> ``weight`` in 0.30)
     model.model.diffusion_model.load_state_dict(model.model.model_config.process_unet_state_dict(sd), strict=True)
     if lora:
-        lora_path = folder / info.get("lora", LORA_FILE) if lora is True else Path(lora)
+        lora_path = weights.parent / info["lora"] if lora is True else Path(lora)
         if not lora_path.is_file():
             raise FileNotFoundError(f"load_trained_model: no LoRA file at {lora_path}")
         model, _ = comfy.sd.load_lora_for_models(model, None, comfy.utils.load_torch_file(str(lora_path), safe_load=True),

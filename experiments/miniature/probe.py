@@ -8,7 +8,6 @@ Defaults = the shipped configuration (``model.FLUX_KWARGS``, shifted sigma), edi
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
 import sys
 import time
@@ -39,10 +38,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", default="", help="folder to save the trained model in")
     a = ap.parse_args(argv)
-    spec = importlib.util.spec_from_file_location("sc_miniature_bootstrap", HERE / "bootstrap.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.bootstrap()
+    sys.path.insert(0, str(HERE.parents[1] / "scripts"))  # for packload only
+    from packload import load_experiment
+
+    load_experiment("miniature")
     import kornia
     import torch
     from sc_miniature import evaluate, model, run, train
@@ -97,8 +96,8 @@ def main(argv=None) -> None:
         p.requires_grad_(False)
     tt = time.time() - t0
     if a.save:
-        model.save_model(m, a.save, kw)
-    from sparse_context.sparse_attention.direct import patched_diffusion_model
+        model.save_model(m, model.ModelFiles(Path(a.save), "probe"), kw)
+    from sc_harness.direct import patched_diffusion_model
     items = run.eval_items("edit", a.n_eval)
     with patched_diffusion_model(m) as (dm, opts):
         for sig in (1.0, 0.7, 0.4, 0.1):

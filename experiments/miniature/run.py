@@ -1,8 +1,9 @@
 """The miniature replication, end to end, in one seeded command:
 
-    bash scripts/setup.sh > /dev/null                       # once, from the repo root
-    .venv/bin/python experiments/miniature/run.py           # full run (21 min on 2 CPU cores)
-    .venv/bin/python experiments/miniature/run.py --smoke   # pipeline check (seconds)
+    bash scripts/setup.sh > /dev/null                             # once, from the repo root
+    .venv/bin/python experiments/miniature/run.py --smoke         # pipeline check (seconds), into out/experiments/
+    .venv/bin/python experiments/miniature/run.py                 # full run (21 min on 2 CPU cores), the same
+    .venv/bin/python experiments/miniature/run.py --publish       # full run into results/ (the committed files)
 
 1. trains a tiny FLUX.1-Kontext-shaped ComfyUI ``Flux`` from scratch on three generated tasks
    (``tasks.py``: recolouring edit, a subject on a new background, multi-reference composition);
@@ -10,23 +11,22 @@
    random reference-token dropping through the pack's own patch);
 3. evaluates base and base + LoRA on held-out items through ``apply_sparse_context`` with selections from
    the pack's selectors, for every keep ratio x selector, sampling with ComfyUI's own sampler;
-4. writes ``results/miniature.json``, ``results/miniature.png``, the model (``miniature_flux*.safetensors``
-   + ``miniature_flux.json``) and, for a full run, copies the JSON and PNG to ``docs/``.
+4. writes ``miniature.json`` (with the sha256 of each model file), ``miniature.png`` and the model
+   (``miniature_flux*.safetensors`` + ``miniature_flux.json``) to the scratch folder, ``--out`` or, with
+   ``--publish``, ``results/``.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+NAME = "miniature"
 
 FULL = dict(base_steps=3000, batch=8, lr=3e-3, base_tasks=("edit", "subject", "multi"), sigma_sampling="shifted",
             lora_steps=800, lora_accum=4, lora_lr=2e-3, lora_rank=8,
@@ -39,10 +39,11 @@ EVAL_SEED = 10**8  # held out: training batches use seeds < 10**7, the LoRA's ex
 
 
 def _bootstrap():
-    spec = importlib.util.spec_from_file_location("sc_miniature_bootstrap", HERE / "bootstrap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.bootstrap()
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))  # for packload only (the repo root never goes on sys.path)
+    from packload import load_experiment
+
+    return load_experiment(NAME)
 
 
 def eval_items(task: str, n: int) -> list:
@@ -70,12 +71,12 @@ def lora_examples(n_per_task: int) -> list:
 
 def evaluate_all(models: dict, cfg: dict, log) -> list[dict]:
     """Every (task, model, keep ratio, selector) through the patch; returns one row per configuration."""
-    import torch
+    from sc_experiment.stats import patch_fields, result_row
     from sc_miniature import evaluate, tasks
     from sparse_context.selectors import Budget
     from sparse_context.sparse_attention import PATCH_KEY, SparseContextConfig, apply_sparse_context
 
-    selectors = evaluate._selectors()
+    selectors = evaluate.selectors()
     names = list(cfg["selectors"] or selectors)
     rows = []
     for task in tasks.TASKS:
@@ -99,25 +100,11 @@ def evaluate_all(models: dict, cfg: dict, log) -> list[dict]:
                     seconds.append(sec / cfg["sample_steps"])
                     if name != "dense" and report is None:
                         report = m.model_options["transformer_options"][PATCH_KEY].last_report
-                row = {"task": task, "model": model_name, "selector": name, "keep_ratio": ratio, "n": len(items)}
-                for k in per_item[0]:
-                    vals = torch.tensor([r[k] for r in per_item], dtype=torch.float64)
-                    row[k] = round(float(vals.mean()), 4)
-                    row[f"{k}_sem"] = round(float(vals.std() / len(vals) ** 0.5), 4) if len(vals) > 1 else 0.0
+                key = {"task": task, "model": model_name, "selector": name, "keep_ratio": ratio}
                 if name == "dense":
                     dense_items = per_item
-                else:  # paired with the dense output of the same items and noise: a much tighter estimate
-                    for k in ("psnr", "ssim"):
-                        diff = torch.tensor([a[k] - b[k] for a, b in zip(per_item, dense_items, strict=True)],
-                                            dtype=torch.float64)
-                        row[f"{k}_minus_dense"] = round(float(diff.mean()), 4)
-                        row[f"{k}_minus_dense_sem"] = round(float(diff.std() / len(diff) ** 0.5), 4) if len(diff) > 1 else 0.0
-                row["sec_per_step"] = round(float(torch.tensor(seconds).median()), 5)
-                if report is not None:
-                    row["kept_tokens_first_item"] = [r["kept"] for r in report["references"]]
-                    row["tokens_first_item"] = [r["tokens"] for r in report["references"]]
-                    row["attention_work_ratio_first_item"] = round(report["attention_work_ratio"], 4)
-                rows.append(row)
+                rows.append(result_row(key, per_item, None if name == "dense" else dense_items,
+                                       **patch_fields(seconds, report)))
             log(f"  evaluated {task} / {model_name}: {len(configs)} configurations x {len(items)} items "
                 f"({time.time() - t0:.0f} s)")
     return rows
@@ -169,31 +156,26 @@ def summarize(rows: list[dict], ratios: tuple) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="a few steps of everything (CI)")
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--resummarize", action="store_true",
-                        help="no training: recompute the summary, checks and figure of the run in --out")
-    args = parser.parse_args(argv)
+    _bootstrap()
+    from sc_experiment import cli
+
+    args = cli.parser(__doc__, threads=2).parse_args(argv)
+    out = cli.results_folder(args, NAME)
     if args.resummarize:
-        _bootstrap()
-        return resummarize(args.out)
+        return resummarize(out)
     cfg = dict(SMOKE if args.smoke else FULL)
     t_start = time.time()
+    log = cli.stage_logger()
 
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t_start:7.1f} s] {msg}", flush=True)
-
-    _bootstrap()
     import torch
+    from sc_experiment.lora import train_lora
     from sc_miniature import evaluate, model, tasks, train
-    from sparse_context.training import KeepRatioDistribution, LoraConfig, LoraTrainer, TrainConfig
+    from sparse_context.training import KeepRatioDistribution
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
-    out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    files = model.ModelFiles(out, NAME)
 
     # 1. base model from scratch
     base = model.build_model(seed=SEED)
@@ -207,25 +189,16 @@ def main(argv: list[str] | None = None) -> dict:
     for p in params:
         p.requires_grad_(False)
     t_base = time.time() - t_start
-    model.save_model(base, out, metadata={"trained_steps": cfg["base_steps"], "tasks": list(tasks.TASKS)})
+    model.save_model(base, files, metadata={"trained_steps": cfg["base_steps"], "tasks": list(tasks.TASKS)})
 
     # 2. drop-robust LoRA with the pack's trainer
     keep = KeepRatioDistribution(kind="uniform", low=0.05, high=1.0, dense_share=0.15)
-    lora_cfg = LoraConfig(rank=cfg["lora_rank"], alpha=float(cfg["lora_rank"]), targets="attention_mlp")
-    train_cfg = TrainConfig(steps=cfg["lora_steps"], learning_rate=cfg["lora_lr"], warmup_steps=20,
-                            grad_accumulation=cfg["lora_accum"], keep_ratios=keep, timestep_sampling="shifted",
-                            seed=SEED, recommended_keep_ratio=0.25)
-    examples = lora_examples(cfg["pool"])
-    log(f"LoRA: {len(examples)} examples, {cfg['lora_steps']} steps x {cfg['lora_accum']} examples, {keep.describe()}")
-    trainer = LoraTrainer(base, lora_cfg, train_cfg)
-    lora_losses = trainer.fit(examples, progress=False,
-                              callback=lambda s, loss: log(f"  LoRA step {s}/{cfg['lora_steps']} loss {loss:.4f}")
-                              if s % max(1, cfg["lora_steps"] // 10) == 0 else None)
-    trainer.save(out / model.LORA_FILE)
+    lora_losses, lora_cfg = train_lora(base, lora_examples(cfg["pool"]), cfg, keep, seed=SEED, recommended_keep=0.25,
+                                       path=files.lora, log=log)
     t_lora = time.time() - t_start - t_base
 
     # 3. evaluation through the patch (models loaded back from the saved files, as the demo does)
-    models = {"base": model.load_trained_model(out, lora=False), "lora": model.load_trained_model(out, lora=True)}
+    models = {"base": model.load_trained_model(files.base), "lora": model.load_trained_model(files.base, lora=True)}
     rows = evaluate_all(models, cfg, log)
     t_eval = time.time() - t_start - t_base - t_lora
     summary = summarize(rows, cfg["ratios"])
@@ -239,18 +212,19 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "schema": "sparse_context.miniature/1",
         "smoke": args.smoke,
-        "command": "cd /work/main && .venv/bin/python experiments/miniature/run.py " + " ".join(
+        "command": ".venv/bin/python experiments/miniature/run.py " + " ".join(
             sys.argv[1:] if argv is None else argv),
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         "model": {"class": "comfy.ldm.flux.model.Flux via comfy.supported_models.Flux", "flux_kwargs": model.FLUX_KWARGS,
                   "parameters": n_params, "reference_method": "offset", "image_px": tasks.SIZE,
-                  "px_per_token": evaluate.STRIDE, "files": [model.BASE_FILE, model.LORA_FILE, model.CONFIG_FILE]},
+                  "px_per_token": evaluate.STRIDE,
+                  "files": cli.file_hashes(out, [files.base.name, files.lora.name, files.config.name])},
         "lora": {"trainer": "sparse_context.training.LoraTrainer", "rank": lora_cfg.rank, "alpha": lora_cfg.alpha,
                  "targets": lora_cfg.targets, "keep_ratios": json.loads(keep.to_json()),
                  "steps": cfg["lora_steps"], "examples_per_step": cfg["lora_accum"], "timestep_sampling": "shifted"},
         "sampling": {"how": "ComfyUI comfy.sample.sample (sc_harness.sampling.sample), one item at a time",
                      "sampler": "euler", "scheduler": "simple", "steps": cfg["sample_steps"], "cfg": 1.0},
-        "selectors": {name: {"coverage": s.coverage} for name, s in evaluate._selectors().items()},
+        "selectors": {name: {"coverage": s.coverage} for name, s in evaluate.selectors().items()},
         "default_selector": evaluate.DEFAULT_SELECTOR,
         "timing_s": {"train_base": round(t_base, 1), "train_lora": round(t_lora, 1), "evaluate": round(t_eval, 1),
                      "total": round(time.time() - t_start, 1)},
@@ -266,15 +240,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write_results(result: dict, out: Path) -> None:
-    """``miniature.json`` + ``miniature.png`` in ``out``; a full run in ``results/`` also updates docs/."""
+    """``miniature.json`` + ``miniature.png`` in ``out``."""
+    from sc_experiment.figure import psnr_vs_keep
     from sc_miniature import plot
 
     (out / "miniature.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    plot.make_figure(result, out / "miniature.png")
+    psnr_vs_keep(result, out / "miniature.png", tasks=("edit", "subject", "multi"), model_titles=plot.MODEL_TITLES,
+                 title="Miniature replication", dpi=110)
     print(plot.markdown_table(result), flush=True)
-    if not result["smoke"] and out.resolve() == (HERE / "results").resolve():
-        shutil.copyfile(out / "miniature.json", ROOT / "docs" / "miniature.json")
-        shutil.copyfile(out / "miniature.png", ROOT / "docs" / "miniature.png")
 
 
 def resummarize(out: Path) -> dict:

@@ -49,8 +49,8 @@ def train(model, params: list[torch.nn.Parameter], steps: int, *, batch: int = 8
     2 sigma). ``make_batch(task, batch, seed)``: the batches (default: this folder's tasks). ``keep_ratios`` (a
     ``KeepRatioDistribution``): drop-robust training, one random keep ratio and subset per batch through the pack's
     own patch (``training.sparse_run_for``, as the LoRA trainer does); None = dense. Returns the loss per step."""
+    from sc_harness.direct import patched_diffusion_model
     from sparse_context.sparse_attention import RUN_KEY, SparseContextConfig, apply_sparse_context
-    from sparse_context.sparse_attention.direct import patched_diffusion_model
     from sparse_context.training import sparse_run_for
     from sparse_context.training.host_ops import differentiable_host_ops
 

@@ -20,7 +20,7 @@ import torch
 
 from . import tasks
 
-#: Selectors measured (names of ``sc_miniature.evaluate._selectors()``); "mask" = the reference mask of
+#: Selectors measured (names of ``sc_miniature.evaluate.selectors()``); "mask" = the reference mask of
 #: ``tasks`` (the region a user would paint / the part that reaches the target), grown by one token.
 SELECTORS = ("random", "grid", "edge", "saliency", "mask")
 #: Selectors that are the patch's own rules (no bound selection): the model's attention picks the tokens.
@@ -31,9 +31,9 @@ SEED = 0
 
 
 def selectors() -> dict:
-    from sc_miniature.evaluate import _selectors
+    from sc_miniature.evaluate import selectors as every_selector
 
-    every = _selectors()
+    every = every_selector()
     return {name: every[name] for name in SELECTORS}
 
 

@@ -9,7 +9,6 @@ It answers whether the fine-tune's cost in dense quality comes from the dropping
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -28,19 +27,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
 
-    spec = importlib.util.spec_from_file_location("sc_natural_run", HERE / "run.py")
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
-    run._bootstrap()
+    sys.path.insert(0, str(HERE.parents[1] / "scripts"))  # for packload only
+    from packload import load_experiment
+
+    load_experiment("natural")
     import torch
     from sc_miniature import model
     from sc_miniature.train import train
-    from sc_natural import tasks
+    from sc_natural import run, tasks
     from sparse_context.training import KeepRatioDistribution
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(run.SEED)
-    ft = model.load_trained_model(args.results, lora=False)
+    ft = model.load_trained_model(model.ModelFiles(args.results, run.NAME).base)
     params = list(ft.model.diffusion_model.parameters())
     for p in params:
         p.requires_grad_(True)

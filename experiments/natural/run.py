@@ -1,8 +1,10 @@
 """The natural-image replication, end to end, in one seeded command:
 
-    bash scripts/setup.sh --dev > /dev/null                # once, from the repo root
-    .venv/bin/python experiments/natural/run.py            # full run (see README.md for the wall time)
-    .venv/bin/python experiments/natural/run.py --smoke    # pipeline check (CI: tests/test_natural.py)
+    bash scripts/setup.sh --dev > /dev/null                   # once, from the repo root
+    .venv/bin/python experiments/natural/run.py --smoke       # pipeline check (CI), into out/experiments/
+    .venv/bin/python experiments/natural/run.py               # full run (see README.md for the wall time), the same
+    .venv/bin/python experiments/natural/run.py --publish     # full run into results/ (the committed files)
+    .venv/bin/python experiments/natural/run.py --long --publish   # the long run into results_long/
 
 1. trains a tiny FLUX.1-Kontext-shaped ComfyUI ``Flux`` (the miniature's architecture, built through the test
    pack's host-derived config) from scratch on crops of real photographs (``tasks.py``: subject, aligned edit,
@@ -13,24 +15,22 @@
 3. evaluates base, LoRA and full fine-tune on held-out items through ``apply_sparse_context`` with every selector
    at keep 1 / 0.5 / 0.25 / 0.1, and the classical baseline (biharmonic inpainting of the same dropped tokens,
    then the exact change) on the same selections;
-4. writes ``results/natural.json``, ``results/natural.png``, the model files and, for a full run, copies the
-   JSON and PNG to ``docs/``.
+4. writes ``natural.json`` (with the sha256 of each model file), ``natural.png`` and the model files
+   (``natural_flux*``) to the scratch folder, ``--out`` or, with ``--publish``, ``results/`` (``results_long/``).
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import json
 import os
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
+NAME = "natural"
 
 #: Sized for the shared 2-core machine this session had (load ~8: one core-third for this run); the committed
 #: run's wall time and load are in its JSON and README.md. An idle machine runs it in a fraction of that.
@@ -38,8 +38,8 @@ FULL = dict(base_steps=1000, batch=4, lr=3e-3, ft_steps=200, ft_lr=5e-4,
             lora_steps=150, lora_accum=4, lora_lr=1e-3, lora_rank=16, pool=100,
             keep_low=0.1, dense_share=0.25, n_eval=8, sample_steps=4, ratios=(1.0, 0.5, 0.25, 0.1), selectors=None,
             extra=True)
-#: 12x the base training, for an IDLE 2-core machine (``run.py --long --threads 2``); its committed result is
-#: docs/natural_long.json (wall time in the JSON and README.md).
+#: 12x the base training, for an IDLE 2-core machine (``run.py --long --threads 2``); its published result is
+#: results_long/ (wall time in the JSON and README.md).
 LONG = dict(FULL, base_steps=6000, batch=8, ft_steps=1000, ft_lr=5e-4, lora_steps=800, pool=300, n_eval=16)
 SMOKE = dict(base_steps=3, batch=2, lr=3e-3, ft_steps=2, ft_lr=5e-4,
              lora_steps=2, lora_accum=1, lora_lr=1e-3, lora_rank=4, pool=1,
@@ -50,14 +50,14 @@ EVAL_SEED = 10**8  # eval items come from the held-out photos anyway; their own 
 MODELS = ("base", "lora", "full_ft")
 #: Reference cache modes of the pack (``SparseContextConfig.cache``), measured with ``--extra`` on a finished run.
 CACHE_MODES = ("reference_only", "first_step")
-FULL_FT_FILE = "natural_flux_full_ft.safetensors"
 
 
 def _bootstrap():
-    spec = importlib.util.spec_from_file_location("sc_natural_bootstrap", HERE / "bootstrap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.bootstrap()
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))  # for packload only (the repo root never goes on sys.path)
+    from packload import load_experiment
+
+    return load_experiment(NAME)
 
 
 def lora_examples(n_per_task: int) -> list:
@@ -77,24 +77,6 @@ def lora_examples(n_per_task: int) -> list:
     return out
 
 
-def _stats(values: list[float]) -> tuple[float, float]:
-    import torch
-
-    v = torch.tensor(values, dtype=torch.float64)
-    return round(float(v.mean()), 4), round(float(v.std() / len(v) ** 0.5), 4) if len(v) > 1 else 0.0
-
-
-def _row(task, model, selector, ratio, per_item, dense_items=None, **extra) -> dict:
-    row = {"task": task, "model": model, "selector": selector, "keep_ratio": ratio, "n": len(per_item)}
-    for k in ("psnr", "ssim"):
-        row[k], row[f"{k}_sem"] = _stats([r[k] for r in per_item])
-        if dense_items is not None:  # paired with the same model's dense output on the same items and noise
-            row[f"{k}_minus_dense"], row[f"{k}_minus_dense_sem"] = _stats(
-                [a[k] - b[k] for a, b in zip(per_item, dense_items, strict=True)])
-    row.update(extra)
-    return row
-
-
 def _variants(names: list[str], task: str, extra: bool) -> list[tuple[str, str]]:
     """(selector, mode) rows of one task: every bound selector with token dropping; ``extra`` = the selectors
     and modes measured on top of a finished run (the attention rule, the default selector with each cache mode)."""
@@ -107,9 +89,12 @@ def _variants(names: list[str], task: str, extra: bool) -> list[tuple[str, str]]
 
 def evaluate_all(models: dict, cfg: dict, log, extra: bool = False) -> list[dict]:
     """Every (task, model, keep ratio, selector, mode) through the patch, and the baseline on the same selections."""
-    import torch
+    from sc_experiment.stats import patch_fields, result_row
     from sc_natural import evaluate, tasks
     from sparse_context.sparse_attention import PATCH_KEY, apply_sparse_context
+
+    def key(model, name, ratio):
+        return {"task": task, "model": model, "selector": name, "keep_ratio": ratio}
 
     sels = evaluate.selectors()
     names = list(cfg["selectors"] or sels)
@@ -124,7 +109,7 @@ def evaluate_all(models: dict, cfg: dict, log, extra: bool = False) -> list[dict
                 if mode == "drop" and name in sels:
                     per_item = [evaluate.metrics(evaluate.baseline(it, evaluate.binding(it, sels[name], ratio, i), ratio),
                                                  it.target) for i, it in enumerate(items)]
-                    rows.append(_row(task, "baseline", name, ratio, per_item))
+                    rows.append(result_row(key("baseline", name, ratio), per_item))
         for model_name, model in models.items():
             configs = [(1.0, "dense", "drop", model)]
             for ratio in sparse:
@@ -141,19 +126,13 @@ def evaluate_all(models: dict, cfg: dict, log, extra: bool = False) -> list[dict
                     seconds.append(sec / cfg["sample_steps"])
                     if name != "dense" and report is None:
                         report = m.model_options["transformer_options"][PATCH_KEY].last_report
-                extra_fields = {"sec_per_step": round(float(torch.tensor(seconds).median()), 5)}
-                if mode != "drop":
-                    extra_fields["mode"] = mode
-                if report is not None:
-                    extra_fields.update(kept_tokens_first_item=[r["kept"] for r in report["references"]],
-                                        tokens_first_item=[r["tokens"] for r in report["references"]],
-                                        attention_work_ratio_first_item=round(report["attention_work_ratio"], 4))
+                fields = patch_fields(seconds, report) | ({} if mode == "drop" else {"mode": mode})
                 if name == "dense":
                     dense_items = per_item
                     if not extra:
-                        rows.append(_row(task, model_name, name, ratio, per_item, **extra_fields))
+                        rows.append(result_row(key(model_name, name, ratio), per_item, **fields))
                 else:
-                    rows.append(_row(task, model_name, name, ratio, per_item, dense_items, **extra_fields))
+                    rows.append(result_row(key(model_name, name, ratio), per_item, dense_items, **fields))
         log(f"  evaluated {task}: baseline + {len(models)} models x {1 + len(variants) * len(sparse)} configurations "
             f"x {len(items)} items ({time.time() - t0:.0f} s)")
     return rows
@@ -253,28 +232,25 @@ def _load() -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="a few steps of everything (CI)")
-    parser.add_argument("--long", action="store_true", help="the larger configuration for an idle machine")
-    parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: on a shared machine more threads spin)")
-    parser.add_argument("--resummarize", action="store_true",
-                        help="no training: recompute the summary, targets and figure of the run in --out")
+    _bootstrap()
+    from sc_experiment import cli
+
+    parser = cli.parser(__doc__, threads=1)
+    parser.add_argument("--long", action="store_true", help="the larger configuration for an idle machine "
+                                                            "(published to results_long/)")
     parser.add_argument("--extra", action="store_true",
                         help="no training: measure the attention rule and the reference-cache modes on the models of "
-                             "the run in --out and add them to its JSON")
+                             "the run in --out (or, with --publish, the published run) and add them to its JSON")
     args = parser.parse_args(argv)
-    _bootstrap()
+    out = cli.results_folder(args, NAME, "results_long" if args.long else "results")
     if args.resummarize:
-        return resummarize(args.out)
+        return resummarize(out)
     if args.extra:
-        return add_extra_rows(args.out, args.threads)
+        return add_extra_rows(out, args.threads)
     cfg = dict(SMOKE if args.smoke else LONG if args.long else FULL)
     t_start = time.time()
     loads = [_load()]
-
-    def log(msg: str) -> None:
-        print(f"[{time.time() - t_start:7.1f} s] {msg}", flush=True)
+    log = cli.stage_logger()
 
     import torch
     from sc_miniature import model
@@ -292,12 +268,13 @@ def main(argv: list[str] | None = None) -> dict:
         for p in params:
             p.requires_grad_(False)
         return losses
-    from sparse_context.training import KeepRatioDistribution, LoraConfig, LoraTrainer, TrainConfig
+    from sc_experiment.lora import train_lora
+    from sparse_context.training import KeepRatioDistribution
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(SEED)
-    out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    files = model.ModelFiles(out, NAME)
     keep = KeepRatioDistribution(kind="uniform", low=cfg["keep_low"], high=1.0, dense_share=cfg["dense_share"])
     timing = {}
 
@@ -307,45 +284,31 @@ def main(argv: list[str] | None = None) -> dict:
     log(f"base model: {n_params} parameters; {cfg['base_steps']} steps x batch {cfg['batch']}; load {_load()}")
     base_losses = train(base, cfg["base_steps"], batch=cfg["batch"], lr=cfg["lr"], seed=SEED, log=log,
                         log_every=max(1, cfg["base_steps"] // 10))
-    model.save_model(base, out, metadata={"trained_steps": cfg["base_steps"], "tasks": list(tasks.TASKS),
+    model.save_model(base, files, metadata={"trained_steps": cfg["base_steps"], "tasks": list(tasks.TASKS),
                                           "experiment": "natural"})
     timing["train_base"] = round(time.time() - t_start, 1)
     loads.append(_load())
 
     # 2a. drop-robust LoRA with the pack's trainer
     t0 = time.time()
-    lora_cfg = LoraConfig(rank=cfg["lora_rank"], alpha=float(cfg["lora_rank"]), targets="attention_mlp")
-    train_cfg = TrainConfig(steps=cfg["lora_steps"], learning_rate=cfg["lora_lr"], warmup_steps=20,
-                            grad_accumulation=cfg["lora_accum"], keep_ratios=keep, timestep_sampling="shifted",
-                            seed=SEED, recommended_keep_ratio=0.5)
-    examples = lora_examples(cfg["pool"])
-    log(f"LoRA: {len(examples)} examples, {cfg['lora_steps']} steps x {cfg['lora_accum']}, {keep.describe()}")
-    trainer = LoraTrainer(model.load_trained_model(out, lora=False), lora_cfg, train_cfg)
-    lora_losses = trainer.fit(examples, progress=False,
-                              callback=lambda s, loss: log(f"  LoRA step {s}/{cfg['lora_steps']} loss {loss:.4f}")
-                              if s % max(1, cfg["lora_steps"] // 5) == 0 else None)
-    trainer.save(out / model.LORA_FILE)
+    lora_losses, lora_cfg = train_lora(model.load_trained_model(files.base), lora_examples(cfg["pool"]), cfg, keep,
+                                       seed=SEED, recommended_keep=0.5, path=files.lora, log=log, log_times=5)
     timing["train_lora"] = round(time.time() - t0, 1)
     loads.append(_load())
 
     # 2b. drop-robust full fine-tune (every weight, same keep distribution), for comparison
     t0 = time.time()
-    full = model.load_trained_model(out, lora=False)
+    full = model.load_trained_model(files.base)
     log(f"full fine-tune: {cfg['ft_steps']} steps x batch {cfg['batch']}, {keep.describe()}")
     ft_losses = train(full, cfg["ft_steps"], batch=cfg["batch"], lr=cfg["ft_lr"], seed=SEED + 1, keep_ratios=keep,
                       warmup=20, log=log, log_every=max(1, cfg["ft_steps"] // 5))
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in full.model.diffusion_model.state_dict().items()},
-              str(out / FULL_FT_FILE), metadata={"format": "sparse_context_miniature", "prefix": ""})
-    shutil.copyfile(out / model.CONFIG_FILE, (out / FULL_FT_FILE).with_suffix(".json"))  # its config, for loaders
+    model.save_model(full, files, full_ft=True, metadata={"fine_tuned_steps": cfg["ft_steps"], "experiment": NAME})
     timing["train_full_ft"] = round(time.time() - t0, 1)
     loads.append(_load())
 
     # 3. evaluation through the patch (models loaded back from the saved files, as the demo does)
     t0 = time.time()
-    models = {"base": model.load_trained_model(out, lora=False), "lora": model.load_trained_model(out, lora=True),
-              "full_ft": load_full_ft(out)}
+    models = load_models(out)
     rows = evaluate_all(models, cfg, log)
     if cfg["extra"]:
         rows += evaluate_all(models, cfg, log, extra=True)
@@ -366,7 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {"class": "comfy.ldm.flux.model.Flux via comfy.supported_models.Flux (host_config.config_for_sizes)",
                   "flux_kwargs": model.FLUX_KWARGS, "parameters": n_params, "reference_method": "offset",
                   "image_px": tasks.SIZE, "px_per_token": tasks.CELL,
-                  "files": [model.BASE_FILE, model.LORA_FILE, model.CONFIG_FILE, FULL_FT_FILE]},
+                  "files": cli.file_hashes(out, [f.name for f in (files.base, files.lora, files.config, files.full_ft,
+                                                                  files.full_ft_config)])},
         "fine_tunes": {"keep_ratios": json.loads(keep.to_json()),
                        "lora": {"trainer": "sparse_context.training.LoraTrainer", "rank": lora_cfg.rank,
                                 "alpha": lora_cfg.alpha, "targets": lora_cfg.targets, "steps": cfg["lora_steps"],
@@ -394,38 +358,37 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def load_full_ft(folder: Path):
-    """The full fine-tune as a ComfyUI ModelPatcher (the base architecture with the fine-tuned weights)."""
+def load_models(folder: Path) -> dict:
+    """The run's three models as ComfyUI ModelPatchers: base, base + LoRA, the full fine-tune."""
     from sc_miniature import model
 
-    return model.load_trained_model(Path(folder) / FULL_FT_FILE, lora=False)
+    files = model.ModelFiles(folder, NAME)
+    return {"base": model.load_trained_model(files.base), "lora": model.load_trained_model(files.base, lora=True),
+            "full_ft": model.load_trained_model(files.full_ft)}
 
 
 def write_results(result: dict, out: Path) -> None:
-    """``natural.json`` + ``natural.png`` in ``out``; a full run in ``results/`` also updates docs/."""
+    """``natural.json`` + ``natural.png`` in ``out``."""
+    from sc_experiment.figure import psnr_vs_keep
     from sc_natural import plot
 
     (out / "natural.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
-    plot.make_figure(result, out / "natural.png")
+    psnr_vs_keep(result, out / "natural.png", tasks=plot.TASK_ORDER, model_titles=plot.MODEL_TITLES,
+                 title="Natural-image replication")
     print(plot.markdown_table(result), flush=True)
     print(plot.extra_table(result), flush=True)
     print(plot.targets_table(result), flush=True)
-    if not result["smoke"] and out.resolve() == (HERE / "results").resolve():
-        shutil.copyfile(out / "natural.json", ROOT / "docs" / "natural.json")
-        shutil.copyfile(out / "natural.png", ROOT / "docs" / "natural.png")
 
 
 def add_extra_rows(out: Path, threads: int) -> dict:
     """Measure the extra rows (``_variants(extra=True)``) on the saved models of the run in ``out``."""
     import torch
-    from sc_miniature import model
     from sc_natural import evaluate
 
     torch.set_num_threads(threads)
     result = json.loads((out / "natural.json").read_text(encoding="utf-8"))
     t0, load = time.time(), _load()
-    models = {"base": model.load_trained_model(out, lora=False), "lora": model.load_trained_model(out, lora=True),
-              "full_ft": load_full_ft(out)}
+    models = load_models(out)
     cfg = dict(result["config"], ratios=tuple(result["config"]["ratios"]))
     log = lambda m: print(m, flush=True)  # noqa: E731
     rows = evaluate_all(models, cfg, log, extra=True)

@@ -48,7 +48,7 @@ def match_family(diffusion_model) -> FamilyMatch | None:
     return None
 
 
-def dense_reason(diffusion_model) -> str | None:
+def why_dense(diffusion_model) -> str | None:
     """Why a known reference-conditioned family runs dense, or None for a model no table names."""
     for cls in type(diffusion_model).__mro__:
         for dense in DENSE_FAMILIES:
@@ -68,4 +68,4 @@ def cache_refusal(match: FamilyMatch) -> str | None:
 
 
 __all__ = ["DENSE_FAMILIES", "FAMILIES", "DenseFamily", "FamilyMatch", "NeedsMethod", "ReferenceFamily",
-           "cache_refusal", "dense_reason", "match_family"]
+           "cache_refusal", "match_family", "why_dense"]

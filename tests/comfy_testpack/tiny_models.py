@@ -153,8 +153,8 @@ def build_model_patcher(family: str, seed: int = 0, dtype: torch.dtype = torch.f
     if family not in FAMILIES and family not in VARIANTS:
         raise ValueError(f"unknown tiny model family {family!r}; choose from {sorted(FAMILIES) + sorted(VARIANTS)}")
     config = _model_config(family)
-    if manual_cast is not None:
-        config.set_inference_dtype(dtype, manual_cast)
+    # as a loader does: the model knows its weight dtype (apply_model casts the inputs to it)
+    config.set_inference_dtype(dtype, manual_cast)
     if operations is not None:
         config.custom_operations = operations
     model = config.get_model({}, "")

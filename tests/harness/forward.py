@@ -38,7 +38,7 @@ def run_forward(model, inputs: dict, *, probe=None, ids_probe: bool = False, opt
                 **extra) -> Forward:
     """One forward of a ModelPatcher's diffusion model with its patches and wrappers active (``options``: extra
     transformer_options entries, e.g. the ``rope_options`` a model's ``apply_model`` would set)."""
-    import sparse_context.sparse_attention.direct as direct
+    import sc_harness.direct as direct
     from sc_harness.oracle import IdsProbe
     from sparse_context.sparse_attention import PATCH_KEY, RUN_KEY
 

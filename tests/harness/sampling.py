@@ -24,3 +24,23 @@ def with_references(conditioning: list, references: list[torch.Tensor], method: 
     if method is not None:
         out = node_helpers.conditioning_set_values(out, {"reference_latents_method": method})
     return out
+
+
+def memory_estimate(model, run) -> tuple[float, float]:
+    """Core's memory estimate (memory_required, minimum, in bytes) of the sampling run ``run(model)`` makes, as core
+    computes it inside ``prepare_sampling`` before loading the model (a PREPARE_SAMPLING wrapper added here runs
+    inside the patch's, so it sees what the patch hands core)."""
+    import comfy.patcher_extension
+    import comfy.sampler_helpers
+
+    records = []
+
+    def record(executor, patcher, noise_shape, conds, *args, **kwargs):
+        records.append(comfy.sampler_helpers.estimate_memory(patcher, noise_shape, conds))
+        return executor(patcher, noise_shape, conds, *args, **kwargs)
+
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, "test_estimate", record)
+    run(m)
+    assert len(records) == 1, records
+    return records[0]

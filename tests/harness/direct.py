@@ -1,4 +1,5 @@
-"""Forward calls outside a sampling loop (benchmarks, training) with a ModelPatcher's patches active."""
+"""Forward calls outside a sampling loop with a ModelPatcher's patches active: for benchmarks, experiments and tests
+(kept out of the shipped pack: a node graph always samples through ComfyUI's own sampler)."""
 
 from __future__ import annotations
 
