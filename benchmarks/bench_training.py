@@ -18,6 +18,8 @@ on the CPU from the steps after the one whose memory is counted).
 Memory of a step:
 * CUDA: ``torch.cuda.max_memory_allocated`` during the step (``peak_mb``) minus the memory allocated before
   it (weights, LoRA, optimizer state): ``act_mb``.
+* ``estimate_mb``: what the trainer tells ComfyUI the step needs besides the weights
+  (``LoraTrainer.training_memory``), to compare with ``act_mb``.
 * CPU: PyTorch keeps no allocator statistics for the CPU, and the process's resident high-water mark
   counts what the C allocator keeps cached after earlier steps. So every storage an operator ALLOCATES
   during the step is counted from the op that creates it until it is freed (a ``TorchDispatchMode`` sees
@@ -223,7 +225,8 @@ def run_cell(size: Size, device, compute_dtype, keep: float, checkpointing: bool
                              tr.TrainConfig(steps=steps, learning_rate=1e-4, keep_ratios=keeps, seed=0,
                                             gradient_checkpointing=checkpointing))
     ex = [example(size)]
-    trainer.memory_required = memory_required = trainer.training_memory(ex[0])  # what the session asks core for
+    estimate = trainer.training_memory(ex[0])
+    trainer.memory_required = float(estimate.total)  # what the session asks core for (as fit sets it)
     rows = []
     try:
         with trainer.session():
@@ -241,7 +244,10 @@ def run_cell(size: Size, device, compute_dtype, keep: float, checkpointing: bool
             "act_mb": max(r["act_mb"] for r in with_memory),
             "peak_mb": max(r.get("peak_mb", weights / 2**20 + r["act_mb"]) for r in with_memory),
             "s_per_step": min(timed) if timed else None, "losses": [r["loss"] for r in rows],
-            "memory_required_mb": memory_required / 2**20}
+            "estimate_mb": estimate.total / 2**20,
+            "estimate_parts_mb": {k: v / 2**20 for k, v in asdict(estimate).items() if k != "tokens"},
+            "tokens": estimate.tokens}
+    cell["estimate_over_act"] = cell["estimate_mb"] / cell["act_mb"]
     return cell
 
 
@@ -353,7 +359,8 @@ def run(args) -> dict:
                     print(f"  fp8 {fp8!s:5} keep {keep:<4} checkpointing {checkpointing!s:5}: out of memory", flush=True)
                     continue
                 print(f"  fp8 {fp8!s:5} keep {keep:<4} checkpointing {checkpointing!s:5}: act {cell['act_mb']:9.1f} MiB"
-                      f"  peak {cell['peak_mb']:9.1f} MiB  {cell['s_per_step'] or float('nan'):.2f} s/step  "
+                      f"  peak {cell['peak_mb']:9.1f} MiB  estimate {cell['estimate_mb']:9.1f} MiB "
+                      f"({cell['estimate_over_act']:.2f}x act)  {cell['s_per_step'] or float('nan'):.2f} s/step  "
                       f"losses {', '.join(f'{v:.6f}' for v in cell['losses'])}", flush=True)
                 if args.json:
                     write_json(args.json, {"meta": dict(meta(args, size, device), partial=True), "cells": cells,

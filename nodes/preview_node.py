@@ -9,7 +9,7 @@ from comfy_api.latest import io, ui
 
 from ..selectors import Budget, token_grid_shape
 from ..sparse_attention import SparseContextConfig
-from ..sparse_attention.token_math import plan_selection
+from ..sparse_attention.planning import plan_selection
 from .common import ITEM_NOTE, STRIDE, SparseBudget, SparseNode, SparseSelection, fail, first_item, user_errors
 
 DIM = 0.25  # brightness of dropped tokens

@@ -32,7 +32,7 @@ from ..training import (
     save_example,
 )
 from ..training.plot import curves_image, image_tensor
-from ..training.trainer import latest_checkpoint
+from ..training.resume import latest_checkpoint
 from .common import SparseNode, fail, prefix_problem, user_errors
 
 SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the whole test suite and the demo against several ComfyUI installs (the host matrix), one summary line
-# per host, and writes docs/compat.json plus the README's compatibility table from the results.
+# per host, and writes docs/compat.json plus the host table of docs/hosts.md from the results.
 #   bash scripts/compat.sh                                   # the pinned 0.3.75 only (what CI runs)
 #   bash scripts/compat.sh .comfyui/ComfyUI-0.3.75 ~/hosts/ComfyUI-0.10.0 ~/hosts/ComfyUI-0.30.0
 #   COMPAT_PYTEST_ARGS="-k training" bash scripts/compat.sh DIR...   # a part of the suite (no host table is written)
@@ -12,7 +12,7 @@
 # ComfyUI's requirements and torch pinned by scripts/constraints.txt, set up by scripts/setup.sh as for a user's
 # existing install (COMFYUI_PATH); the checkout's own pinned ComfyUI (.comfyui/) runs in the checkout's venv
 # (.venv or $SPARSECONTEXT_VENV), as scripts/test.sh runs it. Getting the newer hosts (no registry serves them):
-# see README, "Compatibility".
+# see docs/hosts.md.
 set -uo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$repo" || exit 2
@@ -66,7 +66,7 @@ for dir in "${hosts[@]}"; do
   summaries+=("$version|$dir|$tests_rc|$tests_s|$demo_rc|$demo_s")
 done
 
-# One line per host, docs/compat.json and the README table (the summary reads the junit XML of each host).
+# One line per host, docs/compat.json and the docs/hosts.md table (the summary reads the junit XML of each host).
 partial=0
 [ -n "${COMPAT_PYTEST_ARGS:-}" ] && partial=1
 python3 "$repo/scripts/compat_summary.py" --results "$results" --partial "$partial" --nodes "$node_path" \

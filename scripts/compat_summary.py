@@ -1,4 +1,4 @@
-"""Summarises ``scripts/compat.sh``: one line per host, ``docs/compat.json`` and the README's compatibility table.
+"""Summarises ``scripts/compat.sh``: one line per host, ``docs/compat.json`` and the host table of docs/hosts.md.
 
 Arguments: ``--results DIR`` (the junit XML and logs of each host), ``--partial 0|1`` (1: a part of the suite
 ran, nothing is written), then one ``version|folder|tests_rc|tests_s|demo_rc|demo_s`` per host. Rows of hosts that
@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 JSON_PATH = REPO / "docs" / "compat.json"
 MATRIX_DOC = REPO / "docs" / "compatibility.md"
-README = REPO / "README.md"
+HOSTS_DOC = REPO / "docs" / "hosts.md"
 BEGIN, END = "<!-- compat-table:begin -->", "<!-- compat-table:end -->"
 #: Release dates of the hosts we know (a ComfyUI folder carries no date of its own).
 RELEASED = {"0.3.75": "2025-11", "0.10.0": "2026-01", "0.30.0": "2026-08-02"}
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[compat]   skipped {reason}")
     write_matrix(args.results, [r["comfyui"] for r in rows], today, [n for n in args.nodes.split(os.pathsep) if n])
     if args.partial:
-        print("[compat] part of the suite only: the host rows of docs/compat.json and the README table are left as "
+        print("[compat] part of the suite only: the host rows of docs/compat.json and the docs/hosts.md table are left as "
               "they are")
         return 0
     data = json.loads(JSON_PATH.read_text(encoding="utf-8")) if JSON_PATH.is_file() else {}
@@ -177,13 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     data.update(pins=pins, hosts=hosts)
     JSON_PATH.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     lines = table(hosts)
-    text = README.read_text(encoding="utf-8")
+    text = HOSTS_DOC.read_text(encoding="utf-8")
     if BEGIN in text and END in text:
         head, rest = text.split(BEGIN, 1)
         _, tail = rest.split(END, 1)
-        README.write_text(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail, encoding="utf-8")
+        HOSTS_DOC.write_text(head + BEGIN + "\n" + "\n".join(lines) + "\n" + END + tail, encoding="utf-8")
     else:
-        print(f"[compat] {README.name} has no {BEGIN} ... {END} markers: the table is printed only", file=sys.stderr)
+        print(f"[compat] {HOSTS_DOC.name} has no {BEGIN} ... {END} markers: the table is printed only", file=sys.stderr)
     print("\n".join(lines))
     return 0
 

@@ -94,6 +94,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"], help="LoRA parameters while training")
     p.add_argument("--no-gradient-checkpointing", action="store_true",
                    help="keep all activations (faster, far more memory)")
+    p.add_argument("--memory-budget", type=float, default=None,
+                   help="GiB of device memory training may use (default: the GPU's total memory); a base that does "
+                        "not fit is loaded with ComfyUI's training weight offload (0.30+) or refused")
+    p.add_argument("--no-weight-offload", action="store_true",
+                   help="never offload base weights while training (a base that does not fit is refused)")
     p.add_argument("--save-dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     p.add_argument("--checkpoint-every", type=int, default=250, help="0 = only the final LoRA")
     p.add_argument("--checkpoint-dir", default=None, help="default: <out without suffix>_checkpoints")
@@ -162,7 +167,9 @@ def train(args, training, model, make_encoder) -> Path:
                                                                         dense_share=args.dense_share),
                              timestep_sampling=args.timestep_sampling, recommended_keep_ratio=args.recommended_keep,
                              lora_dtype=getattr(torch, DTYPES[args.lora_dtype]),
-                             gradient_checkpointing=not args.no_gradient_checkpointing),
+                             gradient_checkpointing=not args.no_gradient_checkpointing,
+                             memory_budget=None if args.memory_budget is None else args.memory_budget * 2**30,
+                             weight_offload=not args.no_weight_offload),
     )
     say(f"{trainer.family_name}: LoRA rank {args.rank} on {len(trainer.lora.deltas)} layers "
           f"({trainer.lora.num_parameters() / 1e6:.1f} M parameters); {trainer.config.keep_ratios.describe()}; "
@@ -194,6 +201,19 @@ def train(args, training, model, make_encoder) -> Path:
     return path
 
 
+def run(args, training, model, make_encoder) -> int:
+    """``train`` as a process of a job: a failed step (this rank's or another's) ends it with its one-line message
+    and exit status 1 on every rank (the newest checkpoint stays the one to ``--resume`` from)."""
+    try:
+        train(args, training, model, make_encoder)
+    except (training.distributed.StepFailed, training.distributed.RankFailed) as err:
+        print(f"train_lora.py: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        training.distributed.shutdown()
+    return 0
+
+
 def pin_cuda_device_for_rank() -> None:
     """Before CUDA starts: this process sees only its local rank's GPU (what ComfyUI's own ``--cuda-device``
     does), so ComfyUI's model management uses that one."""
@@ -219,11 +239,7 @@ def main(argv: list[str] | None = None) -> int:
 
     training = import_pack()
     model = comfy.sd.load_diffusion_model(args.model, model_options={"dtype": getattr(torch, DTYPES[args.dtype])})
-    try:
-        train(args, training, model, lambda family: comfy_encoder(args, training, family))
-    finally:
-        training.distributed.shutdown()
-    return 0
+    return run(args, training, model, lambda family: comfy_encoder(args, training, family))
 
 
 if __name__ == "__main__":

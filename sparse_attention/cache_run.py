@@ -26,9 +26,9 @@ import torch
 
 from ..selectors import normalize_scores
 from .errors import SparseContextBypassed
+from .planning import ReferencePlan, latent_token_grid, plan_references
 from .reference_cache import CacheAttention, CacheStore, JoinBuffer, ReferenceKV, fingerprint
 from .selection import ReferenceSelection
-from .token_math import ReferencePlan, latent_token_grid, plan_references
 
 OVERRIDE = "optimized_attention_override"
 DIRECT = "direct"  # the entry name of forwards outside a sampler

@@ -34,10 +34,10 @@ from .cache_run import CacheForward
 from .config import SparseContextConfig
 from .families import FAMILIES, ReferenceFamily, cache_refusal, match_family, why_dense
 from .neighbors import check_neighbors, dense_reason, unwrap_compiled
+from .planning import latent_token_grid, needs_attention
 from .reference_cache import JoinBuffer
 from .run import ForwardKeep, SparseContextPatch, SparseRun, entry_binding, single_binding
 from .selection import BINDING_KEY, SelectionBinding
-from .token_math import latent_token_grid, needs_attention
 
 log = logging.getLogger("SparseContext")
 

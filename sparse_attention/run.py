@@ -15,9 +15,7 @@ import torch
 
 from .cache_run import CachedRun
 from .config import SparseContextConfig
-from .reference_cache import CacheStore
-from .selection import BINDING_KEY, SelectionBinding
-from .token_math import (
+from .planning import (
     ReferencePlan,
     attention_work_ratio,
     keep_all,
@@ -25,6 +23,8 @@ from .token_math import (
     needs_attention,
     plan_references,
 )
+from .reference_cache import CacheStore
+from .selection import BINDING_KEY, SelectionBinding
 
 log = logging.getLogger("SparseContext")
 

@@ -4,23 +4,14 @@ new memory."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
 import torch
-from sc_harness.host import REPO
+from sc_harness.scripts import load_script
 
 MIB = 2**20
 
 
 def _bench():
-    name = "sc_bench_training"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / "bench_training.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script("benchmarks/bench_training.py", "sc_bench_training")
 
 
 def test_allocated_bytes_counts_allocations_until_freed():

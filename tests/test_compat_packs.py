@@ -27,7 +27,7 @@ from sparse_context.nodes.apply_node import SparseContextApply
 from sparse_context.selectors import Budget
 from sparse_context.sparse_attention import SparseContextConfig
 from sparse_context.sparse_attention.errors import SparseContextBypassed
-from sparse_context.sparse_attention.token_math import plan_references
+from sparse_context.sparse_attention.planning import plan_references
 
 KEEP = 0.5
 REF_TOKENS = [(6, 6), (5, 4)]  # (w, h) in tokens

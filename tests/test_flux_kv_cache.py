@@ -95,7 +95,7 @@ def test_the_cache_holds_exactly_the_kept_tokens_and_equals_the_masked_dense_ora
 
 def _plans(config: SparseContextConfig):
     """The kept tokens of the run (the random rule depends only on the grids and the seed)."""
-    from sparse_context.sparse_attention.token_math import plan_references
+    from sparse_context.sparse_attention.planning import plan_references
 
     grids = [(h // 16, w // 16) for w, h in REFS]
     return plan_references([torch.zeros(1, *g) for g in grids], grids, [None] * len(grids), config)

@@ -20,7 +20,7 @@ from sc_harness.oracle import AttentionProbe, joint_keep
 from sc_harness.sampling import sample, with_references
 from sparse_context.selectors import Budget
 from sparse_context.sparse_attention import PATCH_KEY, SparseContextConfig, apply_sparse_context
-from sparse_context.sparse_attention.token_math import plan_references
+from sparse_context.sparse_attention.planning import plan_references
 
 _MAGE = sc_testpack.host_lacks("mage_flow")
 FAMILIES = ["flux1_kontext", "flux2_klein", "qwen_image_edit",
@@ -285,7 +285,7 @@ def test_attention_selector_node_mixes_measured_attention_with_another_selection
     from sparse_context.nodes.selector_nodes import SparseContextAttentionSelector, SparseContextEdgeSelector
     from sparse_context.selectors import normalize_scores, pick_tokens
     from sparse_context.sparse_attention import BINDING_KEY, ReferenceSelection, SelectionBinding
-    from sparse_context.sparse_attention.token_math import selection_budget
+    from sparse_context.sparse_attention.planning import selection_budget
 
     family = "flux1_kontext"
     base = sc_testpack.build_model_patcher(family, seed=6)

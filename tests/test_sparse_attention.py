@@ -180,7 +180,7 @@ def test_keep_ratio_zero_equals_running_without_the_reference():
 
 
 def test_bucket_rounds_kept_counts_up_by_at_most_a_sixteenth_of_the_reference():
-    from sparse_context.sparse_attention.token_math import bucket_round
+    from sparse_context.sparse_attention.planning import bucket_round
 
     family = "flux1_kontext"
     base = sc_testpack.build_model_patcher(family, seed=8)
@@ -291,7 +291,7 @@ def test_a_binding_on_the_positive_only_also_selects_the_negatives_tokens():
 
 def test_a_selection_without_a_budget_keeps_its_rules_coverage_floor():
     from sparse_context.selectors import DEFAULT_COVERAGE
-    from sparse_context.sparse_attention.token_math import plan_references
+    from sparse_context.sparse_attention.planning import plan_references
 
     scores = torch.full((8, 8), 0.01)
     scores[:2] = 1.0  # the edge mass in the top two rows: exactly the 16 tokens a 0.25 budget keeps

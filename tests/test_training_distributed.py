@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -119,3 +120,83 @@ def test_two_processes_train_the_lora_one_process_trains_and_resume_with_one(tmp
     assert resumed["losses"] == pytest.approx(one_log["losses"], rel=1e-5)
     final_one, final_resumed = _lora(tmp_path / "one" / "lora.safetensors"), _lora(tmp_path / "resumed" / "lora.safetensors")
     assert max(float((final_one[k] - final_resumed[k]).abs().max()) for k in final_one) < 1e-5
+
+
+def _start_ranks(workdir: Path, world_size: int, args: list[str]) -> list[subprocess.Popen]:
+    """The job's processes started directly (no torchrun agent that would end the others when one exits): each
+    one's own exit status and output are what the test checks."""
+    port = _free_port()
+    procs = []
+    for rank in range(world_size):
+        env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONUNBUFFERED="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(world_size))
+        procs.append(subprocess.Popen([sys.executable, str(WORKER), str(workdir), "--", *args], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    return procs
+
+
+def test_a_rank_that_fails_at_a_step_stops_every_rank_and_the_last_checkpoint_resumes(tmp_path, capsys):
+    """Rank 1's copy of the data holds one example encoded for another model (its text is 12 features wide, the
+    model's 16): it loads, and fails in rank 1's forward at step 3 only (rank 0's copy is good)."""
+    import sc_testpack
+    from safetensors import safe_open
+
+    cli = _cli()
+    steps, every, accum = 4, 2, 2
+    work = tmp_path / "job"
+    for rank in (0, 1):
+        _examples(work / f"rank{rank}" / "data", 8, 100)
+    # which example rank 1 draws at step 3 (micro-step 2 * 2 + 1; every micro-step of the first epoch draws another)
+    probe = tr.LoraTrainer(sc_testpack.build_model_patcher(FAMILY, 0), tr.LoraConfig(rank=4),
+                           tr.TrainConfig(seed=3, grad_accumulation=accum))
+    bad = probe._micro_draw(2 * accum + 1, 8)[0]
+    bad_file = work / "rank1" / "data" / f"{bad:04d}.safetensors"
+    good = tr.load_example(bad_file)
+    tr.save_example(bad_file, tr.TrainingExample(good.target, good.references, good.context[:, :, :12].clone(),
+                                                 good.pooled, guidance=2.5))
+
+    args = ["--model", "unused", "--data", "data", "--out", "out/lora.safetensors", "--steps", str(steps),
+            "--rank", "4", "--lr", "1e-2", "--warmup", "0", "--grad-accum", str(accum), "--validate-every", "0",
+            "--checkpoint-every", str(every), "--save-dtype", "fp32", "--seed", "3"]
+    bound = 240
+    start = time.monotonic()
+    procs = _start_ranks(work, 2, args)
+    try:
+        outputs = [p.communicate(timeout=max(1.0, bound - (time.monotonic() - start))) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    seconds = time.monotonic() - start
+    codes = [p.returncode for p in procs]
+    (_, err0), (_, err1) = outputs
+    with capsys.disabled():
+        print(f"\nexit codes {codes} after {seconds:.1f} s\nrank 0: {err0.strip().splitlines()[-1]}\n"
+              f"rank 1: {err1.strip().splitlines()[-1]}")
+    assert codes == [1, 1] and seconds < bound, err0[-3000:] + err1[-3000:]
+    assert (f"train_lora.py: training failed on rank 1 at step 3, on example {bad_file.name}: RuntimeError: "
+            "mat1 and mat2 shapes cannot be multiplied") in err1
+    assert "train_lora.py: training stopped at step 3: rank(s) 1 of 2 failed" in err0
+    assert "Traceback" not in err0 + err1  # a message, not a deep trace
+
+    # rank 0 wrote the checkpoint of step 2 and nothing after it; the failed step left no partial file
+    folder = work / "rank0" / "out" / "lora_checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint_000002.safetensors"]
+    assert not (work / "rank0" / "out" / "lora.safetensors").exists()
+    assert [p for p in (work / "rank1").rglob("*") if "data" not in p.parts] == []
+    checkpoint = tr.latest_checkpoint(folder)
+    with safe_open(str(checkpoint), framework="pt") as f:
+        written = json.loads(f.metadata()[tr.resume.CHECKPOINT_KEY])
+    assert written["step"] == 2 and len(written["losses"]) == 2
+
+    # it loads and resumes (one process, the good data) to the end
+    out = tmp_path / "resumed" / "lora.safetensors"
+    resumed_args = [a if a != "data" else str(work / "rank0" / "data") for a in args]
+    resumed_args[resumed_args.index("--out") + 1] = str(out)
+    cli.train(cli.parse_args(resumed_args + ["--resume", str(checkpoint)]), tr,
+              sc_testpack.build_model_patcher(FAMILY, 0), None)
+    assert f"resumed from {checkpoint} at step 2" in capsys.readouterr().out
+    log = json.loads(out.with_name("lora.log.json").read_text(encoding="utf-8"))
+    assert log["losses"][:2] == written["losses"] and len(log["losses"]) == steps
+    assert tr.read_header(out)  # the finished LoRA

@@ -10,11 +10,15 @@ Modules (each usable on its own):
 * ``autograd``: ``clone_saved_tensors``, exact backprop through ComfyUI's in-place residual blocks;
 * ``checkpointing``: exact per-block gradient checkpointing through core's block-replacement patches;
 * ``base_weights``: reading the frozen base (inference tensors, fp8) and refusing layers a LoRA cannot train;
-* ``host_ops``: autograd-capable host kernels during training;
+* ``rope_autograd``: autograd-capable host kernels during training;
 * ``model_call``: the training forward through the model's own ``apply_model`` (inputs built by core);
-* ``loading``: loading the base for training (core's weight offload where the host has it);
+* ``memory``: the device memory a training step needs besides the base weights (what ComfyUI is told);
+* ``loading``: loading the base for training within a memory budget (core's weight offload where the host has
+  it, else a base that does not fit is refused);
 * ``distributed``: data-parallel training over ``torch.distributed`` (torchrun);
-* ``trainer``: ``TrainConfig``, ``LoraTrainer`` (``loss``, ``train_step``, ``evaluate``, ``validate``, ``fit``,
+* ``train_config``: ``TrainConfig``, the optimisation settings;
+* ``resume``: training checkpoint files (LoRA, optimizer state, the run's record) and ``latest_checkpoint``;
+* ``trainer``: ``LoraTrainer`` (``loss``, ``train_step``, ``evaluate``, ``validate``, ``fit``,
   ``save``, checkpoints);
 * ``progress``, ``plot``: the console progress bar and the curves image.
 
@@ -27,7 +31,9 @@ from .example_folder import ComfyEncoder, ImageExample, find_image_examples, loa
 from .examples import TrainingExample, examples_from_comfy, load_example, save_example
 from .lora import PRESET_NAMES, TARGET_PRESETS, LoraConfig, LoraDelta, LoraSet, attach_lora
 from .lora_file import LoraMatch, LoraMetadata, apply_lora, load_lora_file, match_lora, read_header, save_lora
-from .trainer import LoraTrainer, TrainConfig, latest_checkpoint, sparse_run_for
+from .resume import latest_checkpoint
+from .train_config import TrainConfig
+from .trainer import LoraTrainer, sparse_run_for
 
 __all__ = [
     "distributed",

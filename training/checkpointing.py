@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 import torch
 
 from .autograd import clone_saved_tensors
-from .host_ops import differentiable_host_ops
+from .rope_autograd import differentiable_rope
 
 #: Block lists of each architecture, as core's forward loops name them in ``patches_replace["dit"]``.
 BLOCK_LISTS = {
@@ -138,7 +138,7 @@ class _CheckpointedBlock(torch.autograd.Function):
     def backward(ctx, *grads):
         call: _BlockCall = ctx.call
         inputs = [t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
-        with torch.enable_grad(), differentiable_host_ops(), clone_saved_tensors():
+        with torch.enable_grad(), differentiable_rope(), clone_saved_tensors():
             outputs = call.rerun(inputs)
         pairs = [(o, g) for o, g in zip(outputs, grads, strict=True) if g is not None and o.requires_grad]
         wrt = [t for t in inputs + call.params if t.requires_grad]

@@ -38,6 +38,11 @@ class RankFailed(RuntimeError):
     """Another rank failed during a step: every rank stops at the same step."""
 
 
+class StepFailed(RuntimeError):
+    """This rank failed during a step (the message names the rank, the step, the example and the error); the
+    other ranks learn of it in the step's all-reduce and raise ``RankFailed``."""
+
+
 def current() -> Group:
     import torch.distributed as dist
 

@@ -52,6 +52,12 @@ class KeepRatioDistribution:
         body = self.low if self.kind == "fixed" else 0.5 * (self.low + self.high)
         return self.dense_share + (1.0 - self.dense_share) * body
 
+    def largest(self) -> float:
+        """The largest keep ratio an example can draw (what the memory of a step is sized for)."""
+        if self.dense_share > 0.0:
+            return 1.0
+        return self.low if self.kind == "fixed" else self.high
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 

@@ -94,6 +94,7 @@ def encode_example(files: ImageExample, encoder: ExampleEncoder, resolution: int
     except ValueError as err:
         raise ValueError(f"{files.name}: {err}") from err
     example.meta.update(prompt=files.caption, source=files.name)
+    example.source = files.name
     return example
 
 

@@ -35,6 +35,7 @@ class TrainingExample:
     guidance: float | None = None
     reference_method: str | None = None
     meta: dict[str, str] = field(default_factory=dict)
+    source: str | None = field(default=None, compare=False)  # the file or folder it was read from (messages; not saved)
 
     def __post_init__(self) -> None:
         if self.target.ndim not in (4, 5) or self.target.shape[0] != 1:
@@ -56,7 +57,7 @@ class TrainingExample:
         def c(t):
             return None if t is None else t.detach().to("cpu").clone()
         return TrainingExample(c(self.target), [c(r) for r in self.references], c(self.context), c(self.pooled),
-                               self.guidance, self.reference_method, dict(self.meta))
+                               self.guidance, self.reference_method, dict(self.meta), self.source)
 
 
 def examples_from_comfy(latent: dict, conditioning: list) -> list[TrainingExample]:
@@ -127,6 +128,6 @@ def load_example(path: str | Path) -> TrainingExample:
     meta.pop(FORMAT_KEY, None)
     try:
         return TrainingExample(tensors["target"], refs, tensors["context"], tensors.get("pooled"),
-                               None if guidance is None else float(guidance), method, meta)
+                               None if guidance is None else float(guidance), method, meta, source=path.name)
     except ValueError as err:
         raise ValueError(f"{path.name}: {err}") from err

@@ -31,14 +31,14 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ..selectors import Budget
 from ..sparse_attention import RUN_KEY, SparseContextConfig, SparseContextPatch, apply_sparse_context
-from . import distributed
+from . import distributed, resume
 from .autograd import clone_saved_tensors
 from .base_weights import (
     check_lora_reaches_weights,
@@ -47,74 +47,22 @@ from .base_weights import (
     remove_weight_functions,
 )
 from .checkpointing import add_block_checkpointing, blocks
-from .dropping import KeepRatioDistribution
 from .examples import TrainingExample
 from .family import architecture, base_family
-from .host_ops import differentiable_host_ops
-from .loading import load_for_training
+from .loading import load_for_training, unload
 from .lora import PREFIX, LoraConfig, attach_lora
 from .lora_file import LoraMetadata, pack_version, save_lora
+from .memory import TrainingMemory, quadratic_attention, sequence_tokens
+from .memory import estimate as estimate_memory
 from .model_call import CAPTURE_KEY, OutputCapture, apply_model_inputs
 from .progress import ConsoleProgress
+from .rope_autograd import differentiable_rope
+from .train_config import TrainConfig
 
 log = logging.getLogger("SparseContext.training")
 
-TIMESTEP_SAMPLING = ("logit_normal", "uniform", "shifted")
-CHECKPOINT_KEY = "sparse_context.checkpoint"
 #: Noise levels of the validation's one-step x0 estimates (fixed, so curves compare across steps).
 VALIDATION_SIGMAS = (0.25, 0.5, 0.75)
-#: Training activation memory with checkpointing, as a multiple of ComfyUI's own inference estimate for the
-#: same input (``BaseModel.memory_required``; without checkpointing: times the number of blocks). The session
-#: asks core to make this much room before loading, instead of unloading everything.
-MEMORY_FACTOR_CHECKPOINTED = 3.0
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimisation settings.
-
-    Attributes:
-        steps: optimizer steps.
-        learning_rate: AdamW learning rate (after ``warmup_steps`` of linear warm-up).
-        weight_decay: AdamW weight decay.
-        grad_accumulation: examples per optimizer step (each example is its own forward; batch 1): the global
-            batch, split over the ranks of a distributed job.
-        max_grad_norm: gradient clipping (None = off).
-        keep_ratios: distribution of the per-example keep ratio.
-        timestep_sampling: ``"logit_normal"`` (sigma = sigmoid(N(0, 1)), as FLUX / SD3 trainers use),
-            ``"uniform"`` (sigma ~ U(0, 1)) or ``"shifted"`` (uniform through the model's own sigma shift).
-        seed: seeds the LoRA init and every per-step draw (example order, keep ratio, kept tokens, sigma,
-            noise); a resumed run draws exactly what the uninterrupted run would have.
-        lora_dtype: dtype of the LoRA parameters while training (float32 recommended).
-        recommended_keep_ratio: written to the LoRA's metadata; the loader outputs it for Apply Sparse
-            Context. Clamped into the trained range.
-        gradient_checkpointing: keep only each transformer block's inputs between forward and backward and
-            recompute the block in the backward (``training.checkpointing``): far less activation memory for
-            about one more forward per step. Same gradients.
-    """
-
-    steps: int = 1000
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_accumulation: int = 1
-    max_grad_norm: float | None = 1.0
-    keep_ratios: KeepRatioDistribution = field(default_factory=KeepRatioDistribution)
-    timestep_sampling: str = "logit_normal"
-    seed: int = 0
-    lora_dtype: torch.dtype = torch.float32
-    recommended_keep_ratio: float = 0.25
-    gradient_checkpointing: bool = True
-
-    def __post_init__(self) -> None:
-        if self.steps < 0 or self.grad_accumulation < 1 or self.warmup_steps < 0:
-            raise ValueError("steps >= 0, warmup_steps >= 0 and grad_accumulation >= 1 are required")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ValueError(f"learning_rate: expected a finite value > 0, got {self.learning_rate}")
-        if self.timestep_sampling not in TIMESTEP_SAMPLING:
-            raise ValueError(f"timestep_sampling: expected one of {TIMESTEP_SAMPLING}, got {self.timestep_sampling!r}")
-        if not 0.0 < self.recommended_keep_ratio <= 1.0:
-            raise ValueError(f"recommended_keep_ratio: expected a value in (0, 1], got {self.recommended_keep_ratio}")
 
 
 def _generator(*parts: int) -> torch.Generator:
@@ -187,7 +135,8 @@ class LoraTrainer:
         self.losses: list[float] = []
         self.validation: list[dict] = []
         self.last_report: dict | None = None
-        self.memory_required = 0.0  # activation bytes the session asks core to make room for (set by fit)
+        self.memory_required = 0.0  # training bytes the session asks core to make room for (set by fit)
+        self.noise_shape: tuple[int, ...] = (1,)  # the largest target latent's shape (set by fit; core's loading takes it)
         self.offloading = False  # whether core may keep base weights off the device (set by the session)
         self._checked = False
         self._depth = 0
@@ -211,7 +160,8 @@ class LoraTrainer:
         import comfy.patcher_extension as pe
 
         with torch.inference_mode(False):
-            self.offloading = load_for_training(self.model, self.memory_required)
+            self.offloading = load_for_training(self.model, self.memory_required, self.noise_shape,
+                                                self.config.memory_budget, self.config.weight_offload)
             dm = self.model.model.diffusion_model
             options = pe.copy_nested_dicts(self.model.model_options.get("transformer_options", {}))
             options["wrappers"] = pe.copy_nested_dicts(self.model.wrappers)
@@ -225,19 +175,25 @@ class LoraTrainer:
             finally:
                 self._depth = 0
                 self._dm = self._options = None
-                _unload(self.model)  # object patches restored by core
+                unload(self.model)  # object patches restored by core
                 remove_weight_functions(dm, [*self.lora.deltas.values(), read_through_copy])
 
-    def training_memory(self, example: TrainingExample) -> float:
-        """Bytes of activations one training step on ``example`` is expected to need on the device:
-        ComfyUI's inference estimate for the same input, times ``MEMORY_FACTOR_CHECKPOINTED`` with
-        checkpointing, or times the number of transformer blocks without it."""
-        base = self.model.model
-        inference = base.memory_required(tuple(example.target.shape),
-                                         cond_shapes={"ref_latents": [tuple(r.shape) for r in example.references]})
-        if self.config.gradient_checkpointing:
-            return float(inference) * MEMORY_FACTOR_CHECKPOINTED
-        return float(inference) * sum(1 for _ in blocks(self.model.get_model_object("diffusion_model"), self.arch))
+    def training_memory(self, example: TrainingExample) -> TrainingMemory:
+        """Device memory one training step on ``example`` needs besides the base weights (``training.memory``):
+        from the model's blocks, the sequence at the largest keep ratio the distribution draws, the batch, the
+        compute dtype, the LoRA and whether gradient checkpointing is on."""
+        dm = self.model.get_model_object("diffusion_model")
+        # the text as the model sees it: core's own input building may pad it (FLUX.2 to 512 tokens)
+        cpu = torch.device("cpu")
+        _, inputs = apply_model_inputs(self.model.model, example, torch.zeros(example.target.shape), torch.ones(1), cpu)
+        text = inputs["c_crossattn"].shape[1] if "c_crossattn" in inputs else example.context.shape[1]
+        tokens = sequence_tokens(example, text, int(dm.patch_size), self.config.keep_ratios.largest())
+        hidden = int(getattr(dm, "hidden_size", None) or dm.inner_dim)
+        heads = int(self.architecture.get("num_heads") or self.architecture["num_attention_heads"])
+        lora_bytes = sum(p.numel() * p.element_size() for p in self.lora.parameters())
+        return estimate_memory([(m, kind == "double_block") for kind, _, _, m in blocks(dm, self.arch)], hidden,
+                               heads, tokens, int(example.target.shape[0]), self._dtype(), lora_bytes,
+                               self.config.gradient_checkpointing, quadratic_attention())
 
     # -- one forward -----------------------------------------------------------------------------
     def _dtype(self) -> torch.dtype:
@@ -275,7 +231,7 @@ class LoraTrainer:
             options = dict(self._options)
             run = sparse_run_for(keep_ratio, seed)  # always an explicit run: never the patch's default
             options[RUN_KEY] = run
-            with differentiable_host_ops(), ExitStack() as stack:
+            with differentiable_rope(), ExitStack() as stack:
                 if clone_saved and torch.is_grad_enabled() and not self.config.gradient_checkpointing:
                     stack.enter_context(clone_saved_tensors())
                 base.apply_model(x_in, s, transformer_options=options, **kwargs)
@@ -316,10 +272,11 @@ class LoraTrainer:
             lr = c.learning_rate * min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps else c.learning_rate
             for param_group in self.optimizer.param_groups:
                 param_group["lr"] = lr
-            total, error = 0.0, None
+            total, error, source = 0.0, None, ""
             try:
                 for a in group.share(c.grad_accumulation):
                     index, keep, seed = self._micro_draw(self.step * c.grad_accumulation + a, len(examples))
+                    source = examples[index].source or f"#{index}"
                     loss = self.loss(examples[index], keep, seed)
                     # only the LoRA: base weights that require grad (as models built outside ComfyUI's loaders do)
                     # get no .grad, and the shared model is not touched
@@ -335,7 +292,8 @@ class LoraTrainer:
                     self.optimizer.zero_grad(set_to_none=True)
                     where = f"step {self.step + 1}"
                     if error is not None:
-                        raise RuntimeError(f"training failed on rank {group.rank} at {where}: {error}") from error
+                        raise distributed.StepFailed(f"training failed on rank {group.rank} at {where}, on example "
+                                                     f"{source}: {type(error).__name__}: {error}") from error
                     raise distributed.RankFailed(
                         f"training stopped at {where}: rank(s) {', '.join(map(str, failed))} of {group.world_size} "
                         "failed (their output says why); the last checkpoint stays loadable")
@@ -407,7 +365,8 @@ class LoraTrainer:
             validation = [ex.detached() for ex in validation]
         total = self.config.steps if steps is None else steps
         if examples:
-            self.memory_required = max(self.training_memory(ex) for ex in examples)
+            self.memory_required = float(max(self.training_memory(ex).total for ex in examples))
+            self.noise_shape = tuple(max((ex.target for ex in examples), key=lambda t: t.numel()).shape)
         validating = bool(validation) and validate_every > 0
         main = distributed.current().is_main
         bar = ConsoleProgress(total, self.step) if progress and main else None
@@ -453,64 +412,15 @@ class LoraTrainer:
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """LoRA + optimizer state + step + losses + validation records, as safetensors (``load_checkpoint``)."""
-        from safetensors.torch import save_file
-
-        tensors = dict(self.lora.state_dict())
-        opt = self.optimizer.state_dict()
-        for index, state in opt["state"].items():
-            for name, value in state.items():
-                t = value if isinstance(value, torch.Tensor) else torch.tensor(value)
-                tensors[f"optimizer.{index}.{name}"] = t.detach().to("cpu").contiguous()
-        header = self.metadata().to_header()
-        header[CHECKPOINT_KEY] = json.dumps({
+        return resume.write(path, self.lora, self.optimizer, self.metadata().to_header(), {
             "step": self.step, "losses": self.losses, "validation": self.validation, "lora": asdict(self.lora_config),
             "world_size": distributed.current().world_size,  # for the record: any world size resumes it
             "train": {k: v for k, v in asdict(self.config).items() if k not in ("keep_ratios", "lora_dtype")},
         })
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")  # a crash mid-write never leaves a bad checkpoint_*
-        save_file(tensors, str(partial), metadata=header)
-        partial.replace(path)
-        return path
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Resume from ``save_checkpoint``'s file: LoRA weights, optimizer state, step, losses, validation."""
-        from safetensors import safe_open
-
-        with torch.inference_mode(False), safe_open(str(path), framework="pt") as f:  # ordinary tensors, in a node too
-            header = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-        if CHECKPOINT_KEY not in header:
-            raise ValueError(f"{Path(path).name}: not a Sparse Context training checkpoint")
-        info = json.loads(header[CHECKPOINT_KEY])
-        if info["lora"] != asdict(self.lora_config):
-            raise ValueError(f"{Path(path).name}: checkpoint LoRA settings {info['lora']} differ from {asdict(self.lora_config)}")
-        with torch.inference_mode(False):
-            self.lora.load_state_dict(tensors)
-            opt = self.optimizer.state_dict()
-            state: dict[int, dict] = {}
-            for key, value in tensors.items():
-                if key.startswith("optimizer."):
-                    _, index, name = key.split(".", 2)
-                    state.setdefault(int(index), {})[name] = value
-            opt["state"] = state
-            self.optimizer.load_state_dict(opt)
+        info = resume.read(path, self.lora, self.optimizer, asdict(self.lora_config))
         self.step = int(info["step"])
         self.losses = [float(x) for x in info["losses"]]
         self.validation = [dict(r) for r in info.get("validation", [])]
-
-
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest ``checkpoint_<step>.safetensors`` in ``folder`` (None if there is none)."""
-    found = sorted(Path(folder).glob("checkpoint_*.safetensors")) if Path(folder).is_dir() else []
-    return found[-1] if found else None
-
-
-def _unload(model_patcher) -> None:
-    """Unload exactly ``model_patcher`` through core's ``free_memory`` (every other loaded model is kept)."""
-    import comfy.model_management as mm
-
-    others = [m for m in mm.current_loaded_models if m.model is not model_patcher]
-    mm.free_memory(1e30, model_patcher.load_device, keep_loaded=others)
-

@@ -52,7 +52,7 @@ def train(model, params: list[torch.nn.Parameter], steps: int, *, batch: int = 8
     from sc_harness.direct import patched_diffusion_model
     from sparse_context.sparse_attention import RUN_KEY, SparseContextConfig, apply_sparse_context
     from sparse_context.training import sparse_run_for
-    from sparse_context.training.host_ops import differentiable_host_ops
+    from sparse_context.training.rope_autograd import differentiable_rope
 
     make_batch = make_batch or tasks.make_batch
     runner = model if keep_ratios is None else apply_sparse_context(model, SparseContextConfig(rule="random", bucket=1))
@@ -77,7 +77,7 @@ def train(model, params: list[torch.nn.Parameter], steps: int, *, batch: int = 8
             if keep_ratios is not None:
                 options[RUN_KEY] = sparse_run_for(keep_ratios.sample(gen), seed * 7_000_003 + step)
             # ComfyUI 0.10+ runs RoPE through fused kernels without a backward: the pack's training switch
-            with differentiable_host_ops(), torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            with differentiable_rope(), torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
                 pred = dm(x_t, sigma, b.context, y=b.pooled, ref_latents=refs, ref_latents_method="offset",
                           transformer_options=options)
             loss = torch.nn.functional.mse_loss(pred, noise - x0)

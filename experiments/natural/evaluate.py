@@ -84,7 +84,7 @@ def metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
 def kept_token_masks(item: tasks.Item, binding, ratio: float) -> list[torch.Tensor]:
     """Per reference, the (h, w) bool grid of the tokens the patch keeps for this item and selection."""
     from sc_miniature import encoding
-    from sparse_context.sparse_attention.token_math import latent_token_grid, plan_references
+    from sparse_context.sparse_attention.planning import latent_token_grid, plan_references
 
     latents = [encoding.encode(r) for r in item.refs]
     grids = [latent_token_grid(tuple(z.shape), 2) for z in latents]

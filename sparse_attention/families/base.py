@@ -3,14 +3,14 @@
 An adapter says, for one diffusion-model class: where a reference becomes tokens (the method the patch
 object-patches), how large a token is (patch size, grid), how its positions are given, which ``_forward``
 argument is the target latent, and whether the reference cache's joint [text, target, references] key layout
-holds. Planning, selection, buckets and the report stay shared (``patch``, ``run``, ``token_math``).
+holds. Planning, selection, buckets and the report stay shared (``patch``, ``run``, ``planning``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..token_math import latent_token_grid
+from ..planning import latent_token_grid
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -126,24 +125,24 @@ class SafetensorsModel(io.ComfyNode):
 
 
 # -- the trained miniature model (experiments/miniature): its tasks and its invertible pixel "VAE" --------
-MINIATURE_DIR = Path(__file__).resolve().parents[2] / "experiments" / "miniature"
-MINIATURE_PACKAGE = "sc_miniature"  # the name experiments/miniature/bootstrap.py gives it too
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _experiment(name: str, *torch_only: str) -> ModuleType:
+    """``experiments/<name>`` as the package ``sc_<name>``, through ``scripts/packload.py`` (the one place that
+    imports the repository's folders by path), with its torch-only modules."""
+    spec = importlib.util.spec_from_file_location("sc_packload", REPO / "scripts" / "packload.py")
+    packload = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(packload)
+    package = packload.load_package(f"sc_{name}", REPO / "experiments" / name)
+    for sub in torch_only:
+        importlib.import_module(f"sc_{name}.{sub}")
+    return package
 
 
 def miniature() -> ModuleType:
-    """``experiments/miniature`` imported as the package ``sc_miniature`` by file path (never via sys.path:
-    the repo root holds the pack's ``selectors/``, which would shadow the stdlib module)."""
-    if MINIATURE_PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(MINIATURE_PACKAGE, MINIATURE_DIR / "__init__.py",
-                                                      submodule_search_locations=[str(MINIATURE_DIR)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[MINIATURE_PACKAGE] = module
-        spec.loader.exec_module(module)
-    package = sys.modules[MINIATURE_PACKAGE]
-    for sub in ("encoding", "tasks"):  # torch-only modules
-        if not hasattr(package, sub):
-            __import__(f"{MINIATURE_PACKAGE}.{sub}")
-    return package
+    """``experiments/miniature`` (its tasks and invertible pixel "VAE")."""
+    return _experiment("miniature", "encoding", "tasks")
 
 
 class MiniatureTask(io.ComfyNode):
@@ -248,23 +247,10 @@ class MiniatureEmptyLatent(io.ComfyNode):
 
 
 # -- the natural-image model (experiments/natural): held-out photo tasks; encoding is the miniature's -------
-NATURAL_DIR = MINIATURE_DIR.parent / "natural"
-NATURAL_PACKAGE = "sc_natural"  # the name experiments/natural/bootstrap.py gives it too
-
-
 def natural() -> ModuleType:
-    """``experiments/natural`` as the package ``sc_natural`` (by file path, like ``miniature()``)."""
+    """``experiments/natural`` (its held-out photo tasks; the encoding is the miniature's)."""
     miniature()
-    if NATURAL_PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(NATURAL_PACKAGE, NATURAL_DIR / "__init__.py",
-                                                      submodule_search_locations=[str(NATURAL_DIR)])
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[NATURAL_PACKAGE] = module
-        spec.loader.exec_module(module)
-    package = sys.modules[NATURAL_PACKAGE]
-    if not hasattr(package, "tasks"):
-        __import__(f"{NATURAL_PACKAGE}.tasks")
-    return package
+    return _experiment("natural", "tasks")
 
 
 class NaturalTask(io.ComfyNode):

@@ -1,11 +1,12 @@
-"""One process of a distributed training test, started by ``torchrun``: ``scripts/train_lora.py``'s ``train`` (all of
-the command line after loading the model) on the test pack's tiny real FLUX.1 Kontext model, on the CPU.
+"""One process of a distributed training test, started by ``torchrun`` (or directly, with the ``env://`` variables
+RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set): ``scripts/train_lora.py``'s ``run`` (all of the command line
+after loading the model) on the test pack's tiny real FLUX.1 Kontext model, on the CPU. Its exit status is ``run``'s.
 
     torchrun --nproc_per_node 2 ... tests/harness/train_worker.py WORKDIR -- <train_lora.py arguments>
 
-Each rank runs in ``WORKDIR/rank<N>`` with the relative ``--out`` it is given, so the files a rank writes land in
-its own folder: the test sees which ranks wrote. The pack is imported as a package (scripts/packload), as in the
-tests; ComfyUI runs on the CPU with one thread per process.
+Each rank runs in ``WORKDIR/rank<N>``, so the files a rank writes with the relative ``--out`` it is given land in
+its own folder (the test sees which ranks wrote), and a relative ``--data`` reads that rank's own copy. The pack is
+imported as a package (scripts/packload), as in the tests; ComfyUI runs on the CPU with one thread per process.
 """
 
 from __future__ import annotations
@@ -40,11 +41,7 @@ def main(argv: list[str]) -> int:
     rank_dir.mkdir(parents=True, exist_ok=True)
     os.chdir(rank_dir)
     model = testpack.build_model_patcher(FAMILY, 0)
-    try:
-        cli.train(cli.parse_args(rest), training, model, lambda family: testpack.StandInEncoder(FAMILY))
-    finally:
-        training.distributed.shutdown()
-    return 0
+    return cli.run(cli.parse_args(rest), training, model, lambda family: testpack.StandInEncoder(FAMILY))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ kernel): backpropagating through them raises. ComfyUI 0.30+ has the official swi
 plain-PyTorch RoPE path). Older releases that bind the fused ops at import (0.10) have no switch: there a
 ``TorchFunctionMode`` maps each fused RoPE op to comfy-kitchen's own plain-PyTorch implementation (its
 "eager" backend, the same arithmetic), which autograd differentiates in both modes. Both are active only
-inside ``differentiable_host_ops()``; inference is never affected.
+inside ``differentiable_rope()``; inference is never affected.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def _kitchen_rope_table() -> dict[object, Callable]:
 
 
 @contextmanager
-def differentiable_host_ops() -> Iterator[None]:
+def differentiable_rope() -> Iterator[None]:
     """Run a training forward (and its backward) inside this: the host's RoPE takes an autograd-capable path."""
     import comfy.model_management as mm
 
