@@ -560,6 +560,36 @@ def compile_table(result: dict) -> str:
                             f"| {r['compile_graphs']['sparse']} / {r['compile_graph_breaks']['sparse']} |")
 
 
+FAMILY_NAMES = ("flux1_kontext", "flux2_klein", "qwen_image_edit", "mage_flow", "krea2", "longcat_image_edit",
+                "z_image_omni", "joyimage_edit")
+
+
+def family_main(args) -> int:
+    """``--family NAME``: dense vs sparse on that family's tiny real model (CPU)."""
+    import torch
+    from packload import load_harness, load_testpack
+
+    if args.family not in FAMILY_NAMES:
+        print(f"--family: expected one of {', '.join(FAMILY_NAMES)}, got {args.family!r}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import_comfy("cpu")
+    load_pack()
+    load_harness()
+    load_testpack()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from family_bench import family_table, run_family
+
+    result = run_family(args.family, [k for k in args.keeps if k < 1.0] or [0.5], 1 if args.warmup is None else
+                        args.warmup, args.repeats or (3 if args.quick else 7))
+    print(family_table(result))
+    if args.json:
+        write_json(args.json, result)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -581,7 +611,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile", nargs="?", const="auto", default=None, metavar="BACKEND",
                     help="also time both models compiled through core's torch.compile wrapper (default backend: "
                          "inductor on cuda, aot_eager on cpu)")
+    ap.add_argument("--family", default=None, help="time one reference family's tiny real model instead (see "
+                    "benchmarks/family_bench.py): " + ", ".join(FAMILY_NAMES))
     args = ap.parse_args(argv)
+    if args.family is not None:
+        return family_main(args)
     cuda = args.device.startswith("cuda")
     if args.compile == "auto":
         args.compile = "inductor" if cuda else "aot_eager"

@@ -32,6 +32,7 @@ import torch
 
 from .cache_run import CacheForward
 from .config import SparseContextConfig
+from .families import FAMILIES, ReferenceFamily, cache_refusal, match_family, why_dense
 from .neighbors import check_neighbors, dense_reason, unwrap_compiled
 from .planning import latent_token_grid, needs_attention
 from .reference_cache import JoinBuffer
@@ -45,19 +46,26 @@ RUN_KEY = "sparse_context_run"  # transformer_options key of the per-run ``Spars
 KEEP_KEY = "sparse_context_keep"  # forward kwarg: the forward's ``ForwardKeep``
 WRAPPER_KEY = "sparse_context"  # key of our wrappers, so they can be found and removed
 
-#: Diffusion-model classes whose references are appended after the target through ``process_img``.
-SUPPORTED_CLASSES = {
-    "comfy.ldm.flux.model.Flux": "Flux (FLUX.1 Kontext, FLUX.2 dev/klein)",
-    "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel": "Qwen-Image(-Edit)",
-}
+#: Diffusion-model classes whose references the patch thins (one adapter each, ``families``).
+SUPPORTED_CLASSES = {f.class_path: f.name for f in FAMILIES}
+_HOOKS = tuple(dict.fromkeys(f.hook for f in FAMILIES))  # the methods a subsetter may be installed on
 
 _UNPLANNED = object()  # KEEP_KEY absent: a direct forward call that did not go through apply_model
 
 
 def model_family(diffusion_model: torch.nn.Module) -> str | None:
-    """A supported family's name, or None (exact class match: subclasses may order tokens differently)."""
-    cls = type(diffusion_model)
-    return SUPPORTED_CLASSES.get(f"{cls.__module__}.{cls.__qualname__}")
+    """A supported family's name, or None (an adapter's class, or a subclass that inherits its hooked method)."""
+    match = match_family(diffusion_model)
+    return match.family.name if match is not None else None
+
+
+def _subsetter(diffusion_model) -> ReferenceSubsetter | None:
+    """The model's ``ReferenceSubsetter`` (on its family's hook), or None."""
+    for hook in _HOOKS:
+        found = getattr(diffusion_model, hook, None)
+        if isinstance(found, ReferenceSubsetter):
+            return found
+    return None
 
 
 class _PerThread(threading.local):
@@ -69,16 +77,17 @@ class _PerThread(threading.local):
 
 
 class ReferenceSubsetter:
-    """Object patch for ``diffusion_model.process_img``: returns a reference's kept tokens and ids.
+    """Object patch for the family's hook (``diffusion_model.process_img``): a reference's kept tokens and ids.
 
     Calls that are not one of the current forward's references (the target image, or any call when
     no forward is active) and references that keep every token pass through unchanged (no copy).
     The forward in flight is per thread: core's MultiGPU runs forwards of one model in several threads.
     """
 
-    def __init__(self, original, patch_size: int, positions: dict[str, int]):
+    def __init__(self, original, patch_size: int, positions: dict[str, int], family: ReferenceFamily):
         self.original = original
         self.patch_size = patch_size
+        self.family = family
         self.positions = positions  # the model's ``_forward`` parameter name -> its position
         self._local = _PerThread()
         self.warned = False
@@ -102,7 +111,7 @@ class ReferenceSubsetter:
     def activate(self, refs, keep: ForwardKeep) -> _ActiveForward | None:
         """This thread's calls keep ``keep`` of ``refs`` from now; returns what was active before."""
         previous = self.active
-        self._local.active = _ActiveForward(list(refs), tuple(keep), self.patch_size)
+        self._local.active = _ActiveForward(list(refs), tuple(keep), self.patch_size, self.family)
         return previous
 
     def restore(self, previous: _ActiveForward | None) -> None:
@@ -126,24 +135,24 @@ class ReferenceSubsetter:
         idx = active.indices[position]
         if idx is None:
             return out
-        tokens, ids = out[0], out[1]
-        if tokens.shape[1] != active.totals[position]:
+        model, total = getattr(self.original, "__self__", None), active.totals[position]
+        count, expected = self.family.hook_tokens(out, model).shape[1], self.family.hooked_count(total, model)
+        if count != expected:
             raise RuntimeError(
-                f"SparseContext: reference #{position + 1} became {tokens.shape[1]} tokens, expected "
-                f"{active.totals[position]}; this ComfyUI version patchifies differently. Disable Apply "
+                f"SparseContext: reference #{position + 1} became {count} tokens, expected "
+                f"{expected}; this ComfyUI version patchifies differently. Disable Apply "
                 "Sparse Context and please report the ComfyUI version."
             )
-        # Tokens and their position ids are always taken with the same index.
-        return (tokens.index_select(1, idx), ids.index_select(1, idx.to(ids.device)), *out[2:])
+        return self.family.take(out, idx, total, model)
 
 
 class _ActiveForward:
     """The references of the forward in flight and what each keeps (made inside the traced forward)."""
 
-    def __init__(self, refs: list[torch.Tensor], keep: ForwardKeep, patch_size: int):
+    def __init__(self, refs: list[torch.Tensor], keep: ForwardKeep, patch_size: int, family: ReferenceFamily):
         self.refs = refs[:len(keep)]
         self.indices = keep
-        self.totals = [math.prod(latent_token_grid(tuple(r.shape), patch_size)) for r in self.refs]
+        self.totals = [math.prod(family.token_grid(tuple(r.shape), patch_size)) for r in self.refs]
         self._calls = 0
         self.thinned: set[int] = set()
 
@@ -155,10 +164,12 @@ class _ActiveForward:
                 found = i
                 break
         if found is None:
-            # Fallback for versions that convert references before patchifying: call 1 is the target,
-            # the calls after it come in reference order; accept only when the shape matches.
+            # Fallback for models that convert references before patchifying (repeated to the batch, time folded
+            # into it): call 1 is the target, the calls after it come in reference order; accept only a reference
+            # not found yet, of the same spatial size.
             i = self._calls - 2
-            if 0 <= i < len(self.refs) and tuple(x.shape) == tuple(self.refs[i].shape):
+            if (0 <= i < len(self.refs) and i not in self.thinned
+                    and tuple(x.shape[-2:]) == tuple(self.refs[i].shape[-2:])):
                 found = i
         if found is not None:
             self.thinned.add(found)
@@ -261,7 +272,8 @@ def sparse_apply_model_wrapper(executor, *args, **kwargs):
     if not isinstance(patch, SparseContextPatch) or not isinstance(run, SparseRun):
         return executor(*args, **kwargs)
     context = named.get("c_crossattn")
-    step = plan_step(run, patch, options, named.get("ref_latents"), named.get(BINDING_KEY), named["x"],
+    refs = named.get("ref_latents") if _uses_references(patch, named, executor.class_obj) else None
+    step = plan_step(run, patch, options, refs, named.get(BINDING_KEY), named["x"],
                      int(context.shape[1]) if context is not None else 0)
     _check_subsetter(executor.class_obj.diffusion_model, run, step)
     if step is CACHED:
@@ -269,10 +281,16 @@ def sparse_apply_model_wrapper(executor, *args, **kwargs):
     return executor(*args, **kwargs, **{KEEP_KEY: step})
 
 
+def _uses_references(patch: SparseContextPatch, named: dict, base_model) -> bool:
+    """Whether the model will append the references at all (Krea 2 needs a reference method)."""
+    family = patch.family
+    return family is None or family.uses_references(named, getattr(base_model, "diffusion_model", None))
+
+
 def _check_subsetter(diffusion_model, run: SparseRun, step) -> None:
-    """If the subsetter is no longer the model's ``process_img`` (another node replaced it after Apply Sparse
+    """If the subsetter is no longer on the model's hooked method (another node replaced it after Apply Sparse
     Context), a step that would thin runs dense: the user is told once per run, in the log and the report."""
-    if isinstance(getattr(diffusion_model, "process_img", None), ReferenceSubsetter):
+    if _subsetter(diffusion_model) is not None:
         return
     if step is not None and not run.warned_subsetter:
         run.warned_subsetter = True
@@ -284,6 +302,8 @@ def _check_subsetter(diffusion_model, run: SparseRun, step) -> None:
 
 def _run_keep(executor, subsetter: ReferenceSubsetter, args: tuple, kwargs: dict, refs, keep: ForwardKeep):
     """Run the model with the subsetter keeping ``keep`` of ``refs``; warn once if a reference slipped past."""
+    if subsetter.family.packs:  # JoyImage: thinned references reach the model as strips of their kept patches
+        args, kwargs = _with_argument(executor.original, args, kwargs, "ref_latents", subsetter.pack(refs, keep))
     previous = subsetter.activate(refs, keep)  # (plain try/finally: this runs inside torch.compile's trace)
     active = subsetter.active
     try:
@@ -305,8 +325,8 @@ def sparse_forward_wrapper(executor, *args, **kwargs):
     and constants around.
     """
     keep = kwargs.pop(KEEP_KEY, _UNPLANNED)
-    subsetter = getattr(executor.class_obj, "process_img", None)
-    if not isinstance(subsetter, ReferenceSubsetter):
+    subsetter = _subsetter(executor.class_obj)
+    if subsetter is None:
         return executor(*args, **kwargs)
     if keep is _UNPLANNED:
         return _planned_forward(executor, subsetter, args, kwargs)
@@ -324,13 +344,14 @@ def _planned_forward(executor, subsetter: ReferenceSubsetter, args: tuple, kwarg
     options = named.get("transformer_options")
     patch = (options or {}).get(PATCH_KEY)
     refs = named.get("ref_latents")
-    if not isinstance(patch, SparseContextPatch) or not refs:
+    family = subsetter.family
+    if not isinstance(patch, SparseContextPatch) or not refs or not family.uses_references(named, executor.class_obj):
         return executor(*args, **kwargs)
     run = options.get(RUN_KEY)
     if not isinstance(run, SparseRun):
         run = patch.new_run()
-    context = named.get("context")
-    step = plan_step(run, patch, options, refs, named.get(BINDING_KEY), named["x"],
+    x, context = family.target(named), family.context(named)
+    step = plan_step(run, patch, options, refs, named.get(BINDING_KEY), x,
                      int(context.shape[1]) if context is not None else 0)
     if step is None:
         return executor(*args, **kwargs)
@@ -339,7 +360,7 @@ def _planned_forward(executor, subsetter: ReferenceSubsetter, args: tuple, kwarg
     refs = list(refs)
     binding = run.binding_for(named.get(BINDING_KEY), len(refs))
     text = int(context.shape[1]) if context is not None else 0
-    _, plans = run.forward_plans(refs, binding, patch.patch_size, text, _tokens(named["x"], patch.patch_size))
+    _, plans = run.forward_plans(refs, binding, patch.patch_size, text, _tokens(x, patch.patch_size))
     selections = run.selections(binding, len(refs))
     fwd = CacheForward(executor, named, refs, plans, needs_attention(selections, run.config), selections, run.config,
                        subsetter.activated, attention_blocks(executor.class_obj), patch.patch_size,
@@ -520,7 +541,8 @@ def unsupported_reason(model) -> str | None:
     diffusion_model = unwrap_compiled(model.get_model_object("diffusion_model"))
     if model_family(diffusion_model) is not None:
         return None
-    return dense_reason(diffusion_model, ", ".join(SUPPORTED_CLASSES.values()))
+    reason, known = dense_reason(diffusion_model, ", ".join(SUPPORTED_CLASSES.values())), why_dense(diffusion_model)
+    return f"{reason}; {known}" if known else reason
 
 
 def apply_sparse_context(model, config: SparseContextConfig):
@@ -533,18 +555,26 @@ def apply_sparse_context(model, config: SparseContextConfig):
     clone = model.clone()
     # a torch.compile wrapper (a compile node before this one) forwards object patches to the module it compiles
     diffusion_model = unwrap_compiled(clone.get_model_object("diffusion_model"))
-    family = model_family(diffusion_model)
-    if family is None:
+    match = match_family(diffusion_model)
+    if match is None:
         log.warning("SparseContext: %s; its references run dense.", unsupported_reason(clone))
         return clone
     check_neighbors(clone.model_options, diffusion_model, config)
-    original = clone.get_model_object("diffusion_model.process_img")
+    family = match.family
+    refusal = cache_refusal(match)
+    if refusal is not None and config.enabled and (config.cache != "off" or config.rule == "attention"):
+        raise ValueError(f"cache: SparseContext cannot run cache={config.cache!r} or rule={config.rule!r} on this "
+                         f"model: {refusal}. Set cache to off and the rule to grid, random or detail.")
+    hook = f"diffusion_model.{family.hook}"
+    original = clone.get_model_object(hook)
     if isinstance(original, ReferenceSubsetter):  # applied twice: replace, do not stack
         original = original.original
-    patch_size = int(getattr(diffusion_model, "patch_size", 1))
-    clone.add_object_patch("diffusion_model.process_img",
-                           ReferenceSubsetter(original, patch_size, _positions(diffusion_model._forward)))
-    patch = clone.model_options["transformer_options"][PATCH_KEY] = SparseContextPatch(config, patch_size)
+    patch_size = family.patch_size(diffusion_model)
+    subsetter = ReferenceSubsetter
+    if family.packs:
+        from .packed import ComponentRopeSubsetter as subsetter
+    clone.add_object_patch(hook, subsetter(original, patch_size, _positions(diffusion_model._forward), family))
+    patch = clone.model_options["transformer_options"][PATCH_KEY] = SparseContextPatch(config, patch_size, family)
     for kind, wrapper in ((WrappersMP.OUTER_SAMPLE, sparse_outer_sample_wrapper),
                           (WrappersMP.PREPARE_SAMPLING, sparse_prepare_sampling_wrapper),
                           (WrappersMP.APPLY_MODEL, sparse_apply_model_wrapper),

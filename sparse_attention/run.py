@@ -196,9 +196,10 @@ class SparseRun:
 class SparseContextPatch:
     """Held in the patched clone's transformer_options; makes one ``SparseRun`` per sampling run."""
 
-    def __init__(self, config: SparseContextConfig, patch_size: int = 1):
+    def __init__(self, config: SparseContextConfig, patch_size: int = 1, family=None):
         self.config = config
         self.patch_size = patch_size  # the diffusion model's patchify size (token grids of latents)
+        self.family = family  # the model's ``families.ReferenceFamily`` (None: appends every reference)
         self.last_report: dict[str, Any] | None = None  # the latest sampling run's report (None: nothing thinned)
         self.store = CacheStore(max_mib=config.cache_mib)  # reference_only keys/values, across runs
 

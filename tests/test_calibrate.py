@@ -22,7 +22,8 @@ KEEPS = "0.1, 0.25, 0.5, 0.75"
 def _setup(family: str = "flux1_kontext", refs: int = 2):
     model = sc_testpack.build_model_patcher(family, seed=1)
     references = [sc_testpack.make_latent(family, 10 + i, 128, 128) for i in range(refs)]
-    positive = with_references(sc_testpack.make_conditioning(family, 3), references)
+    method = "index" if family == "krea2" else None  # Krea 2 appends references only with a method
+    positive = with_references(sc_testpack.make_conditioning(family, 3), references, method)
     latent = {"samples": torch.zeros_like(sc_testpack.make_latent(family, 5, 64, 64))}
     return model, positive, latent
 
@@ -38,7 +39,14 @@ def _psnrs(report: str) -> dict[float, float]:
     return {float(r.split()[1].rstrip(":")): float(r.split("PSNR ")[1].split()[0]) for r in rows}
 
 
-@pytest.mark.parametrize("family", ["flux1_kontext", "flux2_klein", "qwen_image_edit"])
+def _on_host(family: str):
+    lacks = sc_testpack.host_lacks(family)
+    return pytest.param(family, marks=pytest.mark.skipif(lacks is not None, reason=f"ComfyUI: {lacks}"))
+
+
+@pytest.mark.parametrize("family", ["flux1_kontext", "flux2_klein", "qwen_image_edit",
+                                    *map(_on_host, ["mage_flow", "krea2", "longcat_image_edit", "z_image_omni",
+                                                     "joyimage_edit"])])
 def test_recommended_keep_stays_within_the_threshold(family):
     model, positive, latent = _setup(family)
     _, _, report = _calibrate(model, positive, latent, 0.0)

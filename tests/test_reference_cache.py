@@ -22,11 +22,13 @@ from sparse_context.selectors import Budget
 from sparse_context.sparse_attention import PATCH_KEY, SparseContextConfig, apply_sparse_context
 from sparse_context.sparse_attention.planning import plan_references
 
-FAMILIES = ["flux1_kontext", "flux2_klein", "qwen_image_edit"]
+_MAGE = sc_testpack.host_lacks("mage_flow")
+FAMILIES = ["flux1_kontext", "flux2_klein", "qwen_image_edit",
+            pytest.param("mage_flow", marks=pytest.mark.skipif(_MAGE is not None, reason=f"ComfyUI: {_MAGE}"))]
 
 
 def _pixels_per_token(family: str) -> int:
-    return sc_testpack.SPECS[family].downscale * (1 if family == "flux2_klein" else 2)
+    return sc_testpack.SPECS[family].pixels_per_token
 
 
 def _case(family: str, ref_seed: int = 20, method: str | None = None):

@@ -267,6 +267,8 @@ def test_unsupported_reference_model_runs_dense_and_says_so(caplog):
     with caplog.at_level("WARNING", logger="SparseContext"):
         patched = apply_sparse_context(model, _config(0.5))
     assert "not a supported model" in caplog.text and "run dense" in caplog.text
+    # the warning says why, and which hook core would need (README's model table, sparse_attention/families/dense.py)
+    assert "OmniGen2: no official hook gives an exact route" in caplog.text and "WrapperExecutor" in caplog.text
     assert not patched.object_patches and PATCH_KEY not in patched.model_options["transformer_options"]
 
 

@@ -313,7 +313,20 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-@pytest.mark.parametrize("family", ["flux2_klein", "qwen_image_edit"])
+def _on_host(family: str):
+    import sc_testpack
+
+    lacks = sc_testpack.host_lacks(family)
+    return pytest.param(family, marks=pytest.mark.skipif(lacks is not None, reason=f"ComfyUI: {lacks}"))
+
+
+LORA_FAMILY = {"flux2_klein": "flux2", "qwen_image_edit": "qwen_image", "mage_flow": "mage_flow", "krea2": "krea2",
+               "longcat_image_edit": "longcat_image", "z_image_omni": "z_image"}
+
+
+@pytest.mark.parametrize("family", ["flux2_klein", "qwen_image_edit", *map(_on_host, ["mage_flow", "krea2",
+                                                                                      "longcat_image_edit",
+                                                                                      "z_image_omni"])])
 def test_other_families_train_with_two_sparse_references(family, tmp_path):
     import sc_testpack
 
@@ -321,16 +334,22 @@ def test_other_families_train_with_two_sparse_references(family, tmp_path):
     mp = sc_testpack.build_model_patcher(family, 0)
     context, extra = sc_testpack.make_conditioning(family, 1)[0]
     ref = sc_testpack.make_latent(family, 3, 64, 64)
+    method = "index" if family == "krea2" else None  # Krea 2 appends references only with a method
     example = tr.TrainingExample(ref.flip(1).clone(), [ref, sc_testpack.make_latent(family, 4, 32, 64)], context,
-                                 extra["pooled_output"])
+                                 extra["pooled_output"], reference_method=method)
+    hooked = family not in ("krea2", "z_image_omni")  # core has no block-replacement hook for these
+    if not hooked:
+        with pytest.raises(ValueError, match="gradient_checkpointing: ComfyUI calls this model's transformer blocks"):
+            tr.LoraTrainer(mp, tr.LoraConfig(rank=2, alpha=2.0, targets="attention"), tr.TrainConfig(steps=2))
     trainer = tr.LoraTrainer(mp, tr.LoraConfig(rank=2, alpha=2.0, targets="attention"),
                              tr.TrainConfig(steps=2, keep_ratios=tr.KeepRatioDistribution(kind="fixed", low=0.5,
-                                                                                          dense_share=0.0)))
+                                                                                          dense_share=0.0),
+                                            gradient_checkpointing=hooked))
     losses = trainer.fit([example], progress=False)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert [r["kept"] for r in trainer.last_report["references"]] == [8, 4]  # half of 16 and of 8 tokens
     sd, meta = tr.load_lora_file(trainer.save(tmp_path / "l.safetensors"))
-    assert meta.family == {"flux2_klein": "flux2", "qwen_image_edit": "qwen_image"}[family]
+    assert meta.family == LORA_FAMILY[family]
     assert tr.match_lora(mp, sd).ok and len(tr.match_lora(mp, sd).matched) == len(trainer.lora.deltas) > 0
 
 

@@ -32,6 +32,9 @@ from .rope_autograd import differentiable_rope
 BLOCK_LISTS = {
     "flux": (("double_block", "double_blocks"), ("single_block", "single_blocks")),
     "qwen_image": (("double_block", "transformer_blocks"),),
+    # core calls these blocks without a block-replacement hook: counted (memory estimate), never checkpointed
+    "krea2": ((None, "blocks"),),
+    "z_image": ((None, "layers"),),
 }
 
 
@@ -184,6 +187,10 @@ def add_block_checkpointing(model_patcher, arch: str, params_by_module: dict[str
     existing = model_patcher.model_options.get("transformer_options", {}).get("patches_replace", {}).get("dit", {})
     count = 0
     for kind, i, path, module in blocks(dm, arch):
+        if kind is None:
+            raise ValueError("gradient_checkpointing: ComfyUI calls this model's transformer blocks without a "
+                             "block-replacement hook (patches_replace['dit']), so they cannot be checkpointed; turn "
+                             "gradient_checkpointing off")
         if (kind, i) in existing:
             raise ValueError("gradient_checkpointing: this model already has a block replacement (from another node) "
                              f"at {kind} {i}; turn gradient_checkpointing off or train the model without that patch")

@@ -45,6 +45,15 @@ TARGET_PRESETS: dict[str, dict[str, list[str]]] = {
         + ["transformer_blocks.*.img_mlp.*"],
     },
 }
+# Krea 2 is single-stream and Z-Image's blocks see every token: "image_stream" is their attention and MLP too.
+_KREA2_ATTENTION = [f"blocks.*.attn.{n}" for n in ("wq", "wk", "wv", "wo", "gate")]
+_KREA2_MLP = [f"blocks.*.mlp.{n}" for n in ("gate", "up", "down")]
+_Z_IMAGE_ATTENTION = ["layers.*.attention.qkv", "layers.*.attention.out"]
+_Z_IMAGE_MLP = ["layers.*.feed_forward.w1", "layers.*.feed_forward.w2", "layers.*.feed_forward.w3"]
+TARGET_PRESETS["krea2"] = {"attention": _KREA2_ATTENTION, "attention_mlp": _KREA2_ATTENTION + _KREA2_MLP,
+                           "image_stream": _KREA2_ATTENTION + _KREA2_MLP}
+TARGET_PRESETS["z_image"] = {"attention": _Z_IMAGE_ATTENTION, "attention_mlp": _Z_IMAGE_ATTENTION + _Z_IMAGE_MLP,
+                             "image_stream": _Z_IMAGE_ATTENTION + _Z_IMAGE_MLP}
 PRESET_NAMES = ("attention", "attention_mlp", "image_stream")
 
 
@@ -73,7 +82,7 @@ class LoraConfig:
 
 
 def target_patterns(targets: str, arch: str) -> list[str]:
-    """Glob patterns of a preset (for architecture ``arch``: "flux" or "qwen_image") or a glob list."""
+    """Glob patterns of a preset (for architecture ``arch``, a ``TARGET_PRESETS`` key) or a glob list."""
     name = targets.strip()
     if name in PRESET_NAMES:
         presets = TARGET_PRESETS.get(arch)
@@ -184,7 +193,7 @@ def attach_lora(model_patcher, config: LoraConfig, arch: str, seed: int = 0,
     Args:
         model_patcher: a ComfyUI ``ModelPatcher`` (left untouched).
         config: rank, alpha, targets.
-        arch: "flux" or "qwen_image" (picks the target presets).
+        arch: a ``TARGET_PRESETS`` key (picks the target presets).
         seed: seeds ``lora_down``'s init, per module (stable across runs and module order).
         dtype: dtype of the LoRA parameters.
     Returns:

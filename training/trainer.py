@@ -38,6 +38,7 @@ import torch
 
 from ..selectors import Budget
 from ..sparse_attention import RUN_KEY, SparseContextConfig, SparseContextPatch, apply_sparse_context
+from ..sparse_attention.families import match_family
 from . import distributed, resume
 from .autograd import clone_saved_tensors
 from .base_weights import (
@@ -187,9 +188,12 @@ class LoraTrainer:
         cpu = torch.device("cpu")
         _, inputs = apply_model_inputs(self.model.model, example, torch.zeros(example.target.shape), torch.ones(1), cpu)
         text = inputs["c_crossattn"].shape[1] if "c_crossattn" in inputs else example.context.shape[1]
-        tokens = sequence_tokens(example, text, int(dm.patch_size), self.config.keep_ratios.largest())
-        hidden = int(getattr(dm, "hidden_size", None) or dm.inner_dim)
-        heads = int(self.architecture.get("num_heads") or self.architecture["num_attention_heads"])
+        arch = self.architecture  # Krea 2 names its sizes features/heads, Z-Image dim/n_heads
+        patch = match_family(dm).family.patch_size(dm)  # Krea 2's attribute is ``patch``
+        tokens = sequence_tokens(example, text, patch, self.config.keep_ratios.largest())
+        hidden = int(getattr(dm, "hidden_size", None) or getattr(dm, "inner_dim", None) or arch.get("features")
+                     or arch["dim"])
+        heads = int(arch.get("num_heads") or arch.get("num_attention_heads") or arch.get("heads") or arch["n_heads"])
         lora_bytes = sum(p.numel() * p.element_size() for p in self.lora.parameters())
         return estimate_memory([(m, kind == "double_block") for kind, _, _, m in blocks(dm, self.arch)], hidden,
                                heads, tokens, int(example.target.shape[0]), self._dtype(), lora_bytes,

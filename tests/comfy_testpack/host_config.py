@@ -36,22 +36,63 @@ def _qwen_keys(inner: int, in_channels: int, context: int, layers: int, out: int
     return keys
 
 
+def _krea2_keys(features: int, channels: int, layers: int, txtlayers: int, txtdim: int) -> dict[str, tuple[int, ...]]:
+    keys = {"txtfusion.projector.weight": (1, txtlayers), "first.weight": (features, channels * 4),
+            "txtfusion.layerwise_blocks.0.prenorm.scale": (txtdim,)}
+    for i in range(layers):
+        keys[f"blocks.{i}.attn.wq.weight"] = (features, features)
+        keys[f"blocks.{i}.attn.wk.weight"] = (features, features)
+    return keys
+
+
+def _z_image_keys(cap_feat_dim: int, layers: int, siglip_feat_dim: int) -> dict[str, tuple[int, ...]]:
+    """Z-Image (omni): detection reads the 3840 width from the caption embedder (the tiny width is set by the
+    caller), the 32-token padding from ``cap_pad_token`` and the SigLIP width from its embedder."""
+    keys = {"cap_embedder.1.weight": (3840, cap_feat_dim), "noise_refiner.0.attention.k_norm.weight": (16,),
+            "cap_pad_token": (1, 3840), "siglip_embedder.0.weight": (siglip_feat_dim,)}
+    for i in range(layers):
+        keys[f"layers.{i}.attention.k_norm.weight"] = (16,)
+    return keys
+
+
+def _joyimage_keys(hidden: int, in_channels: int, head_dim: int, layers: int) -> dict[str, tuple[int, ...]]:
+    keys = {"img_in.weight": (hidden, in_channels, 1, 2, 2), "condition_embedder.time_embedder.linear_1.weight":
+            (hidden, 256)}
+    for i in range(layers):
+        keys[f"double_blocks.{i}.attn.img_attn_qkv.weight"] = (3 * hidden, hidden)
+        keys[f"double_blocks.{i}.attn.img_attn_q_norm.weight"] = (head_dim,)
+    return keys
+
+
 def checkpoint_keys(image_model: str, sizes: dict) -> dict[str, torch.Tensor]:
-    """Meta tensors under the key names of a real ``image_model`` checkpoint ("flux", "flux2", "qwen_image"),
-    shaped by ``sizes`` (the unet-config names: hidden_size, in_channels, depth, ...)."""
+    """Meta tensors under the key names of a real ``image_model`` checkpoint ("flux", "flux2", "qwen_image",
+    "mage_flow", "krea2"), shaped by ``sizes`` (the unet-config names: hidden_size, in_channels, depth, ...).
+    Mage-Flow is told from Qwen-Image by its text-norm (2560) and output (128) widths, as the host's detection does."""
     s = sizes
     if image_model in ("flux", "flux2"):
         head_dim = s["hidden_size"] // s["num_heads"]
         shapes = _flux_keys(s["hidden_size"], s["in_channels"], s["patch_size"], s["context_in_dim"], head_dim,
                             s["depth"], s["depth_single_blocks"], s.get("vec_in_dim"), s.get("guidance_embed", False),
                             image_model == "flux2")
-    elif image_model == "qwen_image":
+    elif image_model in ("qwen_image", "mage_flow"):
         inner = s["num_attention_heads"] * s["attention_head_dim"]
+        patch = s.get("patch_size", 1)
         shapes = _qwen_keys(inner, s["in_channels"], s["joint_attention_dim"], s["num_layers"],
-                            s["patch_size"] ** 2 * s["out_channels"])
+                            patch ** 2 * s["out_channels"])
+    elif image_model == "lumina2":
+        shapes = _z_image_keys(s["cap_feat_dim"], s["n_layers"], s["siglip_feat_dim"])
+    elif image_model == "joyimage":
+        shapes = _joyimage_keys(s["hidden_size"], s["in_channels"], s["hidden_size"] // s["num_attention_heads"],
+                                s["num_layers"])
+    elif image_model == "krea2":
+        shapes = _krea2_keys(s["features"], s["channels"], s["layers"], s["txtlayers"], s["txtdim"])
     else:
         raise ValueError(f"no checkpoint layout for image_model {image_model!r}")
     return {k: torch.empty(shape, device="meta") for k, shape in shapes.items()}
+
+
+class HostLacksModel(ValueError):
+    """The running ComfyUI does not have this model (its detection reads the keys as another one)."""
 
 
 def host_model_config(state_dict: dict, unet_overrides: dict, dtype: torch.dtype = torch.float32,
@@ -66,8 +107,12 @@ def host_model_config(state_dict: dict, unet_overrides: dict, dtype: torch.dtype
     import comfy.supported_models
 
     unet = comfy.model_detection.detect_unet_config(state_dict, "")
+    wanted = unet_overrides.get("image_model")
     if unet is None:
-        raise ValueError("this ComfyUI's model detection does not recognise the checkpoint layout")
+        raise HostLacksModel(f"this ComfyUI's model detection does not recognise the {wanted!r} checkpoint layout")
+    if wanted is not None and unet.get("image_model") != wanted:
+        raise HostLacksModel(f"this ComfyUI's model detection has no {wanted!r} (it reads these keys as "
+                             f"{unet.get('image_model')!r})")
     unet.update(unet_overrides)
     if model_config is not None:
         config = getattr(comfy.supported_models, model_config)(unet)

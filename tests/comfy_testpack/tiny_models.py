@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .host_config import checkpoint_keys, host_model_config
+from .host_config import HostLacksModel, checkpoint_keys, host_model_config
 
 # Families: the SIZES of each tiny model (hidden size 32-64, one or two blocks, rope axes summing to the head
 # dimension) and the checkpoint keys they imply. Everything structural (rope theta, modulation, biases, the
@@ -32,7 +32,37 @@ FAMILIES: dict[str, dict] = {
         image_model="qwen_image", patch_size=2, in_channels=64, out_channels=16, num_layers=1,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6),
     ),
+    # Detection tells Mage-Flow from Qwen-Image by its 2560-wide text norm and 128-channel output (0.29+).
+    "mage_flow": dict(
+        image_model="mage_flow", in_channels=128, out_channels=128, num_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=2560, axes_dims_rope=(4, 6, 6),
+    ),
+    # Krea 2 (0.26+, references 0.29+): detection hard-codes 128-wide heads, so the head counts are set here.
+    "krea2": dict(
+        image_model="krea2", features=64, channels=16, patch=2, layers=1, heads=2, kvheads=1, txtlayers=2,
+        txtdim=16, txtheads=2, txtkvheads=2,
+    ),
+    # LongCat-Image(-Edit) (0.30+): core's Flux class; detection picks it by its 3584-wide text input.
+    "longcat_image_edit": dict(
+        image_model="flux", in_channels=16, context_in_dim=3584, hidden_size=32, num_heads=2, depth=1,
+        depth_single_blocks=1, axes_dim=[4, 6, 6], patch_size=2, guidance_embed=False,
+    ),
+    # Z-Image omni (0.10+): references with their own captions and SigLIP features (``TextEncodeZImageOmni``);
+    # its modulation needs a width of at least 256.
+    "z_image_omni": dict(
+        image_model="lumina2", patch_size=2, in_channels=16, dim=256, n_layers=1, n_refiner_layers=1, n_heads=8,
+        n_kv_heads=8, axes_dims=[8, 12, 12], cap_feat_dim=16, siglip_feat_dim=16,
+    ),
+    # JoyImage-Edit (0.29+): core fixes its RoPE axes to (16, 56, 56), so one 128-wide head; text width 4096.
+    "joyimage_edit": dict(image_model="joyimage", in_channels=16, hidden_size=128, num_attention_heads=1, num_layers=1),
 }
+
+#: Families that share an ``image_model`` with another: the ``supported_models`` config the host must pick.
+EXPECTED_CONFIG = {"longcat_image_edit": "LongCatImage"}
+#: Families detection picks by the full-size width (overridden for the tiny model): the config to build.
+MODEL_CONFIG = {"z_image_omni": "ZImage"}
+#: A unet-config field only hosts with the family's reference path detect.
+HOST_FIELD = {"z_image_omni": "siglip_feat_dim"}
 
 
 @dataclass(frozen=True)
@@ -43,13 +73,24 @@ class FamilySpec:
     downscale: int  # pixels per latent cell
     context_dim: int
     pooled_dim: int | None
-    video_latent: bool  # Qwen-Image uses 5-D (B, C, T, H, W) latents inside the model
+    video_latent: bool  # Qwen-Image and Krea 2 use 5-D (B, C, T, H, W) latents (Wan VAEs)
+    timestep_arg: str = "timestep"  # the forward's name of the timestep (Krea 2: ``timesteps``)
+    flux_conds: bool = False  # the forward takes FLUX's ``y`` and ``guidance``
+    pixels_per_token: int = 16  # pixels per token (downscale x patch size)
+    num_tokens: bool = False  # the forward takes the text length (Lumina 2 / Z-Image)
+    target_arg: str = "x"  # the forward's name of the noisy latent (JoyImage: ``hidden_states``)
 
 
 SPECS = {
-    "flux1_kontext": FamilySpec(16, 8, 16, 8, False),
-    "flux2_klein": FamilySpec(128, 16, 16, None, False),
+    "flux1_kontext": FamilySpec(16, 8, 16, 8, False, flux_conds=True),
+    "flux2_klein": FamilySpec(128, 16, 16, None, False, flux_conds=True),
     "qwen_image_edit": FamilySpec(16, 8, 16, None, True),
+    "mage_flow": FamilySpec(128, 16, 2560, None, False),
+    # Krea 2: Wan 2.1 VAE latents (B, C, T, H, W); context: txtlayers x txtdim
+    "krea2": FamilySpec(16, 8, 32, None, True, timestep_arg="timesteps"),
+    "longcat_image_edit": FamilySpec(16, 8, 3584, None, False, flux_conds=True),
+    "z_image_omni": FamilySpec(16, 8, 16, None, False, timestep_arg="timesteps", num_tokens=True),
+    "joyimage_edit": FamilySpec(16, 8, 4096, None, True, target_arg="hidden_states"),
 }
 
 
@@ -64,7 +105,26 @@ def _model_config(family: str):
     keys = checkpoint_keys(sizes["image_model"], sizes)
     if marker is not None:
         keys[marker] = torch.empty(0, device="meta")
-    return host_model_config(keys, sizes)
+    field = HOST_FIELD.get(base)
+    if field is not None:
+        import comfy.model_detection
+
+        if field not in (comfy.model_detection.detect_unet_config(keys, "") or {}):
+            raise HostLacksModel(f"this ComfyUI's model detection reads no {field} ({base}'s reference path)")
+    config = host_model_config(keys, sizes, model_config=MODEL_CONFIG.get(base))
+    expected = EXPECTED_CONFIG.get(base)
+    if expected is not None and type(config).__name__ != expected:
+        raise HostLacksModel(f"this ComfyUI's model detection has no {expected} (it picks {type(config).__name__})")
+    return config
+
+
+def host_lacks(family: str) -> str | None:
+    """Why the running ComfyUI cannot build ``family`` (its detection does not know the model), or None."""
+    try:
+        _model_config(family)
+    except HostLacksModel as err:
+        return str(err)
+    return None
 
 
 @torch.no_grad()
@@ -120,7 +180,7 @@ def make_conditioning(family: str, seed: int, tokens: int = 8, references: list[
 
 def make_latent(family: str, seed: int, width: int, height: int, batch: int = 1) -> torch.Tensor:
     """A seeded latent of the family's layout, as VAEEncode gives it: ``(B, C, H/d, W/d)``, or
-    ``(B, C, 1, H/d, W/d)`` for Qwen-Image, whose Wan VAE makes one-frame video latents."""
+    ``(B, C, 1, H/d, W/d)`` for Qwen-Image and Krea 2, whose Wan VAEs make one-frame video latents."""
     spec = SPECS[family]
     gen = torch.Generator().manual_seed(seed)
     shape = (batch, spec.latent_channels, height // spec.downscale, width // spec.downscale)

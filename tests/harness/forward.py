@@ -16,9 +16,12 @@ def forward_inputs(family: str, seed: int, target: tuple[int, int], refs: list[t
     gen = torch.Generator().manual_seed(seed)
     x = sc_testpack.make_latent(family, seed + 1, target[0], target[1], batch)
     references = [sc_testpack.make_latent(family, seed + 2 + i, w, h, batch) for i, (w, h) in enumerate(refs)]
-    kwargs = dict(x=x, timestep=torch.full((batch,), 0.6), context=torch.randn((batch, text_tokens, spec.context_dim), generator=gen),
-                  ref_latents=references or None)
-    if family != "qwen_image_edit":
+    kwargs = {spec.target_arg: x, spec.timestep_arg: torch.full((batch,), 0.6),
+              "context": torch.randn((batch, text_tokens, spec.context_dim), generator=gen),
+              "ref_latents": references or None}
+    if spec.num_tokens:
+        kwargs["num_tokens"] = text_tokens
+    if spec.flux_conds:
         kwargs["y"] = torch.randn((batch, spec.pooled_dim), generator=gen) if spec.pooled_dim else None
         kwargs["guidance"] = torch.full((batch,), 3.5) if family == "flux1_kontext" else None
     return kwargs
@@ -31,8 +34,10 @@ class Forward:
     plans: list | None  # the patch's plans for this forward, if the model is patched
 
 
-def run_forward(model, inputs: dict, *, probe=None, ids_probe: bool = False, **extra) -> Forward:
-    """One forward of a ModelPatcher's diffusion model with its patches and wrappers active."""
+def run_forward(model, inputs: dict, *, probe=None, ids_probe: bool = False, options: dict | None = None,
+                **extra) -> Forward:
+    """One forward of a ModelPatcher's diffusion model with its patches and wrappers active (``options``: extra
+    transformer_options entries, e.g. the ``rope_options`` a model's ``apply_model`` would set)."""
     import sc_harness.direct as direct
     from sc_harness.oracle import IdsProbe
     from sparse_context.sparse_attention import PATCH_KEY, RUN_KEY
@@ -44,8 +49,9 @@ def run_forward(model, inputs: dict, *, probe=None, ids_probe: bool = False, **e
         m.add_object_patch("diffusion_model.pe_embedder", ids)
     patch = m.model_options["transformer_options"].get(PATCH_KEY)
     run = patch.new_run() if patch is not None else None  # the forward's own run, made explicitly
+    options_extra = options
     with direct.patched_diffusion_model(m) as (dm, options), torch.no_grad():
-        options = dict(options)
+        options = {**options, **(options_extra or {})}
         if run is not None:
             options[RUN_KEY] = run
         if probe is not None:

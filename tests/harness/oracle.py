@@ -21,20 +21,24 @@ class AttentionProbe:
     references] order), hides the other keys with an additive -inf mask: the dense forward with dropped tokens
     masked out as keys."""
 
-    def __init__(self, key_keep: torch.Tensor | None = None):
+    def __init__(self, key_keep: torch.Tensor | None = None, blocks_only: bool = False):
         self.key_keep = key_keep
+        self.blocks_only = blocks_only  # pass through calls outside the transformer blocks (Krea 2's text fusion)
         self.lengths: list[int] = []  # keys per attention call
         self.query_lengths: list[int] = []
         self.reference_counts: list = []  # transformer_options["reference_image_num_tokens"] where the host records it
 
     def __call__(self, func, *args, **kwargs):
-        q, k, v, heads = args[:4]
+        q, k, v = args[:3]
+        if self.blocks_only and "block_index" not in (kwargs.get("transformer_options") or {}):
+            return func(*args, **kwargs)
         seq = 2 if kwargs.get("skip_reshape") else 1
         self.lengths.append(int(k.shape[seq]))
         self.query_lengths.append(int(q.shape[seq]))
         self.reference_counts.append((kwargs.get("transformer_options") or {}).get("reference_image_num_tokens"))
         if self.key_keep is None:
             return func(*args, **kwargs)
+        heads = args[3] if len(args) > 3 else kwargs.pop("heads")  # JoyImage passes heads by name
         mask = args[4] if len(args) > 4 else kwargs.pop("mask", None)
         add = torch.zeros(self.key_keep.shape[0], dtype=q.dtype, device=q.device)
         add[~self.key_keep.to(q.device)] = float("-inf")
