@@ -70,8 +70,9 @@ def _rows(inputs: dict, rows: list[int]) -> dict:
 
 
 def _strip_options(args: dict, extra: dict) -> dict:
-    """A block patch that calls its block without transformer_options, as TeaCache and WaveSpeed call blocks."""
-    return extra["original_block"]({k: v for k, v in args.items() if k != "transformer_options"})
+    """A block patch that calls its block without the forward's transformer_options, as TeaCache and WaveSpeed call
+    blocks (an empty dict: newer blocks read options from it, while the override it would carry is gone)."""
+    return extra["original_block"]({**args, "transformer_options": {}})
 
 
 def _without_options(model, kinds=("double_block", "single_block")):

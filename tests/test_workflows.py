@@ -194,7 +194,7 @@ ALIGNED_EDITS = ("sparse_kontext_edit_edge", "sparse_masked_edit", "sparse_dense
 def test_aligned_edit_workflows_keep_what_the_evidence_recommends(name):
     """An aligned edit copies every token it does not change: the natural-image run's recommended keep for edits
     (with the drop-robust fine-tune; none without) is the floor, and the note says how to go lower."""
-    evidence = json.loads((REPO / "docs" / "natural.json").read_text(encoding="utf-8"))["summary"]["recommended_keep"]
+    evidence = json.loads((REPO / "experiments" / "natural" / "results" / "natural.json").read_text(encoding="utf-8"))["summary"]["recommended_keep"]
     floor = min(evidence["edit"]["lora"], evidence["edit"]["full_ft"])
     workflow = _load(UI_DIR, name)
     keeps = [n["widgets_values"][0] for n in workflow["nodes"] if n["type"] == "SparseContextApply"]
