@@ -335,17 +335,10 @@ def test_wavespeed_enhanced_compile_model(order, matrix, caplog, fresh_dynamo):
 def test_report_names_an_unsupported_model_class(caplog):
     """A model whose class this pack does not thin (OmniGen2 takes references too): the Apply node's report and the
     log name the class instead of "No reference images reached the model"."""
-    import comfy.model_patcher
-    import comfy.supported_models
     from sparse_context.nodes.apply_node import format_report
     from sparse_context.sparse_attention import unsupported_reason
 
-    config = comfy.supported_models.Omnigen2({
-        "image_model": "omnigen2", "patch_size": 2, "in_channels": 16, "hidden_size": 32, "num_layers": 1,
-        "num_refiner_layers": 1, "num_attention_heads": 2, "num_kv_heads": 1, "multiple_of": 16,
-        "axes_dim_rope": (4, 6, 6), "axes_lens": (64, 64, 64), "text_feat_dim": 16})
-    config.set_inference_dtype(torch.float32, None)
-    model = comfy.model_patcher.ModelPatcher(config.get_model({}, ""), torch.device("cpu"), torch.device("cpu"))
+    model = sc_testpack.build_omnigen2_patcher()
     apply_node(model, "cache=off")
     reason = unsupported_reason(model)
     assert "OmniGen2Transformer2DModel is not a supported model" in reason, reason

@@ -254,15 +254,7 @@ def test_ratio_out_of_range_is_a_clear_error():
 
 def test_unsupported_reference_model_runs_dense_and_says_so(caplog):
     """OmniGen2 takes reference latents too, but orders them before the image: not supported."""
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = comfy.supported_models.Omnigen2({
-        "image_model": "omnigen2", "patch_size": 2, "in_channels": 16, "hidden_size": 32, "num_layers": 1,
-        "num_refiner_layers": 1, "num_attention_heads": 2, "num_kv_heads": 1, "multiple_of": 16,
-        "axes_dim_rope": (4, 6, 6), "axes_lens": (64, 64, 64), "text_feat_dim": 16})
-    config.set_inference_dtype(torch.float32, None)
-    model = comfy.model_patcher.ModelPatcher(config.get_model({}, ""), torch.device("cpu"), torch.device("cpu"))
+    model = sc_testpack.build_omnigen2_patcher()
     assert model_family(model.model.diffusion_model) is None
     with caplog.at_level("WARNING", logger="SparseContext"):
         patched = apply_sparse_context(model, _config(0.5))

@@ -11,7 +11,16 @@ from comfy_api.latest import ComfyExtension, io
 from .demo_nodes import DEMO_NODES
 from .stand_ins import StandInEncoder
 from .step_timer import StepTimer
-from .tiny_models import FAMILIES, SPECS, VARIANTS, build_model_patcher, host_lacks, make_conditioning, make_latent
+from .tiny_models import (
+    FAMILIES,
+    SPECS,
+    VARIANTS,
+    build_model_patcher,
+    build_omnigen2_patcher,
+    host_lacks,
+    make_conditioning,
+    make_latent,
+)
 
 _FAMILY = io.Combo.Input("family", options=sorted(FAMILIES), tooltip="Tiny model family.")
 _SEED = io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed.")
@@ -110,6 +119,6 @@ async def comfy_entrypoint() -> TinyTestExtension:
     return TinyTestExtension()
 
 
-__all__ = ["FAMILIES", "SPECS", "VARIANTS", "StandInEncoder", "build_model_patcher", "host_lacks", "make_conditioning",
+__all__ = ["FAMILIES", "SPECS", "VARIANTS", "StandInEncoder", "build_model_patcher", "build_omnigen2_patcher", "host_lacks", "make_conditioning",
            "make_latent",
            "comfy_entrypoint"]

@@ -186,3 +186,16 @@ def make_latent(family: str, seed: int, width: int, height: int, batch: int = 1)
     shape = (batch, spec.latent_channels, height // spec.downscale, width // spec.downscale)
     latent = torch.randn(shape, generator=gen)
     return latent.unsqueeze(2) if spec.video_latent else latent
+
+
+def build_omnigen2_patcher():
+    """A tiny OmniGen2 (a reference-latent model the pack leaves dense), built by core's own model config."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.Omnigen2({
+        "image_model": "omnigen2", "patch_size": 2, "in_channels": 16, "hidden_size": 32, "num_layers": 1,
+        "num_refiner_layers": 1, "num_attention_heads": 2, "num_kv_heads": 1, "multiple_of": 16,
+        "axes_dim_rope": (4, 6, 6), "axes_lens": (64, 64, 64), "text_feat_dim": 16})
+    config.set_inference_dtype(torch.float32, None)
+    return comfy.model_patcher.ModelPatcher(config.get_model({}, ""), torch.device("cpu"), torch.device("cpu"))
