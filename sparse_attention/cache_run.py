@@ -55,25 +55,33 @@ def override_installed(options: dict, override: CacheAttention | None):
             options.pop(OVERRIDE, None)
 
 
-def batch_rows(named: dict, rows: torch.Tensor) -> dict:
+def batch_rows(named: dict, rows: list[int]) -> dict:
     """``named`` (a forward's arguments by name) for the batch rows ``rows`` only: every tensor or list of tensors
-    with the batch's leading size is indexed, the per-chunk lists of ``transformer_options`` too."""
+    with the batch's leading size is indexed, the per-chunk lists of ``transformer_options`` too. ``rows`` are
+    Python ints (planning, outside the traced forward): the index tensor is made once per device."""
     batch = int(named["x"].shape[0])
     options = dict(named.get("transformer_options") or {})
     chunks = len(options.get("uuids") or [DIRECT])
-    per_chunk = sorted({int(r) // (batch // chunks) for r in rows.tolist()})
+    per_chunk = sorted({r // (batch // chunks) for r in rows})
     for name in PER_CHUNK:
         if isinstance(options.get(name), list) and len(options[name]) == chunks:
             options[name] = [options[name][c] for c in per_chunk]
+    index: dict[torch.device, torch.Tensor] = {}
+
+    def take(t: torch.Tensor) -> torch.Tensor:
+        if t.device not in index:
+            index[t.device] = torch.tensor(rows, dtype=torch.long, device=t.device)
+        return t.index_select(0, index[t.device])
+
     if isinstance(options.get("sigmas"), torch.Tensor) and options["sigmas"].shape[:1] == (batch,):
-        options["sigmas"] = options["sigmas"].index_select(0, rows.to(options["sigmas"].device))
+        options["sigmas"] = take(options["sigmas"])
     out = {}
     for name, value in named.items():
         if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == batch:
-            value = value.index_select(0, rows.to(value.device))
+            value = take(value)
         elif isinstance(value, list) and value and all(isinstance(t, torch.Tensor) and t.shape[0] == batch
                                                         for t in value):
-            value = [t.index_select(0, rows.to(t.device)) for t in value]
+            value = [take(t) for t in value]
         out[name] = value
     out["transformer_options"] = options
     return out
@@ -129,7 +137,7 @@ class CacheForward:
         self.model_ran = active is None or active.patchified
         return out
 
-    def for_rows(self, rows: torch.Tensor) -> CacheForward:
+    def for_rows(self, rows: list[int]) -> CacheForward:
         named = batch_rows(self.named, rows)
         return replace(self, named=named, refs=list(named["ref_latents"]))
 
@@ -238,13 +246,11 @@ class CachedRun:
             raise ValueError("SparseContext: cache=first_step cannot add a conditioning that starts mid-run to a "
                              "batch with a ControlNet; use cache=reference_only or off.")
         rows = fwd.rows
-        new = torch.tensor([i * rows + r for i, u in enumerate(fwd.uuids) if u in missing for r in range(rows)])
-        old = torch.tensor([i * rows + r for i, u in enumerate(fwd.uuids) if u not in missing for r in range(rows)])
+        new = [i * rows + r for i, u in enumerate(fwd.uuids) if u in missing for r in range(rows)]
+        old = [i * rows + r for i, u in enumerate(fwd.uuids) if u not in missing for r in range(rows)]
         out_new, out_old = self.forward(fwd.for_rows(new)), self.forward(fwd.for_rows(old))
-        out = out_new.new_empty((len(new) + len(old), *out_new.shape[1:]))
-        out[new.to(out.device)] = out_new
-        out[old.to(out.device)] = out_old
-        return out
+        order = torch.tensor(new + old, device=out_new.device).argsort()  # batch order of the concatenated rows
+        return torch.cat((out_new, out_old)).index_select(0, order)
 
     def _append_step(self, fwd: CacheForward, mass: torch.Tensor | None) -> torch.Tensor:
         """Every reference gives zero tokens; each block's attention appends the cached keys/values."""
@@ -273,7 +279,7 @@ class CachedRun:
         references at t=0: from the cross-run store, or by one small forward (one text token, the smallest
         target). Entries of plans that still keep every token for attention measuring are never stored."""
         chunk = fwd.uuids.index(uuid)
-        inputs = self._fill_inputs(fwd, torch.arange(chunk * fwd.rows, (chunk + 1) * fwd.rows))
+        inputs = self._fill_inputs(fwd, list(range(chunk * fwd.rows, (chunk + 1) * fwd.rows)))
         store_key = None
         if self.store is not None and store:
             tensors = [inputs[n] for n in sorted(inputs) if isinstance(inputs[n], torch.Tensor)]
@@ -295,7 +301,7 @@ class CachedRun:
             self.store.put(store_key, entry, self.keepalive)
         return entry
 
-    def _fill_inputs(self, fwd: CacheForward, rows: torch.Tensor) -> dict:
+    def _fill_inputs(self, fwd: CacheForward, rows: list[int]) -> dict:
         """The fill forward's arguments: the entry's batch rows of everything, the references as they are, the
         sampling timestep at 0, one zero text token and the smallest target (the references' positions do not
         depend on the target's size, except with the "uxo" layout)."""
