@@ -111,6 +111,9 @@ def use_pack(key: str, matrix):
     except packs.PackUnavailable as err:
         if packs.find(key) is not None:
             matrix.set(result="pack does not load", message=str(err))
+        # Third-party packs are never committed: CI has none, so their rows skip there (the reason names the pack
+        # and how to pass it); scripts/compat.sh --nodes runs them, and a pack that fails to load on a host is
+        # recorded in the matrix as "pack does not load" before skipping.
         pytest.skip(str(err))
 
 
@@ -172,6 +175,7 @@ def _core_node(module: str, name: str):
     try:
         return getattr(__import__(f"comfy_extras.{module}", fromlist=[name]), name)
     except (ImportError, AttributeError):
+        # A core node newer than this host (e.g. Flux KV Cache, 0.30+): the row runs on the hosts that have it.
         pytest.skip(f"ComfyUI {comfyui_version()} has no {name} node")
 
 

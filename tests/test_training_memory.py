@@ -118,6 +118,7 @@ def test_a_base_over_the_memory_budget_is_refused_before_step_1_with_the_fp8_adv
     from sparse_context.training.loading import core_offloads_training
 
     if weight_offload and core_offloads_training():
+        # With core's offload (0.30+) the trainer offloads instead of refusing: that path is the next test.
         pytest.skip(f"{_host()} has core's training weight offload (prepare_sampling(force_offload)): the base is "
                     "offloaded, not refused (test_where_core_offloads_training_the_trainer_loads_the_base_through_it)")
     mp, trainer, example = _tiny(lambda weights, training: weights / 2, weight_offload)
@@ -141,6 +142,7 @@ def test_where_core_offloads_training_the_trainer_loads_the_base_through_it():
     from sparse_context.training.loading import core_offloads_training
 
     if not core_offloads_training():
+        # 0.3.75 and 0.10.0 have no training offload in core (the refusal test above covers them); 0.30 runs this.
         pytest.skip(f"{_host()} has no training weight offload (prepare_sampling(..., force_offload=...), 0.30+)")
     calls = []
 
