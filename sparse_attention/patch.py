@@ -26,7 +26,6 @@ import logging
 import math
 import threading
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 
@@ -188,21 +187,10 @@ class _ActiveForward:
         return [i + 1 for i in range(len(self.refs)) if i not in self.thinned]
 
 
-_SIGNATURES: dict[Any, inspect.Signature] = {}
-
-
-def _signature(fn) -> inspect.Signature:
-    """``fn``'s signature, looked up once per function (wrappers bind every forward's arguments by name)."""
-    key = getattr(fn, "__func__", fn)
-    sig = _SIGNATURES.get(key)
-    if sig is None:
-        sig = _SIGNATURES[key] = inspect.signature(fn)
-    return sig
-
-
 def _bind(fn, args: tuple, kwargs: dict) -> dict:
-    """Arguments of a wrapped function by name, whatever their positional order in this version."""
-    sig = _signature(fn)
+    """Arguments of a wrapped function by name, whatever their positional order in this version. (Signatures are
+    not cached in a module dict: a compiled forward would guard on it and recompile when it grows.)"""
+    sig = inspect.signature(fn)
     named = dict(sig.bind_partial(*args, **kwargs).arguments)
     for name, param in sig.parameters.items():
         if param.kind is inspect.Parameter.VAR_KEYWORD:
@@ -214,7 +202,7 @@ def _with_argument(fn, args: tuple, kwargs: dict, name: str, value) -> tuple[tup
     """``args`` and ``kwargs`` of a call of ``fn`` with the argument ``name`` replaced, passed as it was passed."""
     if name in kwargs:
         return args, {**kwargs, name: value}
-    position = list(_signature(fn).parameters).index(name)
+    position = list(inspect.signature(fn).parameters).index(name)
     return (*args[:position], value, *args[position + 1:]), kwargs
 
 
@@ -370,7 +358,7 @@ def _planned_forward(executor, subsetter: ReferenceSubsetter, args: tuple, kwarg
     selections = run.selections(binding, len(refs))
     fwd = CacheForward(executor, named, refs, plans, needs_attention(selections, run.config), selections, run.config,
                        subsetter.activated, attention_blocks(executor.class_obj), patch.patch_size,
-                       tuple(_signature(executor.original).parameters)[:len(args)])
+                       tuple(inspect.signature(executor.original).parameters)[:len(args)])
     out = run.cached_run().forward(fwd)
     run.record_cached(refs)
     return out
