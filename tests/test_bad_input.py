@@ -93,11 +93,11 @@ def test_every_selector_scores_tiny_and_thin_pictures(h, w, blur, grey):
     mask = torch.zeros(1, h, w)
     mask[:, : max(1, h // 2)] = 1.0
     selections = {
-        "saliency": _out(SparseContextSaliencySelector.execute(image, blur, None, 1.0)),
-        "edge": _out(SparseContextEdgeSelector.execute(image, 0.1, 0.2, 8, None, 1.0)),
-        "mask": _out(SparseContextMaskSelector.execute(mask, 1.0, 0.0, 32, 32, None, 1.0)),
-        "random": _out(SparseContextRandomSelector.execute(image, 3, None, 1.0)),
-        "grid": _out(SparseContextGridSelector.execute(image, None, 1.0)),
+        "saliency": _out(SparseContextSaliencySelector.execute(image=image, blur_tokens=blur)),
+        "edge": _out(SparseContextEdgeSelector.execute(image=image, low_threshold=0.1, high_threshold=0.2, spread=8)),
+        "mask": _out(SparseContextMaskSelector.execute(mask=mask, inside=1.0, outside=0.0, dilate_tokens=32, feather_tokens=32)),
+        "random": _out(SparseContextRandomSelector.execute(image=image, seed=3)),
+        "grid": _out(SparseContextGridSelector.execute(image=image)),
     }
     for rule, sel in selections.items():
         assert tuple(sel.scores.shape) == grid, (rule, tuple(sel.scores.shape), grid)
@@ -112,10 +112,10 @@ def test_every_selector_scores_tiny_and_thin_pictures(h, w, blur, grey):
 
 def test_a_side_below_one_latent_pixel_is_one_token_not_an_internal_error():
     # was: "Sparse Grid Selector: height: expected an int >= 8 px (stride // 2)" (an argument of the pure code)
-    sel = _out(SparseContextGridSelector.execute(torch.rand(1, 4, 4, 3), None, 1.0))
+    sel = _out(SparseContextGridSelector.execute(image=torch.rand(1, 4, 4, 3)))
     assert sel.scores.shape == (1, 1)
     with pytest.raises(SparseContextInputError, match=r"^Sparse Grid Selector: image: expected a non-empty tensor"):
-        SparseContextGridSelector.execute(torch.rand(1, 0, 4, 3), None, 1.0)
+        SparseContextGridSelector.execute(image=torch.rand(1, 0, 4, 3))
 
 
 # -- NaN and inf: every float input, LoRA files, masks -------------------------------------------------------------
@@ -140,7 +140,7 @@ def _valid_arguments(node, lora_name: str | None) -> dict:
         "MASK": lambda: torch.ones(1, 64, 64),
         "LATENT": lambda: {"samples": latent},
         "CONDITIONING": lambda: sc_testpack.make_conditioning(F, 3, references=[latent]),
-        "SPARSE_SELECTION": lambda: _out(SparseContextGridSelector.execute(image, None, 1.0)),
+        "SPARSE_SELECTION": lambda: _out(SparseContextGridSelector.execute(image=image)),
         "SPARSE_BUDGET": lambda: None,
         "VAE": lambda: None,  # optional (Sparse Context Calibrate then compares latents); no tiny VAE exists
     }
@@ -192,7 +192,7 @@ def test_keep_ratio_nan_names_keep_ratio_not_the_budget_argument():
 
 def test_a_nan_mask_is_reported_as_nan_not_as_empty():
     with pytest.raises(SparseContextInputError, match=r"^Sparse Mask Selector: mask: contains NaN or infinite"):
-        SparseContextMaskSelector.execute(torch.full((1, 64, 64), NAN), 1.0, 0.0, 1, 2, None, 1.0)
+        SparseContextMaskSelector.execute(mask=torch.full((1, 64, 64), NAN), inside=1.0, outside=0.0, dilate_tokens=1, feather_tokens=2)
 
 
 def test_lora_files_with_nan_weights_or_a_bad_keep_ratio_are_refused_naming_file_and_key(loras_folder):
