@@ -14,6 +14,7 @@ import torch
 from comfy_api.latest import io
 from sc_harness.host import core_checks_v3_combos
 from sc_harness.loras import lora_files, sparse_header, tiny_lora, write_lora
+from sc_harness.prompts import ksampler, tiny_latent
 from sparse_context.nodes import NODES
 from sparse_context.nodes.apply_node import SparseContextApply
 from sparse_context.nodes.common import SparseContextInputError, SparseNode
@@ -272,8 +273,7 @@ def test_only_output_paths_have_a_queue_time_check_and_it_takes_only_that_input(
 # -- through the real server -----------------------------------------------------------------------------------------
 def _selector_graph(**saliency) -> dict:
     return {
-        "lat": {"class_type": "SCTest_Latent", "inputs": {"family": F, "seed": 2, "width": 64, "height": 64,
-                                                           "batch_size": 1, "empty": False}},
+        "lat": tiny_latent(F, 2),
         "img": {"class_type": "SCTest_LatentToImage", "inputs": {"samples": ["lat", 0]}},
         "sal": {"class_type": "SparseContextSaliencySelector", "inputs": {"image": ["img", 0], "blur_tokens": 1.0,
                                                                           "weight": 1.0, **saliency}},
@@ -291,16 +291,11 @@ def _lora_graph(lora_name: str, strength) -> dict:
             "model": ["lora", 0], "keep_ratio": ["lora", 1], "rule": "grid", "total_tokens": 0, "bucket": 1,
             "start_percent": 0.0, "end_percent": 1.0, "seed": 0, "enabled": True}},
         "cond": {"class_type": "SCTest_Conditioning", "inputs": {"family": F, "seed": 3, "tokens": 8}},
-        "ref": {"class_type": "SCTest_Latent", "inputs": {"family": F, "seed": 4, "width": 64, "height": 64,
-                                                           "batch_size": 1, "empty": False}},
+        "ref": tiny_latent(F, 4),
         "pos": {"class_type": "SparseContextReferenceLatent", "inputs": {"conditioning": ["cond", 0],
                                                                          "latent": ["ref", 0]}},
-        "noise": {"class_type": "SCTest_Latent", "inputs": {"family": F, "seed": 0, "width": 64, "height": 64,
-                                                             "batch_size": 1, "empty": True}},
-        "ks": {"class_type": "KSampler", "inputs": {"model": ["apply", 0], "positive": ["pos", 0],
-                                                    "negative": ["cond", 0], "latent_image": ["noise", 0], "seed": 5,
-                                                    "steps": 1, "cfg": 1.0, "sampler_name": "euler",
-                                                    "scheduler": "simple", "denoise": 1.0}},
+        "noise": tiny_latent(F, 0, empty=True),
+        "ks": ksampler(["apply", 0], ["pos", 0], ["cond", 0], ["noise", 0], steps=1),
         "chk": {"class_type": "SCTest_CheckFinite", "inputs": {"latent": ["ks", 0]}},
     }
 
@@ -362,8 +357,7 @@ def test_lora_strength_nan_and_bad_lora_files_stop_at_the_loader(server):
 def test_training_nodes_refuse_an_escaping_prefix_at_queue_time_once(server):
     train = {
         "model": {"class_type": "SCTest_TinyModel", "inputs": {"family": F, "seed": 1}},
-        "tgt": {"class_type": "SCTest_Latent", "inputs": {"family": F, "seed": 7, "width": 32, "height": 32,
-                                                           "batch_size": 1, "empty": False}},
+        "tgt": tiny_latent(F, 7, size=32),
         "cond": {"class_type": "SCTest_Conditioning", "inputs": {"family": F, "seed": 3, "tokens": 4}},
         "pos": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["cond", 0], "latent": ["tgt", 0]}},
         "train": {"class_type": "SparseContextTrainLora", "inputs": {

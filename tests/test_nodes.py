@@ -10,6 +10,7 @@ import pytest
 import sc_testpack
 import torch
 from comfy_extras.nodes_edit_model import ReferenceLatent
+from sc_harness.prompts import ksampler, tiny_latent
 from sc_harness.sampling import sample
 from skimage import data as skdata
 from sparse_context.nodes import NODES
@@ -281,8 +282,7 @@ def _graph(mask_node: dict) -> dict:
     return {
         "1": {"class_type": "SCTest_TinyModel", "inputs": {"family": f, "seed": 1}},
         "2": {"class_type": "SCTest_Conditioning", "inputs": {"family": f, "seed": 3, "tokens": 8}},
-        "3": {"class_type": "SCTest_Latent", "inputs": {"family": f, "seed": 2, "width": 128, "height": 128,
-                                                         "batch_size": 1, "empty": False}},
+        "3": tiny_latent(f, 2, size=128),
         "4": {"class_type": "SCTest_LatentToImage", "inputs": {"samples": ["3", 0]}},
         "5": mask_node,
         "6": {"class_type": "SparseContextMaskSelector", "inputs": {"mask": ["5", 0], "inside": 1.0, "outside": 0.0,
@@ -292,11 +292,8 @@ def _graph(mask_node: dict) -> dict:
         "8": {"class_type": "SparseContextApply", "inputs": {"model": ["1", 0], "keep_ratio": 0.25, "rule": "grid",
                                                              "total_tokens": 0, "bucket": 1, "start_percent": 0.0,
                                                              "end_percent": 1.0, "seed": 0, "enabled": True}},
-        "9": {"class_type": "SCTest_Latent", "inputs": {"family": f, "seed": 0, "width": 64, "height": 64,
-                                                         "batch_size": 1, "empty": True}},
-        "10": {"class_type": "KSampler", "inputs": {"model": ["8", 0], "positive": ["7", 0], "negative": ["2", 0],
-                                                    "latent_image": ["9", 0], "seed": 5, "steps": 2, "cfg": 1.0,
-                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "9": tiny_latent(f, 0, empty=True),
+        "10": ksampler(["8", 0], ["7", 0], ["2", 0], ["9", 0], steps=2),
         "11": {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}},
         "12": {"class_type": "SparseContextPreview", "inputs": {"image": ["4", 0], "selection": ["6", 0], "bucket": 1}},
         "13": {"class_type": "SCTest_LatentToImage", "inputs": {"samples": ["10", 0]}},
