@@ -28,10 +28,6 @@ from .common import (
 CATEGORY = "SparseContext/selectors"
 
 
-def _selection(scores: torch.Tensor, budget, rule: str, weight: float) -> io.NodeOutput:
-    return io.NodeOutput(ReferenceSelection(scores=scores, budget=budget_for(budget, rule), rule=rule, weight=weight))
-
-
 def _image_input(what: str) -> io.Input:
     return io.Image.Input("image", tooltip=f"The reference image {what}. {ITEM_NOTE}")
 
@@ -73,9 +69,12 @@ class _RuleSelector(SparseNode):
 
     @classmethod
     def execute(cls, *, budget=None, weight: float = 1.0, **inputs) -> io.NodeOutput:
+        # by name only, as ComfyUI passes them: the rule's inputs differ per node
         cls.check_inputs({**inputs, "weight": weight})
         with user_errors(cls.NAME):
-            return _selection(cls.scores(**inputs)[0], budget, cls.RULE, weight)
+            scores = cls.scores(**inputs)[0]
+            return io.NodeOutput(ReferenceSelection(scores=scores, budget=budget_for(budget, cls.RULE), rule=cls.RULE,
+                                                    weight=weight))
 
 
 class SparseContextEdgeSelector(_RuleSelector):
