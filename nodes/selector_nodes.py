@@ -28,117 +28,8 @@ from .common import (
 CATEGORY = "SparseContext/selectors"
 
 
-def _selection(scores: torch.Tensor, budget, rule: str, weight: float) -> io.NodeOutput:
-    return io.NodeOutput(ReferenceSelection(scores=scores, budget=budget_for(budget, rule), rule=rule, weight=weight))
-
-
 def _image_input(what: str) -> io.Input:
     return io.Image.Input("image", tooltip=f"The reference image {what}. {ITEM_NOTE}")
-
-
-class SparseContextEdgeSelector(SparseNode):
-    NAME = "Sparse Edge Selector"
-
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SparseContextEdgeSelector", display_name=cls.NAME, category=CATEGORY,
-            description="Keeps the reference tokens with the most Canny edges (outlines, text, texture) first, plus "
-                        "an even coverage floor so shape interiors survive. The paper's rule for editing. " + ITEM_NOTE,
-            inputs=[
-                _image_input("to score"),
-                io.Float.Input("low_threshold", default=0.1, min=0.01, max=4.0, step=0.01,
-                               tooltip="Canny low threshold (Sobel magnitude of the grey image in 0..1; about 4x the "
-                                       "contrast of a step). Lower = more faint edges."),
-                io.Float.Input("high_threshold", default=0.2, min=0.01, max=4.0, step=0.01,
-                               tooltip="Canny high threshold (>= low_threshold). Edges start at pixels above it."),
-                io.Int.Input("spread", default=1, min=0, max=8,
-                             tooltip="Tokens within this many tokens of an edge also score (half as much), so the "
-                                     "sides of an outline are kept too. 0 = edges only."),
-                budget_input(), weight_input(),
-            ],
-            outputs=[SparseSelection.Output(display_name="selection")],
-        )
-
-    @classmethod
-    def execute(cls, image, low_threshold: float, high_threshold: float, spread: int, budget=None,
-                weight: float = 1.0) -> io.NodeOutput:
-        cls.check_inputs(locals())
-        with user_errors(cls.NAME):
-            scores = reference_scores("edge", first_item(image, cls.NAME), stride=STRIDE, low_threshold=low_threshold,
-                                      high_threshold=high_threshold, spread=spread)
-            return _selection(scores[0], budget, "edge", weight)
-
-
-class SparseContextSaliencySelector(SparseNode):
-    NAME = "Sparse Saliency Selector"
-
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SparseContextSaliencySelector", display_name=cls.NAME, category=CATEGORY,
-            description="Keeps the tokens that stand out (colour contrast + spectral-residual saliency: the subject, "
-                        "not the plain background) first. For subject-driven generation from several references. "
-                        + ITEM_NOTE,
-            inputs=[
-                _image_input("to score"),
-                io.Float.Input("blur_tokens", default=1.0, min=0.0, max=8.0, step=0.1,
-                               tooltip="Smoothing of the saliency map, in tokens. More = rounder, bigger regions."),
-                budget_input(), weight_input(),
-            ],
-            outputs=[SparseSelection.Output(display_name="selection")],
-        )
-
-    @classmethod
-    def execute(cls, image, blur_tokens: float, budget=None, weight: float = 1.0) -> io.NodeOutput:
-        cls.check_inputs(locals())
-        with user_errors(cls.NAME):
-            scores = reference_scores("saliency", first_item(image, cls.NAME), stride=STRIDE, blur_tokens=blur_tokens)
-            return _selection(scores[0], budget, "saliency", weight)
-
-
-class SparseContextMaskSelector(SparseNode):
-    NAME = "Sparse Mask Selector"
-
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SparseContextMaskSelector", display_name=cls.NAME, category=CATEGORY,
-            description="Keeps the tokens a MASK covers first (e.g. the edit region painted in Load Image's mask "
-                        "editor), for spatially aligned edits: by default half the budget still covers the rest "
-                        "evenly. For a subject mask, connect a Budget with coverage 0 to keep only the subject. "
-                        "Scores come from batch item 0 of the mask.",
-            inputs=[
-                io.Mask.Input("mask", tooltip="The mask, at the reference image's size or aspect ratio (Load Image: "
-                                              "painted = 1). Batch item 0 is used."),
-                io.Float.Input("inside", default=1.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Score of fully masked tokens."),
-                io.Float.Input("outside", default=0.0, min=0.0, max=1.0, step=0.01,
-                               tooltip="Score of unmasked tokens. Swap inside/outside to keep the surroundings of "
-                                       "the mask instead."),
-                io.Int.Input("dilate_tokens", default=1, min=0, max=32,
-                             tooltip="Grow the mask by this many tokens (16 px each) before scoring."),
-                io.Int.Input("feather_tokens", default=2, min=0, max=32,
-                             tooltip="Linear falloff over this many tokens outside the (grown) mask."),
-                budget_input(), weight_input(),
-            ],
-            outputs=[SparseSelection.Output(display_name="selection")],
-        )
-
-    @classmethod
-    def execute(cls, mask, inside: float, outside: float, dilate_tokens: int, feather_tokens: int, budget=None,
-                weight: float = 1.0) -> io.NodeOutput:
-        cls.check_inputs(locals())
-        with user_errors(cls.NAME):
-            m = first_item(mask, cls.NAME, "mask")
-            if m.is_floating_point() and not bool(torch.isfinite(m).all()):
-                raise fail(cls.NAME, "mask: contains NaN or infinite values; expected values in [0, 1]")
-            if not bool((m > 0).any()):
-                raise fail(cls.NAME, "mask: is empty (all zeros). Paint a mask on the reference (Load Image: right "
-                                     "click > Open in MaskEditor) or use another selector.")
-            scores = reference_scores("mask", mask=m, stride=STRIDE, inside=inside, outside=outside,
-                                      dilate_tokens=dilate_tokens, feather_tokens=feather_tokens)
-            return _selection(scores[0], budget, "mask", weight)
 
 
 def _grid_of(image, node: str) -> tuple[int, int]:
@@ -148,50 +39,113 @@ def _grid_of(image, node: str) -> tuple[int, int]:
     return token_grid_shape(int(x.shape[1]), int(x.shape[2]), STRIDE)
 
 
-class SparseContextRandomSelector(SparseNode):
-    NAME = "Sparse Random Selector"
+class _RuleSelector(SparseNode):
+    """A selector that scores one reference with a rule of ``selectors/``: its inputs are the reference image,
+    the rule's own ``PARAMS``, a budget and a weight; its output the scores of batch item 0 with the budget and
+    weight attached. The node id is the class name (saved workflows name it)."""
+
+    RULE = ""
+    DESCRIBE = ""  # the schema's description
+    PARAMS: tuple[io.Input, ...] = ()
+    SIZE_ONLY = False  # the rule reads only the image's size (its token grid), not its pixels
+
+    @classmethod
+    def source_input(cls) -> io.Input:
+        return _image_input("(only its size is used)" if cls.SIZE_ONLY else "to score")
 
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            node_id="SparseContextRandomSelector", display_name=cls.NAME, category=CATEGORY,
-            description="A seeded uniform random subset of the tokens (the training-time rule; a baseline to "
-                        "compare the other selectors with). The image only sets the token grid.",
-            inputs=[
-                _image_input("(only its size is used)"),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
-                             tooltip="Seed of the subset; the same seed gives the same tokens on every device."),
-                budget_input(), weight_input(),
-            ],
+            node_id=cls.__name__, display_name=cls.NAME, category=CATEGORY, description=cls.DESCRIBE,
+            inputs=[cls.source_input(), *cls.PARAMS, budget_input(), weight_input()],
             outputs=[SparseSelection.Output(display_name="selection")],
         )
 
     @classmethod
-    def execute(cls, image, seed: int, budget=None, weight: float = 1.0) -> io.NodeOutput:
-        cls.check_inputs(locals())
-        with user_errors(cls.NAME):
-            scores = reference_scores("random", grid=_grid_of(image, cls.NAME), seed=seed)
-            return _selection(scores[0], budget, "random", weight)
-
-
-class SparseContextGridSelector(SparseNode):
-    NAME = "Sparse Grid Selector"
+    def scores(cls, image, **params) -> torch.Tensor:
+        if cls.SIZE_ONLY:
+            return reference_scores(cls.RULE, grid=_grid_of(image, cls.NAME), **params)
+        return reference_scores(cls.RULE, first_item(image, cls.NAME), stride=STRIDE, **params)
 
     @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SparseContextGridSelector", display_name=cls.NAME, category=CATEGORY,
-            description="An even, stratified subset of the tokens (every region keeps some): content-blind, keeps "
-                        "the layout. The image only sets the token grid.",
-            inputs=[_image_input("(only its size is used)"), budget_input(), weight_input()],
-            outputs=[SparseSelection.Output(display_name="selection")],
-        )
+    def execute(cls, *, budget=None, weight: float = 1.0, **inputs) -> io.NodeOutput:
+        # by name only, as ComfyUI passes them: the rule's inputs differ per node
+        cls.check_inputs({**inputs, "weight": weight})
+        with user_errors(cls.NAME):
+            scores = cls.scores(**inputs)[0]
+            return io.NodeOutput(ReferenceSelection(scores=scores, budget=budget_for(budget, cls.RULE), rule=cls.RULE,
+                                                    weight=weight))
+
+
+class SparseContextEdgeSelector(_RuleSelector):
+    NAME, RULE = "Sparse Edge Selector", "edge"
+    DESCRIBE = ("Keeps the reference tokens with the most Canny edges (outlines, text, texture) first, plus an even "
+                "coverage floor so shape interiors survive. The paper's rule for editing. " + ITEM_NOTE)
+    PARAMS = (
+        io.Float.Input("low_threshold", default=0.1, min=0.01, max=4.0, step=0.01,
+                       tooltip="Canny low threshold (Sobel magnitude of the grey image in 0..1; about 4x the "
+                               "contrast of a step). Lower = more faint edges."),
+        io.Float.Input("high_threshold", default=0.2, min=0.01, max=4.0, step=0.01,
+                       tooltip="Canny high threshold (>= low_threshold). Edges start at pixels above it."),
+        io.Int.Input("spread", default=1, min=0, max=8,
+                     tooltip="Tokens within this many tokens of an edge also score (half as much), so the "
+                             "sides of an outline are kept too. 0 = edges only."),
+    )
+
+
+class SparseContextSaliencySelector(_RuleSelector):
+    NAME, RULE = "Sparse Saliency Selector", "saliency"
+    DESCRIBE = ("Keeps the tokens that stand out (colour contrast + spectral-residual saliency: the subject, not the "
+                "plain background) first. For subject-driven generation from several references. " + ITEM_NOTE)
+    PARAMS = (io.Float.Input("blur_tokens", default=1.0, min=0.0, max=8.0, step=0.1,
+                             tooltip="Smoothing of the saliency map, in tokens. More = rounder, bigger regions."),)
+
+
+class SparseContextMaskSelector(_RuleSelector):
+    NAME, RULE = "Sparse Mask Selector", "mask"
+    DESCRIBE = ("Keeps the tokens a MASK covers first (e.g. the edit region painted in Load Image's mask editor), for "
+                "spatially aligned edits: by default half the budget still covers the rest evenly. For a subject "
+                "mask, connect a Budget with coverage 0 to keep only the subject. Scores come from batch item 0 of "
+                "the mask.")
+    PARAMS = (
+        io.Float.Input("inside", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Score of fully masked tokens."),
+        io.Float.Input("outside", default=0.0, min=0.0, max=1.0, step=0.01,
+                       tooltip="Score of unmasked tokens. Swap inside/outside to keep the surroundings of the mask "
+                               "instead."),
+        io.Int.Input("dilate_tokens", default=1, min=0, max=32,
+                     tooltip="Grow the mask by this many tokens (16 px each) before scoring."),
+        io.Int.Input("feather_tokens", default=2, min=0, max=32,
+                     tooltip="Linear falloff over this many tokens outside the (grown) mask."),
+    )
 
     @classmethod
-    def execute(cls, image, budget=None, weight: float = 1.0) -> io.NodeOutput:
-        cls.check_inputs(locals())
-        with user_errors(cls.NAME):
-            return _selection(reference_scores("grid", grid=_grid_of(image, cls.NAME))[0], budget, "grid", weight)
+    def source_input(cls) -> io.Input:
+        return io.Mask.Input("mask", tooltip="The mask, at the reference image's size or aspect ratio (Load Image: "
+                                             "painted = 1). Batch item 0 is used.")
+
+    @classmethod
+    def scores(cls, mask, **params) -> torch.Tensor:
+        m = first_item(mask, cls.NAME, "mask")
+        if m.is_floating_point() and not bool(torch.isfinite(m).all()):
+            raise fail(cls.NAME, "mask: contains NaN or infinite values; expected values in [0, 1]")
+        if not bool((m > 0).any()):
+            raise fail(cls.NAME, "mask: is empty (all zeros). Paint a mask on the reference (Load Image: right "
+                                 "click > Open in MaskEditor) or use another selector.")
+        return reference_scores("mask", mask=m, stride=STRIDE, **params)
+
+
+class SparseContextRandomSelector(_RuleSelector):
+    NAME, RULE, SIZE_ONLY = "Sparse Random Selector", "random", True
+    DESCRIBE = ("A seeded uniform random subset of the tokens (the training-time rule; a baseline to compare the "
+                "other selectors with). The image only sets the token grid.")
+    PARAMS = (io.Int.Input("seed", default=0, min=0, max=2**31 - 1, control_after_generate=False,
+                           tooltip="Seed of the subset; the same seed gives the same tokens on every device."),)
+
+
+class SparseContextGridSelector(_RuleSelector):
+    NAME, RULE, SIZE_ONLY = "Sparse Grid Selector", "grid", True
+    DESCRIBE = ("An even, stratified subset of the tokens (every region keeps some): content-blind, keeps the layout. "
+                "The image only sets the token grid.")
 
 
 class SparseContextCombineSelections(SparseNode):

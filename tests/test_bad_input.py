@@ -14,6 +14,7 @@ import torch
 from comfy_api.latest import io
 from sc_harness.host import core_checks_v3_combos
 from sc_harness.loras import lora_files, sparse_header, tiny_lora, write_lora
+from sc_harness.prompts import ksampler, tiny_latent
 from sparse_context.nodes import NODES
 from sparse_context.nodes.apply_node import SparseContextApply
 from sparse_context.nodes.common import SparseContextInputError, SparseNode
@@ -93,11 +94,11 @@ def test_every_selector_scores_tiny_and_thin_pictures(h, w, blur, grey):
     mask = torch.zeros(1, h, w)
     mask[:, : max(1, h // 2)] = 1.0
     selections = {
-        "saliency": _out(SparseContextSaliencySelector.execute(image, blur, None, 1.0)),
-        "edge": _out(SparseContextEdgeSelector.execute(image, 0.1, 0.2, 8, None, 1.0)),
-        "mask": _out(SparseContextMaskSelector.execute(mask, 1.0, 0.0, 32, 32, None, 1.0)),
-        "random": _out(SparseContextRandomSelector.execute(image, 3, None, 1.0)),
-        "grid": _out(SparseContextGridSelector.execute(image, None, 1.0)),
+        "saliency": _out(SparseContextSaliencySelector.execute(image=image, blur_tokens=blur)),
+        "edge": _out(SparseContextEdgeSelector.execute(image=image, low_threshold=0.1, high_threshold=0.2, spread=8)),
+        "mask": _out(SparseContextMaskSelector.execute(mask=mask, inside=1.0, outside=0.0, dilate_tokens=32, feather_tokens=32)),
+        "random": _out(SparseContextRandomSelector.execute(image=image, seed=3)),
+        "grid": _out(SparseContextGridSelector.execute(image=image)),
     }
     for rule, sel in selections.items():
         assert tuple(sel.scores.shape) == grid, (rule, tuple(sel.scores.shape), grid)
@@ -112,10 +113,10 @@ def test_every_selector_scores_tiny_and_thin_pictures(h, w, blur, grey):
 
 def test_a_side_below_one_latent_pixel_is_one_token_not_an_internal_error():
     # was: "Sparse Grid Selector: height: expected an int >= 8 px (stride // 2)" (an argument of the pure code)
-    sel = _out(SparseContextGridSelector.execute(torch.rand(1, 4, 4, 3), None, 1.0))
+    sel = _out(SparseContextGridSelector.execute(image=torch.rand(1, 4, 4, 3)))
     assert sel.scores.shape == (1, 1)
     with pytest.raises(SparseContextInputError, match=r"^Sparse Grid Selector: image: expected a non-empty tensor"):
-        SparseContextGridSelector.execute(torch.rand(1, 0, 4, 3), None, 1.0)
+        SparseContextGridSelector.execute(image=torch.rand(1, 0, 4, 3))
 
 
 # -- NaN and inf: every float input, LoRA files, masks -------------------------------------------------------------
@@ -140,7 +141,7 @@ def _valid_arguments(node, lora_name: str | None) -> dict:
         "MASK": lambda: torch.ones(1, 64, 64),
         "LATENT": lambda: {"samples": latent},
         "CONDITIONING": lambda: sc_testpack.make_conditioning(F, 3, references=[latent]),
-        "SPARSE_SELECTION": lambda: _out(SparseContextGridSelector.execute(image, None, 1.0)),
+        "SPARSE_SELECTION": lambda: _out(SparseContextGridSelector.execute(image=image)),
         "SPARSE_BUDGET": lambda: None,
         "VAE": lambda: None,  # optional (Sparse Context Calibrate then compares latents); no tiny VAE exists
     }
@@ -192,7 +193,7 @@ def test_keep_ratio_nan_names_keep_ratio_not_the_budget_argument():
 
 def test_a_nan_mask_is_reported_as_nan_not_as_empty():
     with pytest.raises(SparseContextInputError, match=r"^Sparse Mask Selector: mask: contains NaN or infinite"):
-        SparseContextMaskSelector.execute(torch.full((1, 64, 64), NAN), 1.0, 0.0, 1, 2, None, 1.0)
+        SparseContextMaskSelector.execute(mask=torch.full((1, 64, 64), NAN), inside=1.0, outside=0.0, dilate_tokens=1, feather_tokens=2)
 
 
 def test_lora_files_with_nan_weights_or_a_bad_keep_ratio_are_refused_naming_file_and_key(loras_folder):
@@ -272,8 +273,7 @@ def test_only_output_paths_have_a_queue_time_check_and_it_takes_only_that_input(
 # -- through the real server -----------------------------------------------------------------------------------------
 def _selector_graph(**saliency) -> dict:
     return {
-        "lat": {"class_type": "SCTest_Latent", "inputs": {"family": F, "seed": 2, "width": 64, "height": 64,
-                                                           "batch_size": 1, "empty": False}},
+        "lat": tiny_latent(F, 2),
         "img": {"class_type": "SCTest_LatentToImage", "inputs": {"samples": ["lat", 0]}},
         "sal": {"class_type": "SparseContextSaliencySelector", "inputs": {"image": ["img", 0], "blur_tokens": 1.0,
                                                                           "weight": 1.0, **saliency}},
@@ -291,16 +291,11 @@ def _lora_graph(lora_name: str, strength) -> dict:
             "model": ["lora", 0], "keep_ratio": ["lora", 1], "rule": "grid", "total_tokens": 0, "bucket": 1,
             "start_percent": 0.0, "end_percent": 1.0, "seed": 0, "enabled": True}},
         "cond": {"class_type": "SCTest_Conditioning", "inputs": {"family": F, "seed": 3, "tokens": 8}},
-        "ref": {"class_type": "SCTest_Latent", "inputs": {"family": F, "seed": 4, "width": 64, "height": 64,
-                                                           "batch_size": 1, "empty": False}},
+        "ref": tiny_latent(F, 4),
         "pos": {"class_type": "SparseContextReferenceLatent", "inputs": {"conditioning": ["cond", 0],
                                                                          "latent": ["ref", 0]}},
-        "noise": {"class_type": "SCTest_Latent", "inputs": {"family": F, "seed": 0, "width": 64, "height": 64,
-                                                             "batch_size": 1, "empty": True}},
-        "ks": {"class_type": "KSampler", "inputs": {"model": ["apply", 0], "positive": ["pos", 0],
-                                                    "negative": ["cond", 0], "latent_image": ["noise", 0], "seed": 5,
-                                                    "steps": 1, "cfg": 1.0, "sampler_name": "euler",
-                                                    "scheduler": "simple", "denoise": 1.0}},
+        "noise": tiny_latent(F, 0, empty=True),
+        "ks": ksampler(["apply", 0], ["pos", 0], ["cond", 0], ["noise", 0], steps=1),
         "chk": {"class_type": "SCTest_CheckFinite", "inputs": {"latent": ["ks", 0]}},
     }
 
@@ -362,8 +357,7 @@ def test_lora_strength_nan_and_bad_lora_files_stop_at_the_loader(server):
 def test_training_nodes_refuse_an_escaping_prefix_at_queue_time_once(server):
     train = {
         "model": {"class_type": "SCTest_TinyModel", "inputs": {"family": F, "seed": 1}},
-        "tgt": {"class_type": "SCTest_Latent", "inputs": {"family": F, "seed": 7, "width": 32, "height": 32,
-                                                           "batch_size": 1, "empty": False}},
+        "tgt": tiny_latent(F, 7, size=32),
         "cond": {"class_type": "SCTest_Conditioning", "inputs": {"family": F, "seed": 3, "tokens": 4}},
         "pos": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["cond", 0], "latent": ["tgt", 0]}},
         "train": {"class_type": "SparseContextTrainLora", "inputs": {

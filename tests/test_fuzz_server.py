@@ -29,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from sc_harness.host import core_checks_v3_combos
+from sc_harness.prompts import ksampler, node, tiny_latent
 
 pytestmark = pytest.mark.server
 
@@ -143,14 +144,10 @@ def widget_values(draw, node: str, specs: dict) -> dict:
 
 
 # -- graph pieces -------------------------------------------------------------------------------------------------
-def node(kind: str, **inputs) -> dict:
-    return {"class_type": kind, "inputs": inputs}
-
-
 def picture(g: dict, draw) -> list:
     """A real picture (a seeded latent projected to RGB, resized by core's ImageScale) of a drawn size."""
     w, h = draw(st.one_of(st.tuples(st.integers(1, 96), st.integers(1, 96)), st.sampled_from(STRIPS)))
-    g["lat"] = node("SCTest_Latent", family=F, seed=2, width=64, height=64, batch_size=1, empty=False)
+    g["lat"] = tiny_latent(F, 2)
     g["img0"] = node("SCTest_LatentToImage", samples=["lat", 0])
     g["img"] = node("ImageScale", image=["img0", 0], upscale_method="bilinear", width=w, height=h, crop="disabled")
     return ["img", 0]
@@ -159,13 +156,12 @@ def picture(g: dict, draw) -> list:
 def sampling(g: dict, model: list, positive: list | None = None) -> None:
     """model -> KSampler (one step, one 64 px reference) -> image -> finiteness check."""
     g.setdefault("cond", node("SCTest_Conditioning", family=F, seed=3, tokens=8))
-    g.setdefault("ref", node("SCTest_Latent", family=F, seed=4, width=64, height=64, batch_size=1, empty=False))
+    g.setdefault("ref", tiny_latent(F, 4))
     if positive is None:
         g["pos"] = node("SparseContextReferenceLatent", conditioning=["cond", 0], latent=["ref", 0])
         positive = ["pos", 0]
-    g["noise"] = node("SCTest_Latent", family=F, seed=0, width=64, height=64, batch_size=1, empty=True)
-    g["ks"] = node("KSampler", model=model, positive=positive, negative=["cond", 0], latent_image=["noise", 0], seed=5,
-                   steps=1, cfg=1.0, sampler_name="euler", scheduler="simple", denoise=1.0)
+    g["noise"] = tiny_latent(F, 0, empty=True)
+    g["ks"] = ksampler(model, positive, ["cond", 0], ["noise", 0], steps=1)
     g["chk"] = node("SCTest_CheckFinite", latent=["ks", 0])
 
 
@@ -278,7 +274,7 @@ def build(kind: str, draw, values: dict, lora_names: dict) -> Plan:
         g["model"] = node("SCTest_TinyModel", family=F, seed=1)
         g["apply"] = default_apply(["model", 0], cache=draw(st.sampled_from(["off", "reference_only", "first_step"])))
         g["cond"] = node("SCTest_Conditioning", family=F, seed=3, tokens=8)
-        g["ref"] = node("SCTest_Latent", family=F, seed=4, width=64, height=64, batch_size=1, empty=False)
+        g["ref"] = tiny_latent(F, 4)
         if draw(st.booleans()):
             g["sel"] = node("SparseContextGridSelector", image=picture(g, draw), weight=1.0)
             v["selection"] = ["sel", 0]
@@ -310,7 +306,7 @@ def build(kind: str, draw, values: dict, lora_names: dict) -> Plan:
         refs = draw(st.integers(0, 3))
         last = ["cond", 0]
         for i in range(refs):
-            g[f"r{i}"] = node("SCTest_Latent", family=F, seed=10 + i, width=64, height=64, batch_size=1, empty=False)
+            g[f"r{i}"] = tiny_latent(F, 10 + i)
             g[f"rl{i}"] = node("ReferenceLatent", conditioning=last, latent=[f"r{i}", 0])
             last = [f"rl{i}", 0]
         slots = sorted(draw(st.sets(st.integers(1, 4), max_size=4)))
@@ -334,7 +330,7 @@ def build(kind: str, draw, values: dict, lora_names: dict) -> Plan:
             may.add("lora_name")
     elif kind == "SparseContextTrainLora":
         g["model"] = node("SCTest_TinyModel", family=F, seed=1)
-        g["tgt"] = node("SCTest_Latent", family=F, seed=7, width=32, height=32, batch_size=1, empty=False)
+        g["tgt"] = tiny_latent(F, 7, size=32)
         g["cond"] = node("SCTest_Conditioning", family=F, seed=3, tokens=4)
         g["pos"] = node("ReferenceLatent", conditioning=["cond", 0], latent=["tgt", 0])
         g["T"] = node(kind, model=["model", 0], latents=["tgt", 0], conditioning=["pos", 0], **v)
@@ -348,7 +344,7 @@ def build(kind: str, draw, values: dict, lora_names: dict) -> Plan:
         g["cond"] = node("SCTest_Conditioning", family=F, seed=3, tokens=4)
         shared = draw(st.booleans())  # the target latent also wired as the reference (the issue's case)
         if not shared:
-            g["ref"] = node("SCTest_Latent", family=F, seed=8, width=32, height=32, batch_size=1, empty=False)
+            g["ref"] = tiny_latent(F, 8, size=32)
         g["pos"] = node("ReferenceLatent", conditioning=["cond", 0], latent=["tgt" if shared else "ref", 0])
         g["T"] = node(kind, latent=["tgt", 0], conditioning=["pos", 0], **v)
     elif kind == "SparseContextCalibrate":
@@ -356,14 +352,14 @@ def build(kind: str, draw, values: dict, lora_names: dict) -> Plan:
 
         g["model"] = node("SCTest_TinyModel", family=F, seed=1)
         g["cond"] = node("SCTest_Conditioning", family=F, seed=3, tokens=8)
-        g["ref"] = node("SCTest_Latent", family=F, seed=4, width=64, height=64, batch_size=1, empty=False)
+        g["ref"] = tiny_latent(F, 4)
         positive = ["cond", 0]
         if draw(st.integers(0, 3)):
             g["pos"] = node("ReferenceLatent", conditioning=["cond", 0], latent=["ref", 0])
             positive = ["pos", 0]
         else:
             must.add("positive")  # no reference: nothing to calibrate
-        g["empty"] = node("SCTest_Latent", family=F, seed=0, width=64, height=64, batch_size=1, empty=True)
+        g["empty"] = tiny_latent(F, 0, empty=True)
         g["T"] = node(kind, model=["model", 0], positive=positive, latent=["empty", 0], **v)
         g["plot"] = node("SCTest_CheckFinite", image=["T", 1])
         g["apply"] = default_apply(["model", 0], keep_ratio=["T", 0])

@@ -14,6 +14,7 @@ import sc_testpack
 import sparse_context
 import torch
 from sc_harness.host import REPO, comfyui_path, comfyui_version
+from sc_harness.prompts import ksampler, tiny_latent
 from sc_harness.sampling import sample, with_references
 
 FAMILIES = sorted(sc_testpack.FAMILIES)
@@ -115,14 +116,10 @@ def test_kontext_prompt_with_a_reference_runs_end_to_end_over_http(server):
     prompt = {
         "1": {"class_type": "SCTest_TinyModel", "inputs": {"family": f, "seed": 1}},
         "2": {"class_type": "SCTest_Conditioning", "inputs": {"family": f, "seed": 3, "tokens": 8}},
-        "3": {"class_type": "SCTest_Latent", "inputs": {"family": f, "seed": 2, "width": 64, "height": 64,
-                                                         "batch_size": 1, "empty": False}},
+        "3": tiny_latent(f, 2),
         "4": {"class_type": "ReferenceLatent", "inputs": {"conditioning": ["2", 0], "latent": ["3", 0]}},
-        "5": {"class_type": "SCTest_Latent", "inputs": {"family": f, "seed": 0, "width": 64, "height": 64,
-                                                         "batch_size": 1, "empty": True}},
-        "6": {"class_type": "KSampler", "inputs": {"model": ["1", 0], "positive": ["4", 0], "negative": ["2", 0],
-                                                    "latent_image": ["5", 0], "seed": 5, "steps": 3, "cfg": 1.0,
-                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "5": tiny_latent(f, 0, empty=True),
+        "6": ksampler(["1", 0], ["4", 0], ["2", 0], ["5", 0], steps=3),
         "7": {"class_type": "SCTest_LatentToImage", "inputs": {"samples": ["6", 0]}},
         "8": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "sc_e2e"}},
     }

@@ -10,6 +10,7 @@ import pytest
 import sc_testpack
 import torch
 from comfy_extras.nodes_edit_model import ReferenceLatent
+from sc_harness.prompts import ksampler, tiny_latent
 from sc_harness.sampling import sample
 from skimage import data as skdata
 from sparse_context.nodes import NODES
@@ -82,7 +83,7 @@ def _cond(family="flux1_kontext", seed=3):
 def test_sparse_reference_latent_matches_core_reference_latent_plus_binding(photo):
     ref1 = {"samples": sc_testpack.make_latent("flux1_kontext", 1, 64, 64)}
     ref2 = {"samples": sc_testpack.make_latent("flux1_kontext", 2, 64, 48)}
-    sel = _out(SparseContextGridSelector.execute(photo, None, 1.0))
+    sel = _out(SparseContextGridSelector.execute(image=photo))
     cond = _cond()
     cond[0][1]["model_conds"] = {"other": comfy.conds.CONDConstant("keep me")}
 
@@ -105,7 +106,7 @@ def test_sparse_reference_latent_matches_core_reference_latent_plus_binding(phot
     assert BINDING_KEY not in cond[0][1]["model_conds"] and "reference_latents" not in cond[0][1]  # input untouched
 
     # a third reference with its own selection keeps the earlier binding
-    sel3 = _out(SparseContextRandomSelector.execute(photo, 5, None, 1.0))
+    sel3 = _out(SparseContextRandomSelector.execute(image=photo, seed=5))
     three = _out(SparseContextReferenceLatent.execute(ours, ref1, sel3))
     b3 = three[0][1]["model_conds"][BINDING_KEY].cond
     assert (b3.get(0), b3.get(1), b3.get(2)) == (None, sel, sel3)
@@ -121,8 +122,8 @@ def test_bind_selections_binds_by_order_and_names_the_missing_reference(photo):
     cond = _cond("qwen_image_edit")
     for r in refs:
         cond = _out(ReferenceLatent.execute(cond, {"samples": r}))
-    a = _out(SparseContextSaliencySelector.execute(photo, 1.0, None, 1.0))
-    b = _out(SparseContextGridSelector.execute(photo, None, 2.0))
+    a = _out(SparseContextSaliencySelector.execute(image=photo, blur_tokens=1.0))
+    b = _out(SparseContextGridSelector.execute(image=photo, weight=2.0))
     bound = _out(SparseContextBindSelections.execute(cond, selection_1=a, selection_2=b))
     binding = bound[0][1]["model_conds"][BINDING_KEY].cond
     assert (binding.get(0), binding.get(1)) == (a, b)
@@ -148,11 +149,11 @@ def _square_mask(size=256, lo=64, hi=160) -> torch.Tensor:
 
 
 def _all_selectors(photo):
-    edge = _out(SparseContextEdgeSelector.execute(photo, 0.1, 0.2, 1, None, 1.0))
-    sal = _out(SparseContextSaliencySelector.execute(photo, 1.0, None, 1.0))
-    mask = _out(SparseContextMaskSelector.execute(_square_mask(), 1.0, 0.0, 1, 2, None, 1.0))
-    rnd = _out(SparseContextRandomSelector.execute(photo, 3, None, 1.0))
-    grid = _out(SparseContextGridSelector.execute(photo, None, 1.0))
+    edge = _out(SparseContextEdgeSelector.execute(image=photo, low_threshold=0.1, high_threshold=0.2, spread=1))
+    sal = _out(SparseContextSaliencySelector.execute(image=photo, blur_tokens=1.0))
+    mask = _out(SparseContextMaskSelector.execute(mask=_square_mask(), inside=1.0, outside=0.0, dilate_tokens=1, feather_tokens=2))
+    rnd = _out(SparseContextRandomSelector.execute(image=photo, seed=3))
+    grid = _out(SparseContextGridSelector.execute(image=photo))
     comb = _out(SparseContextCombineSelections.execute(mask, edge, 1.0, 0.5, 1.0, 1.0, "max", budget=None, weight=1.0))
     return {"edge": edge, "saliency": sal, "mask": mask, "random": rnd, "grid": grid, "mask+edge": comb}
 
@@ -174,19 +175,19 @@ def test_every_selector_returns_a_valid_selection_on_a_real_photo(photo):
     busy = torch.nn.functional.pad(grad, (0, 1, 0, 1)).unfold(0, 16, 16).unfold(1, 16, 16).mean(dim=(-2, -1)).flatten()
     order = sels["edge"].scores.flatten().argsort(descending=True)
     assert busy[order[:64]].mean() > 2 * busy[order[-64:]].mean(), "edge tokens should be the busy ones"
-    assert not torch.equal(sels["random"].scores, _out(SparseContextRandomSelector.execute(photo, 4, None, 1.0)).scores)
+    assert not torch.equal(sels["random"].scores, _out(SparseContextRandomSelector.execute(image=photo, seed=4)).scores)
     comb = sels["mask+edge"].scores
     assert torch.allclose(comb[7, 7], torch.tensor(1.0)) and comb[0].max() > 0  # mask inside + edges elsewhere
 
 
 def test_budget_travels_in_the_selection_with_the_rule_default_coverage(photo):
     auto = _budget(mode="count", token_count=48)
-    edge = _out(SparseContextEdgeSelector.execute(photo, 0.1, 0.2, 1, auto, 2.0))
-    sal = _out(SparseContextSaliencySelector.execute(photo, 1.0, auto, 1.0))
+    edge = _out(SparseContextEdgeSelector.execute(image=photo, low_threshold=0.1, high_threshold=0.2, spread=1, budget=auto, weight=2.0))
+    sal = _out(SparseContextSaliencySelector.execute(image=photo, blur_tokens=1.0, budget=auto, weight=1.0))
     assert edge.budget.mode == "count" and edge.budget.count == 48 and edge.weight == 2.0
     assert edge.budget.coverage == DEFAULT_COVERAGE["edge"] and sal.budget.coverage == DEFAULT_COVERAGE["saliency"]
     explicit = _budget(coverage=0.5)
-    assert _out(SparseContextGridSelector.execute(photo, explicit, 1.0)).budget.coverage == 0.5
+    assert _out(SparseContextGridSelector.execute(image=photo, budget=explicit, weight=1.0)).budget.coverage == 0.5
 
 
 # -- preview -------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_preview_shows_kept_tokens_brighter(photo, tmp_path, monkeypatch):
     import folder_paths
 
     monkeypatch.setattr(folder_paths, "temp_directory", str(tmp_path))
-    sel = _out(SparseContextSaliencySelector.execute(photo, 1.0, _budget(keep_ratio=0.25), 1.0))
+    sel = _out(SparseContextSaliencySelector.execute(image=photo, blur_tokens=1.0, budget=_budget(keep_ratio=0.25), weight=1.0))
     result = SparseContextPreview.execute(photo, sel, 1)
     out = result.result[0]
     assert out.shape == (1, 256, 256, 3) and out.min() >= 0 and out.max() <= 1
@@ -223,15 +224,15 @@ def test_preview_shows_kept_tokens_brighter(photo, tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     ("call", "pattern"),
     [
-        (lambda p: SparseContextMaskSelector.execute(torch.zeros(1, 64, 64), 1.0, 0.0, 1, 2, None, 1.0),
+        (lambda p: SparseContextMaskSelector.execute(mask=torch.zeros(1, 64, 64), inside=1.0, outside=0.0, dilate_tokens=1, feather_tokens=2),
          r"^Sparse Mask Selector: mask: is empty \(all zeros\)"),
-        (lambda p: SparseContextMaskSelector.execute(torch.ones(1, 64, 64) * 3, 1.0, 0.0, 1, 2, None, 1.0),
+        (lambda p: SparseContextMaskSelector.execute(mask=torch.ones(1, 64, 64) * 3, inside=1.0, outside=0.0, dilate_tokens=1, feather_tokens=2),
          r"^Sparse Mask Selector: mask: values must lie in \[0, 1\]"),
-        (lambda p: SparseContextMaskSelector.execute(_square_mask(), 0.5, 0.5, 1, 2, None, 1.0),
+        (lambda p: SparseContextMaskSelector.execute(mask=_square_mask(), inside=0.5, outside=0.5, dilate_tokens=1, feather_tokens=2),
          r"^Sparse Mask Selector: inside/outside: must differ"),
-        (lambda p: SparseContextEdgeSelector.execute(p, 0.5, 0.2, 1, None, 1.0),
+        (lambda p: SparseContextEdgeSelector.execute(image=p, low_threshold=0.5, high_threshold=0.2, spread=1),
          r"^Sparse Edge Selector: low_threshold: .*<= high_threshold"),
-        (lambda p: SparseContextEdgeSelector.execute(torch.rand(1, 4, 64, 64), 0.1, 0.2, 1, None, 1.0),
+        (lambda p: SparseContextEdgeSelector.execute(image=torch.rand(1, 4, 64, 64), low_threshold=0.1, high_threshold=0.2, spread=1),
          r"^Sparse Edge Selector: image: expected a ComfyUI IMAGE"),
         (lambda p: _budget(mode="adaptive", min_ratio=0.6, max_ratio=0.5),
          r"^Sparse Budget: min_ratio: must be <= max_ratio"),
@@ -240,7 +241,7 @@ def test_preview_shows_kept_tokens_brighter(photo, tmp_path, monkeypatch):
          r"^Apply Sparse Context: start_percent: must be <= end_percent"),
         (lambda p: SparseContextPreview.execute(p, "nope", 64),
          r"^Preview Sparse Tokens: selection: expected a SPARSE_SELECTION"),
-        (lambda p: SparseContextReferenceLatent.execute(_cond(), None, _out(SparseContextGridSelector.execute(p, None, 1.0))),
+        (lambda p: SparseContextReferenceLatent.execute(_cond(), None, _out(SparseContextGridSelector.execute(image=p))),
          r"^Sparse Reference Latent: selection: is connected but latent is not"),
     ],
     ids=["empty-mask", "mask-0-255", "inside-eq-outside", "canny-order", "not-an-image", "budget-min-max", "apply-window", "preview-wiring", "ref-latent-missing"],
@@ -257,7 +258,7 @@ def test_apply_thins_bound_references_and_reports(photo, caplog):
     model = _out(SparseContextApply.execute(base, 0.25, "grid", 0, 1, 0.0, 1.0, 0, True))
     assert model is not base and PATCH_KEY in model.model_options["transformer_options"]
     ref = {"samples": sc_testpack.make_latent(family, 2, 128, 128)}  # 8 x 8 tokens
-    sel = _out(SparseContextEdgeSelector.execute(photo, 0.1, 0.2, 1, _budget(mode="count", token_count=16), 1.0))
+    sel = _out(SparseContextEdgeSelector.execute(image=photo, low_threshold=0.1, high_threshold=0.2, spread=1, budget=_budget(mode="count", token_count=16), weight=1.0))
     positive = _out(SparseContextReferenceLatent.execute(_cond(family), ref, sel))
     latent = torch.zeros_like(sc_testpack.make_latent(family, 5, 64, 64))
     with caplog.at_level(logging.INFO, logger="SparseContext"):
@@ -281,8 +282,7 @@ def _graph(mask_node: dict) -> dict:
     return {
         "1": {"class_type": "SCTest_TinyModel", "inputs": {"family": f, "seed": 1}},
         "2": {"class_type": "SCTest_Conditioning", "inputs": {"family": f, "seed": 3, "tokens": 8}},
-        "3": {"class_type": "SCTest_Latent", "inputs": {"family": f, "seed": 2, "width": 128, "height": 128,
-                                                         "batch_size": 1, "empty": False}},
+        "3": tiny_latent(f, 2, size=128),
         "4": {"class_type": "SCTest_LatentToImage", "inputs": {"samples": ["3", 0]}},
         "5": mask_node,
         "6": {"class_type": "SparseContextMaskSelector", "inputs": {"mask": ["5", 0], "inside": 1.0, "outside": 0.0,
@@ -292,11 +292,8 @@ def _graph(mask_node: dict) -> dict:
         "8": {"class_type": "SparseContextApply", "inputs": {"model": ["1", 0], "keep_ratio": 0.25, "rule": "grid",
                                                              "total_tokens": 0, "bucket": 1, "start_percent": 0.0,
                                                              "end_percent": 1.0, "seed": 0, "enabled": True}},
-        "9": {"class_type": "SCTest_Latent", "inputs": {"family": f, "seed": 0, "width": 64, "height": 64,
-                                                         "batch_size": 1, "empty": True}},
-        "10": {"class_type": "KSampler", "inputs": {"model": ["8", 0], "positive": ["7", 0], "negative": ["2", 0],
-                                                    "latent_image": ["9", 0], "seed": 5, "steps": 2, "cfg": 1.0,
-                                                    "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}},
+        "9": tiny_latent(f, 0, empty=True),
+        "10": ksampler(["8", 0], ["7", 0], ["2", 0], ["9", 0], steps=2),
         "11": {"class_type": "PreviewImage", "inputs": {"images": ["12", 0]}},
         "12": {"class_type": "SparseContextPreview", "inputs": {"image": ["4", 0], "selection": ["6", 0], "bucket": 1}},
         "13": {"class_type": "SCTest_LatentToImage", "inputs": {"samples": ["10", 0]}},

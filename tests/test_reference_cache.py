@@ -291,7 +291,7 @@ def test_attention_selector_node_mixes_measured_attention_with_another_selection
     base = sc_testpack.build_model_patcher(family, seed=6)
     positive, negative, empty, grids = _case(family)
     picture = torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(3))
-    edge = SparseContextEdgeSelector.execute(picture, 0.1, 0.2, 1).args[0]
+    edge = SparseContextEdgeSelector.execute(image=picture, low_threshold=0.1, high_threshold=0.2, spread=1).args[0]
     mixed = SparseContextAttentionSelector.execute(0.5, selection=edge).args[0]
     assert mixed.attention == 0.5 and mixed.rule == "edge+attention"
     binding = SelectionBinding().with_selection(0, mixed)

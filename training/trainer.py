@@ -39,6 +39,7 @@ import torch
 from ..selectors import Budget
 from ..sparse_attention import RUN_KEY, SparseContextConfig, SparseContextPatch, apply_sparse_context
 from ..sparse_attention.families import match_family
+from ..sparse_attention.patch import attention_width
 from . import distributed, resume
 from .autograd import clone_saved_tensors
 from .base_weights import (
@@ -191,8 +192,7 @@ class LoraTrainer:
         arch = self.architecture  # Krea 2 names its sizes features/heads, Z-Image dim/n_heads
         patch = match_family(dm).family.patch_size(dm)  # Krea 2's attribute is ``patch``
         tokens = sequence_tokens(example, text, patch, self.config.keep_ratios.largest())
-        hidden = int(getattr(dm, "hidden_size", None) or getattr(dm, "inner_dim", None) or arch.get("features")
-                     or arch["dim"])
+        hidden = int(arch.get("features") or attention_width(dm))  # Krea 2 keeps its width only in its config
         heads = int(arch.get("num_heads") or arch.get("num_attention_heads") or arch.get("heads") or arch["n_heads"])
         lora_bytes = sum(p.numel() * p.element_size() for p in self.lora.parameters())
         return estimate_memory([(m, kind == "double_block") for kind, _, _, m in blocks(dm, self.arch)], hidden,

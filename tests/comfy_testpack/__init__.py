@@ -9,6 +9,7 @@ import torch
 from comfy_api.latest import ComfyExtension, io
 
 from .demo_nodes import DEMO_NODES
+from .pack_node import pack_node
 from .stand_ins import StandInEncoder
 from .step_timer import StepTimer
 from .tiny_models import (
@@ -26,88 +27,49 @@ _FAMILY = io.Combo.Input("family", options=sorted(FAMILIES), tooltip="Tiny model
 _SEED = io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed.")
 
 
-class TinyModel(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_TinyModel", category="SparseContextTest", description="A tiny real model (tests only).",
-            inputs=[_FAMILY, _SEED], outputs=[io.Model.Output()],
-        )
-
-    @classmethod
-    def execute(cls, family: str, seed: int) -> io.NodeOutput:
-        return io.NodeOutput(build_model_patcher(family, seed))
+@pack_node("SCTest_TinyModel", "A tiny real model (tests only).", [_FAMILY, _SEED], [io.Model.Output()])
+def TinyModel(family: str, seed: int) -> io.NodeOutput:
+    return io.NodeOutput(build_model_patcher(family, seed))
 
 
-class TinyConditioning(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_Conditioning", category="SparseContextTest", description="Seeded conditioning (tests only).",
-            inputs=[_FAMILY, _SEED, io.Int.Input("tokens", default=8, min=1, max=512, tooltip="Text tokens.")],
-            outputs=[io.Conditioning.Output()],
-        )
-
-    @classmethod
-    def execute(cls, family: str, seed: int, tokens: int) -> io.NodeOutput:
-        return io.NodeOutput(make_conditioning(family, seed, tokens))
+@pack_node("SCTest_Conditioning", "Seeded conditioning (tests only).",
+           [_FAMILY, _SEED, io.Int.Input("tokens", default=8, min=1, max=512, tooltip="Text tokens.")],
+           [io.Conditioning.Output()])
+def TinyConditioning(family: str, seed: int, tokens: int) -> io.NodeOutput:
+    return io.NodeOutput(make_conditioning(family, seed, tokens))
 
 
-class TinyLatent(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_Latent", category="SparseContextTest",
-            description="A seeded latent in the family's layout, as VAEEncode gives (tests only); empty=zeros.",
-            inputs=[
-                _FAMILY, _SEED,
-                io.Int.Input("width", default=64, min=16, max=1024, step=16, tooltip="Pixels."),
-                io.Int.Input("height", default=64, min=16, max=1024, step=16, tooltip="Pixels."),
-                io.Int.Input("batch_size", default=1, min=1, max=8, tooltip="Batch."),
-                io.Boolean.Input("empty", default=False, tooltip="Zeros, for sampling from noise."),
-            ],
-            outputs=[io.Latent.Output()],
-        )
-
-    @classmethod
-    def execute(cls, family: str, seed: int, width: int, height: int, batch_size: int, empty: bool) -> io.NodeOutput:
-        latent = make_latent(family, seed, width, height, batch_size)
-        return io.NodeOutput({"samples": torch.zeros_like(latent) if empty else latent})
+@pack_node("SCTest_Latent", "A seeded latent in the family's layout, as VAEEncode gives (tests only); empty=zeros.",
+           [_FAMILY, _SEED,
+            io.Int.Input("width", default=64, min=16, max=1024, step=16, tooltip="Pixels."),
+            io.Int.Input("height", default=64, min=16, max=1024, step=16, tooltip="Pixels."),
+            io.Int.Input("batch_size", default=1, min=1, max=8, tooltip="Batch."),
+            io.Boolean.Input("empty", default=False, tooltip="Zeros, for sampling from noise.")],
+           [io.Latent.Output()])
+def TinyLatent(family: str, seed: int, width: int, height: int, batch_size: int, empty: bool) -> io.NodeOutput:
+    latent = make_latent(family, seed, width, height, batch_size)
+    return io.NodeOutput({"samples": torch.zeros_like(latent) if empty else latent})
 
 
-class LatentToImage(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_LatentToImage", category="SparseContextTest",
-            description="A fixed projection of a latent to an IMAGE, in place of a VAE (tests only).",
-            inputs=[io.Latent.Input("samples", tooltip="Latent.")], outputs=[io.Image.Output()],
-        )
-
-    @classmethod
-    def execute(cls, samples: dict) -> io.NodeOutput:
-        x = samples["samples"]
-        if x.ndim == 5:
-            x = x[:, :, 0]
-        groups = torch.tensor_split(x.float(), 3, dim=1)
-        rgb = torch.stack([g.mean(dim=1) for g in groups], dim=-1)
-        return io.NodeOutput(torch.sigmoid(rgb))
+@pack_node("SCTest_LatentToImage", "A fixed projection of a latent to an IMAGE, in place of a VAE (tests only).",
+           [io.Latent.Input("samples", tooltip="Latent.")], [io.Image.Output()])
+def LatentToImage(samples: dict) -> io.NodeOutput:
+    x = samples["samples"]
+    if x.ndim == 5:
+        x = x[:, :, 0]
+    groups = torch.tensor_split(x.float(), 3, dim=1)
+    rgb = torch.stack([g.mean(dim=1) for g in groups], dim=-1)
+    return io.NodeOutput(torch.sigmoid(rgb))
 
 
-class CheckFinite(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_CheckFinite", category="SparseContextTest", is_output_node=True,
-            description="Reports in its UI output whether an IMAGE / LATENT holds only finite values (tests only).",
-            inputs=[io.Image.Input("image", optional=True, tooltip="Image to check."),
-                    io.Latent.Input("latent", optional=True, tooltip="Latent to check.")],
-        )
-
-    @classmethod
-    def execute(cls, image=None, latent=None) -> io.NodeOutput:
-        x = image if latent is None else latent["samples"]
-        return io.NodeOutput(ui={"finite": [bool(torch.isfinite(x).all())], "shape": list(x.shape)})
+@pack_node("SCTest_CheckFinite",
+           "Reports in its UI output whether an IMAGE / LATENT holds only finite values (tests only).",
+           [io.Image.Input("image", optional=True, tooltip="Image to check."),
+            io.Latent.Input("latent", optional=True, tooltip="Latent to check.")],
+           is_output_node=True)
+def CheckFinite(image=None, latent=None) -> io.NodeOutput:
+    x = image if latent is None else latent["samples"]
+    return io.NodeOutput(ui={"finite": [bool(torch.isfinite(x).all())], "shape": list(x.shape)})
 
 
 class TinyTestExtension(ComfyExtension):

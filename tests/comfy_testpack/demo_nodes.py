@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 
 from .host_config import host_model_config
+from .pack_node import pack_node
 from .tiny_models import FAMILIES, SPECS
 
 #: Model configs (``comfy.supported_models.<name>``) a config file may name; nothing else is built.
@@ -50,23 +51,14 @@ def image_to_latent(image: torch.Tensor, family: str) -> torch.Tensor:
     return latent.unsqueeze(2) if spec.video_latent else latent
 
 
-class ImageToLatent(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_ImageToLatent", category="SparseContextTest",
-            description="A fixed linear projection of an IMAGE to a latent of the family's layout, in place of "
-                        "VAEEncode (tests and demo only).",
-            inputs=[
-                io.Image.Input("image", tooltip="Image to encode."),
-                io.Combo.Input("family", options=sorted(FAMILIES), tooltip="Latent layout of this tiny model family."),
-            ],
-            outputs=[io.Latent.Output()],
-        )
-
-    @classmethod
-    def execute(cls, image: torch.Tensor, family: str) -> io.NodeOutput:
-        return io.NodeOutput({"samples": image_to_latent(image, family)})
+@pack_node("SCTest_ImageToLatent",
+           "A fixed linear projection of an IMAGE to a latent of the family's layout, in place of VAEEncode (tests "
+           "and demo only).",
+           [io.Image.Input("image", tooltip="Image to encode."),
+            io.Combo.Input("family", options=sorted(FAMILIES), tooltip="Latent layout of this tiny model family.")],
+           [io.Latent.Output()])
+def ImageToLatent(image: torch.Tensor, family: str) -> io.NodeOutput:
+    return io.NodeOutput({"samples": image_to_latent(image, family)})
 
 
 def load_safetensors_model(path: str | Path):
@@ -105,23 +97,13 @@ def load_safetensors_model(path: str | Path):
     return comfy.model_patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
-class SafetensorsModel(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_SafetensorsModel", category="SparseContextTest",
-            description="A small trained model from a .safetensors file and its JSON config, in place of the "
-                        "seeded tiny model (tests and demo only).",
-            inputs=[io.String.Input("path", tooltip="Absolute path of the .safetensors file (config JSON beside it).")],
-            outputs=[io.Model.Output()],
-        )
-
-    @classmethod
-    def execute(cls, path: str) -> io.NodeOutput:
-        try:
-            return io.NodeOutput(load_safetensors_model(path))
-        except ValueError as err:
-            raise ValueError(f"SCTest_SafetensorsModel: {err}") from err
+@pack_node("SCTest_SafetensorsModel",
+           "A small trained model from a .safetensors file and its JSON config, in place of the seeded tiny model "
+           "(tests and demo only).",
+           [io.String.Input("path", tooltip="Absolute path of the .safetensors file (config JSON beside it).")],
+           [io.Model.Output()])
+def SafetensorsModel(path: str) -> io.NodeOutput:
+    return io.NodeOutput(load_safetensors_model(path))
 
 
 # -- the trained miniature model (experiments/miniature): its tasks and its invertible pixel "VAE" --------
@@ -145,105 +127,76 @@ def miniature() -> ModuleType:
     return _experiment("miniature", "encoding", "tasks")
 
 
-class MiniatureTask(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_MiniatureTask", category="SparseContextTest",
-            description="One seeded example of the miniature experiment's tasks (experiments/miniature/tasks.py): "
-                        "its reference images, the ground-truth target and the one-hot 'text' conditioning the "
-                        "trained miniature model expects (tests and demo only).",
-            inputs=[
-                io.Combo.Input("task", options=["multi", "subject", "edit"], default="multi",
-                               tooltip="multi: 2-3 references, their objects composed on a new background; subject: one "
-                                       "object on a new background; edit: recolour the shapes of one colour."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Which example (tasks.make_batch seed)."),
-                io.Int.Input("references", default=3, min=1, max=3,
-                             tooltip="multi only: number of reference images, 2 to 3 (subject and edit have one; "
-                                     "ignored there)."),
-            ],
-            outputs=[
-                io.Image.Output(display_name="references",
-                                tooltip="The reference images as one batch (N, H, W, 3); split with ImageFromBatch."),
-                io.Image.Output(display_name="target", tooltip="The ground truth the edit should produce (64x64)."),
-                io.Conditioning.Output(display_name="conditioning",
-                                       tooltip="One-hot text tokens (1, 4, 16) + pooled vector (1, 24), no references."),
-                io.Int.Output(display_name="count", tooltip="Number of references."),
-            ],
-        )
-
-    @classmethod
-    def execute(cls, task: str, seed: int, references: int) -> io.NodeOutput:
-        tasks = miniature().tasks
-        if task not in tasks.TASKS:
-            raise ValueError(f"SCTest_MiniatureTask: task: expected one of {tasks.TASKS}, got {task!r}")
-        if task == "multi" and not 2 <= references <= tasks.MULTI_MAX_REFS:
-            raise ValueError(f"SCTest_MiniatureTask: references: the multi task has 2 to {tasks.MULTI_MAX_REFS}, "
-                             f"got {references}")
-        batch = tasks.make_batch(task, 1, seed, n_refs=references if task == "multi" else None)
-        refs = torch.cat(batch.refs, 0)  # (N, H, W, 3): all references of a task share one size
-        cond = [[batch.context, {"pooled_output": batch.pooled}]]
-        return io.NodeOutput(refs, batch.target, cond, len(batch.refs))
+def _task_outputs(target: str, *more: io.Output) -> list[io.Output]:
+    """The outputs of a task node: its references, target (``target`` says what it is), text and count."""
+    return [io.Image.Output(display_name="references",
+                            tooltip="The reference images as one batch (N, H, W, 3); split with ImageFromBatch."),
+            io.Image.Output(display_name="target", tooltip=target),
+            io.Conditioning.Output(display_name="conditioning",
+                                   tooltip="One-hot text tokens (1, 4, 16) + pooled vector (1, 24), no references."),
+            io.Int.Output(display_name="count", tooltip="Number of references."), *more]
 
 
-class MiniatureEncode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_MiniatureEncode", category="SparseContextTest",
-            description="The miniature model's 'VAE' encoder (experiments/miniature/encoding.py): RGB + luma folded "
-                        "2x2 into a 16-channel latent at half resolution; one model token = 4x4 pixels.",
-            inputs=[io.Image.Input("image", tooltip="Image (B, H, W, 3) with even H and W.")],
-            outputs=[io.Latent.Output()],
-        )
-
-    @classmethod
-    def execute(cls, image: torch.Tensor) -> io.NodeOutput:
-        if image.ndim != 4 or image.shape[1] % 2 or image.shape[2] % 2:
-            raise ValueError(f"SCTest_MiniatureEncode: image: expected (B, H, W, C) with even H and W, "
-                             f"got {tuple(image.shape)}")
-        return io.NodeOutput({"samples": miniature().encoding.encode(image[..., :3])})
+def _checked_task(task: str, tasks: ModuleType) -> None:
+    if task not in tasks.TASKS:
+        raise ValueError(f"task: expected one of {tasks.TASKS}, got {task!r}")
 
 
-class MiniatureDecode(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_MiniatureDecode", category="SparseContextTest",
-            description="The miniature model's 'VAE' decoder: the exact inverse of SCTest_MiniatureEncode "
-                        "(16-channel latent at half resolution -> IMAGE).",
-            inputs=[io.Latent.Input("samples", tooltip="A 16-channel latent (B, 16, h, w).")],
-            outputs=[io.Image.Output()],
-        )
+@pack_node("SCTest_MiniatureTask",
+           "One seeded example of the miniature experiment's tasks (experiments/miniature/tasks.py): its reference "
+           "images, the ground-truth target and the one-hot 'text' conditioning the trained miniature model expects "
+           "(tests and demo only).",
+           [io.Combo.Input("task", options=["multi", "subject", "edit"], default="multi",
+                           tooltip="multi: 2-3 references, their objects composed on a new background; subject: one "
+                                   "object on a new background; edit: recolour the shapes of one colour."),
+            io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Which example (tasks.make_batch seed)."),
+            io.Int.Input("references", default=3, min=1, max=3,
+                         tooltip="multi only: number of reference images, 2 to 3 (subject and edit have one; ignored "
+                                 "there).")],
+           _task_outputs("The ground truth the edit should produce (64x64)."))
+def MiniatureTask(task: str, seed: int, references: int) -> io.NodeOutput:
+    tasks = miniature().tasks
+    _checked_task(task, tasks)
+    if task == "multi" and not 2 <= references <= tasks.MULTI_MAX_REFS:
+        raise ValueError(f"references: the multi task has 2 to {tasks.MULTI_MAX_REFS}, got {references}")
+    batch = tasks.make_batch(task, 1, seed, n_refs=references if task == "multi" else None)
+    refs = torch.cat(batch.refs, 0)  # (N, H, W, 3): all references of a task share one size
+    cond = [[batch.context, {"pooled_output": batch.pooled}]]
+    return io.NodeOutput(refs, batch.target, cond, len(batch.refs))
 
-    @classmethod
-    def execute(cls, samples: dict) -> io.NodeOutput:
-        x = samples["samples"]
-        if x.ndim != 4 or x.shape[1] != 16:
-            raise ValueError(f"SCTest_MiniatureDecode: samples: expected a (B, 16, h, w) latent, got {tuple(x.shape)}")
-        return io.NodeOutput(miniature().encoding.decode(x))
+
+@pack_node("SCTest_MiniatureEncode",
+           "The miniature model's 'VAE' encoder (experiments/miniature/encoding.py): RGB + luma folded 2x2 into a "
+           "16-channel latent at half resolution; one model token = 4x4 pixels.",
+           [io.Image.Input("image", tooltip="Image (B, H, W, 3) with even H and W.")], [io.Latent.Output()])
+def MiniatureEncode(image: torch.Tensor) -> io.NodeOutput:
+    if image.ndim != 4 or image.shape[1] % 2 or image.shape[2] % 2:
+        raise ValueError(f"image: expected (B, H, W, C) with even H and W, got {tuple(image.shape)}")
+    return io.NodeOutput({"samples": miniature().encoding.encode(image[..., :3])})
 
 
-class MiniatureEmptyLatent(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_MiniatureEmptyLatent", category="SparseContextTest",
-            description="An all-zero latent in the miniature model's layout (16 channels at half resolution), to "
-                        "sample from noise (what the experiment's evaluation starts from).",
-            inputs=[
-                io.Int.Input("width", default=64, min=4, max=1024, step=4, tooltip="Pixels (multiple of 4)."),
-                io.Int.Input("height", default=64, min=4, max=1024, step=4, tooltip="Pixels (multiple of 4)."),
-                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Batch."),
-            ],
-            outputs=[io.Latent.Output()],
-        )
+@pack_node("SCTest_MiniatureDecode",
+           "The miniature model's 'VAE' decoder: the exact inverse of SCTest_MiniatureEncode (16-channel latent at "
+           "half resolution -> IMAGE).",
+           [io.Latent.Input("samples", tooltip="A 16-channel latent (B, 16, h, w).")], [io.Image.Output()])
+def MiniatureDecode(samples: dict) -> io.NodeOutput:
+    x = samples["samples"]
+    if x.ndim != 4 or x.shape[1] != 16:
+        raise ValueError(f"samples: expected a (B, 16, h, w) latent, got {tuple(x.shape)}")
+    return io.NodeOutput(miniature().encoding.decode(x))
 
-    @classmethod
-    def execute(cls, width: int, height: int, batch_size: int) -> io.NodeOutput:
-        if width % 4 or height % 4:
-            raise ValueError(f"SCTest_MiniatureEmptyLatent: width/height: multiples of 4 (one token), got {width}x{height}")
-        return io.NodeOutput({"samples": torch.zeros(batch_size, 16, height // 2, width // 2)})
+
+@pack_node("SCTest_MiniatureEmptyLatent",
+           "An all-zero latent in the miniature model's layout (16 channels at half resolution), to sample from noise "
+           "(what the experiment's evaluation starts from).",
+           [*(io.Int.Input(side, default=64, min=4, max=1024, step=4, tooltip="Pixels (multiple of 4).")
+              for side in ("width", "height")),
+            io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Batch.")],
+           [io.Latent.Output()])
+def MiniatureEmptyLatent(width: int, height: int, batch_size: int) -> io.NodeOutput:
+    if width % 4 or height % 4:
+        raise ValueError(f"width/height: multiples of 4 (one token), got {width}x{height}")
+    return io.NodeOutput({"samples": torch.zeros(batch_size, 16, height // 2, width // 2)})
 
 
 # -- the natural-image model (experiments/natural): held-out photo tasks; encoding is the miniature's -------
@@ -253,46 +206,29 @@ def natural() -> ModuleType:
     return _experiment("natural", "tasks")
 
 
-class NaturalTask(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_NaturalTask", category="SparseContextTest",
-            description="One held-out example of the natural-image experiment (experiments/natural/tasks.py, crops of "
-                        "photographs never trained on): its references, the ground-truth target and the one-hot 'text' "
-                        "conditioning the trained model expects (tests and demo only).",
-            inputs=[
-                io.Combo.Input("task", options=["subject", "edit", "composition"], default="subject",
-                               tooltip="subject: a global change (colour grade, shift, zoom crop); edit: a region "
-                                       "changed, the rest copied; composition: 2-3 references arranged."),
-                io.Int.Input("example", default=0, min=0, max=999,
-                             tooltip="Which held-out example (the experiment's evaluation items, in order)."),
-            ],
-            outputs=[
-                io.Image.Output(display_name="references",
-                                tooltip="The reference images as one batch (N, H, W, 3); split with ImageFromBatch."),
-                io.Image.Output(display_name="target", tooltip="The ground truth."),
-                io.Conditioning.Output(display_name="conditioning",
-                                       tooltip="One-hot text tokens (1, 4, 16) + pooled vector (1, 24), no references."),
-                io.Int.Output(display_name="count", tooltip="Number of references."),
-                io.String.Output(display_name="change", tooltip="What the condition asks for."),
-                io.Int.Output(display_name="width", tooltip="Target width in pixels (for the empty latent)."),
-                io.Int.Output(display_name="height", tooltip="Target height in pixels."),
-            ],
-        )
+@pack_node("SCTest_NaturalTask",
+           "One held-out example of the natural-image experiment (experiments/natural/tasks.py, crops of photographs "
+           "never trained on): its references, the ground-truth target and the one-hot 'text' conditioning the "
+           "trained model expects (tests and demo only).",
+           [io.Combo.Input("task", options=["subject", "edit", "composition"], default="subject",
+                           tooltip="subject: a global change (colour grade, shift, zoom crop); edit: a region changed, "
+                                   "the rest copied; composition: 2-3 references arranged."),
+            io.Int.Input("example", default=0, min=0, max=999,
+                         tooltip="Which held-out example (the experiment's evaluation items, in order).")],
+           _task_outputs("The ground truth.",
+                         io.String.Output(display_name="change", tooltip="What the condition asks for."),
+                         io.Int.Output(display_name="width", tooltip="Target width in pixels (for the empty latent)."),
+                         io.Int.Output(display_name="height", tooltip="Target height in pixels.")))
+def NaturalTask(task: str, example: int) -> io.NodeOutput:
+    nat = natural()
+    _checked_task(task, nat.tasks)
+    from sc_natural.run import EVAL_SEED
 
-    @classmethod
-    def execute(cls, task: str, example: int) -> io.NodeOutput:
-        nat = natural()
-        if task not in nat.tasks.TASKS:
-            raise ValueError(f"SCTest_NaturalTask: task: expected one of {nat.tasks.TASKS}, got {task!r}")
-        from sc_natural.run import EVAL_SEED
-
-        item = nat.tasks.eval_items(task, example + 1, EVAL_SEED)[example]
-        cond = [[item.context, {"pooled_output": item.pooled}]]
-        target = item.target
-        return io.NodeOutput(torch.cat(item.refs, 0), target, cond, len(item.refs), item.change, target.shape[2],
-                             target.shape[1])
+    item = nat.tasks.eval_items(task, example + 1, EVAL_SEED)[example]
+    cond = [[item.context, {"pooled_output": item.pooled}]]
+    target = item.target
+    return io.NodeOutput(torch.cat(item.refs, 0), target, cond, len(item.refs), item.change, target.shape[2],
+                         target.shape[1])
 
 
 DEMO_NODES: list[type[io.ComfyNode]] = [ImageToLatent, SafetensorsModel, MiniatureTask, MiniatureEncode,

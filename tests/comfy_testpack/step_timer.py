@@ -18,6 +18,8 @@ import time
 import torch
 from comfy_api.latest import io
 
+from .pack_node import pack_node
+
 KEY = "sctest_step_timer"
 EVENT = "sctest.step_times"
 
@@ -66,26 +68,19 @@ def _send(data: dict) -> None:
         server.send_sync(EVENT, {**data, "prompt_id": getattr(server, "last_prompt_id", None)}, server.client_id)
 
 
-class StepTimer(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SCTest_StepTimer", category="SparseContextTest",
-            description="Times each sampling step of the model inside ComfyUI and sends the times to the client "
-                        f"as the websocket event {EVENT!r} (tests and demo only).",
-            inputs=[io.Model.Input("model", tooltip="Model to time."),
-                    io.String.Input("label", default="run", tooltip="Names the runs of this model in the event.")],
-            outputs=[io.Model.Output()],
-        )
+@pack_node("SCTest_StepTimer",
+           "Times each sampling step of the model inside ComfyUI and sends the times to the client as the websocket "
+           f"event {EVENT!r} (tests and demo only).",
+           [io.Model.Input("model", tooltip="Model to time."),
+            io.String.Input("label", default="run", tooltip="Names the runs of this model in the event.")],
+           [io.Model.Output()])
+def StepTimer(model, label: str) -> io.NodeOutput:
+    import comfy.patcher_extension
 
-    @classmethod
-    def execute(cls, model, label: str) -> io.NodeOutput:
-        import comfy.patcher_extension
-
-        clone = model.clone()
-        wrappers = comfy.patcher_extension.WrappersMP
-        clone.remove_wrappers_with_key(wrappers.OUTER_SAMPLE, KEY)
-        clone.remove_wrappers_with_key(wrappers.PREDICT_NOISE, KEY)
-        clone.add_wrapper_with_key(wrappers.PREDICT_NOISE, KEY, predict_noise_wrapper)
-        clone.add_wrapper_with_key(wrappers.OUTER_SAMPLE, KEY, functools.partial(outer_sample_wrapper, label))
-        return io.NodeOutput(clone)
+    clone = model.clone()
+    wrappers = comfy.patcher_extension.WrappersMP
+    clone.remove_wrappers_with_key(wrappers.OUTER_SAMPLE, KEY)
+    clone.remove_wrappers_with_key(wrappers.PREDICT_NOISE, KEY)
+    clone.add_wrapper_with_key(wrappers.PREDICT_NOISE, KEY, predict_noise_wrapper)
+    clone.add_wrapper_with_key(wrappers.OUTER_SAMPLE, KEY, functools.partial(outer_sample_wrapper, label))
+    return io.NodeOutput(clone)
