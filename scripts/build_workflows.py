@@ -1,13 +1,16 @@
 """Regenerates the example workflows (UI format here, API format in tests/workflows_api/).
 
 Dev tool, not part of the node pack: ``.venv/bin/python scripts/build_workflows.py`` (run from any
-folder) starts the pinned ComfyUI with the pack, reads ``/object_info`` for the sockets and widget order
-of every node, and writes the JSON pairs. Edit the graphs here, never the JSON by hand.
+folder) starts ComfyUI with the pack, reads ``/object_info`` for the sockets and widget order of every
+node, and writes the JSON pairs. Edit the graphs here, never the JSON by hand.
 
-The files are saved as ComfyUI 0.3.75 (the pinned host, the oldest supported) saves them: core nodes say
-so in ``properties.ver``, newer ComfyUI versions load them as they load any older workflow (new widgets
-get their defaults, new output slots are added), and the tests check each host does. So this refuses to
-run against another ComfyUI.
+Each workflow is saved as the oldest ComfyUI that has its core nodes saves it (``SAVED_WITH``): the
+FLUX/Qwen ones as 0.3.75 (the pinned host), the families added in 0.29-0.30 as 0.30.0. Core nodes say so
+in ``properties.ver``; newer ComfyUI versions load them as they load any older workflow (new widgets get
+their defaults, new output slots are added), and the tests check each host does. So a run builds the
+workflows saved with the ComfyUI it runs against (``COMFYUI_PATH``), and refuses any other version:
+    .venv/bin/python scripts/build_workflows.py                                  # 0.3.75 ones
+    COMFYUI_PATH=<ComfyUI 0.30.0> <its python> scripts/build_workflows.py        # 0.30.0 ones
 """
 
 from __future__ import annotations
@@ -21,8 +24,6 @@ from packload import load_harness  # scripts/ is on sys.path when this file runs
 REPO = Path(__file__).resolve().parents[1]
 HF = "https://huggingface.co"
 PACK = {"cnr_id": "sparse-context", "ver": "0.1.0"}
-CORE_VERSION = "0.3.75"  # = sc_harness.host.PINNED_VERSION (checked in main)
-CORE = {"cnr_id": "comfy-core", "ver": CORE_VERSION}
 SPARSE_COLOR = "#2a4d3a"
 MODELS = {  # file -> (url, models/ folder), as the official templates list them
     "flux1-kontext-dev.safetensors":  # the bf16 original (gated: accept the license on Hugging Face first)
@@ -51,7 +52,40 @@ MODELS = {  # file -> (url, models/ folder), as the official templates list them
     "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors":
         (f"{HF}/lightx2v/Qwen-Image-Lightning/resolve/main/Qwen-Image-Edit-2509/"
          "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors", "loras"),
+    # the families added in ComfyUI 0.29-0.30, as their official templates list them
+    "mage_flow_edit_turbo_int8_convrot.safetensors":
+        (f"{HF}/Comfy-Org/Mage-Flow/resolve/main/diffusion_models/mage_flow_edit_turbo_int8_convrot.safetensors",
+         "diffusion_models"),
+    "qwen3vl_4b_bf16.safetensors": (f"{HF}/Comfy-Org/Mage-Flow/resolve/main/text_encoders/qwen3vl_4b_bf16.safetensors",
+                                    "text_encoders"),
+    "mage_flow_vae_bf16.safetensors": (f"{HF}/Comfy-Org/Mage-Flow/resolve/main/vae/mage_flow_vae_bf16.safetensors", "vae"),
+    "krea2_turbo_int8_convrot.safetensors":
+        (f"{HF}/Comfy-Org/Krea-2/resolve/main/diffusion_models/krea2_turbo_int8_convrot.safetensors", "diffusion_models"),
+    "krea2_style_reference.safetensors": (f"{HF}/Comfy-Org/Krea-2/resolve/main/loras/krea2_style_reference.safetensors",
+                                          "loras"),
+    "qwen3vl_4b_fp8_scaled.safetensors":
+        (f"{HF}/Comfy-Org/Krea-2/resolve/main/text_encoders/qwen3vl_4b_fp8_scaled.safetensors", "text_encoders"),
+    "qwen_image_vae_krea2.safetensors": (f"{HF}/Comfy-Org/Krea-2/resolve/main/vae/qwen_image_vae.safetensors", "vae"),
+    "z_image_bf16.safetensors":
+        (f"{HF}/Comfy-Org/z_image/resolve/main/split_files/diffusion_models/z_image_bf16.safetensors", "diffusion_models"),
+    "qwen_3_4b.safetensors":
+        (f"{HF}/Comfy-Org/z_image_turbo/resolve/main/split_files/text_encoders/qwen_3_4b.safetensors", "text_encoders"),
+    "ae_z_image.safetensors": (f"{HF}/Comfy-Org/z_image_turbo/resolve/main/split_files/vae/ae.safetensors", "vae"),
+    "joyai_image_edit_int8_convrot.safetensors":
+        (f"{HF}/Comfy-Org/JoyAI-Image-Edit/resolve/main/diffusion_models/joyai_image_edit_int8_convrot.safetensors",
+         "diffusion_models"),
+    "qwen3vl_8b_joyimage_edit_int8_convrot.safetensors":
+        (f"{HF}/Comfy-Org/JoyAI-Image-Edit/resolve/main/text_encoders/qwen3vl_8b_joyimage_edit_int8_convrot.safetensors",
+         "text_encoders"),
+    "wan_2.1_vae.safetensors": (f"{HF}/Comfy-Org/JoyAI-Image-Edit/resolve/main/vae/wan_2.1_vae.safetensors", "vae"),
+    "longcat_image_edit_bf16.safetensors":
+        (f"{HF}/TalmajM/LongCat-Image-Edit_ComfyUI_repackaged/resolve/main/split_files/diffusion_models/"
+         "longcat_image_edit_bf16.safetensors", "diffusion_models"),
 }
+#: Files that two templates publish under one name from different repositories: the key above is unique, the
+#: file the loader widget asks for is this one.
+FILE_NAME = {"qwen_image_vae_krea2.safetensors": "qwen_image_vae.safetensors",
+             "ae_z_image.safetensors": "ae.safetensors"}
 
 NODES_HELP = """## SparseContext nodes
 - **Apply Sparse Context** (model): reference images keep only some of their tokens, at their original positions.
@@ -79,7 +113,7 @@ COMPARE = ("**Compare with dense**: set `enabled` of Apply Sparse Context to fal
 
 
 def _models(*names: str) -> dict:
-    return {"models": [{"name": n, "url": MODELS[n][0], "directory": MODELS[n][1]} for n in names]}
+    return {"models": [{"name": FILE_NAME.get(n, n), "url": MODELS[n][0], "directory": MODELS[n][1]} for n in names]}
 
 
 def _load_convert():
@@ -90,11 +124,17 @@ def _load_convert():
 
 
 class Graph:
-    def __init__(self, convert, info):
+    def __init__(self, convert, info, core_version: str):
         self.wf = convert.UIWorkflow(info)
+        self.core_properties = {"cnr_id": "comfy-core", "ver": core_version}
 
     def core(self, kind, col, widgets=(), **kw):
-        return self.wf.add(kind, col, list(widgets), properties={**CORE, **kw.pop("properties", {})}, **kw)
+        return self.wf.add(kind, col, list(widgets), properties={**self.core_properties, **kw.pop("properties", {})},
+                           **kw)
+
+    def loader(self, kind: str, col: int, file: str, *widgets) -> int:
+        """A model loader with the file's download link (``properties.models``), as the official templates have."""
+        return self.core(kind, col, [FILE_NAME.get(file, file), *widgets], properties=_models(file))
 
     def sparse(self, kind, col, widgets=(), **kw):
         return self.wf.add(kind, col, list(widgets), properties=dict(PACK), color=SPARSE_COLOR, **kw)
@@ -109,11 +149,17 @@ class Graph:
 
 def kontext_loaders(g: Graph, col: int = 0, unet_file: str = "flux1-dev-kontext_fp8_scaled.safetensors",
                     weight_dtype: str = "default") -> tuple[int, int, int]:
-    unet = g.core("UNETLoader", col, [unet_file, weight_dtype], properties=_models(unet_file))
+    unet = g.loader("UNETLoader", col, unet_file, weight_dtype)
     clip = g.core("DualCLIPLoader", col, ["clip_l.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors", "flux", "default"],
                   properties=_models("clip_l.safetensors", "t5xxl_fp8_e4m3fn_scaled.safetensors"))
-    vae = g.core("VAELoader", col, ["ae.safetensors"], properties=_models("ae.safetensors"))
+    vae = g.loader("VAELoader", col, "ae.safetensors")
     return unet, clip, vae
+
+
+def loaders(g: Graph, unet_file: str, clip_file: str, clip_type: str, vae_file: str) -> tuple[int, int, int]:
+    """UNETLoader, CLIPLoader and VAELoader in column 0."""
+    return (g.loader("UNETLoader", 0, unet_file, "default"), g.loader("CLIPLoader", 0, clip_file, clip_type, "default"),
+            g.loader("VAELoader", 0, vae_file))
 
 
 def kontext_edit(g: Graph, prompt: str, selection_col: int = 2) -> dict:
@@ -182,11 +228,8 @@ def masked_edit(g: Graph) -> None:
 
 
 def klein_multi(g: Graph) -> None:
-    unet = g.core("UNETLoader", 0, ["flux-2-klein-9b-fp8.safetensors", "default"],
-                  properties=_models("flux-2-klein-9b-fp8.safetensors"))
-    clip = g.core("CLIPLoader", 0, ["qwen_3_8b_fp8mixed.safetensors", "flux2", "default"],
-                  properties=_models("qwen_3_8b_fp8mixed.safetensors"))
-    vae = g.core("VAELoader", 0, ["flux2-vae.safetensors"], properties=_models("flux2-vae.safetensors"))
+    unet, clip, vae = loaders(g, "flux-2-klein-9b-fp8.safetensors", "qwen_3_8b_fp8mixed.safetensors", "flux2",
+                              "flux2-vae.safetensors")
     text = g.core("CLIPTextEncode", 1, ["The woman from image 1 wears the jacket from image 2 and holds the cup from "
                                         "image 3, standing in a sunny street."])
     cond, first_image, first_sel = text, None, None
@@ -227,13 +270,9 @@ def klein_multi(g: Graph) -> None:
 
 
 def qwen_2509(g: Graph) -> None:
-    unet = g.core("UNETLoader", 0, ["qwen_image_edit_2509_fp8_e4m3fn.safetensors", "default"],
-                  properties=_models("qwen_image_edit_2509_fp8_e4m3fn.safetensors"))
-    lora = g.core("LoraLoaderModelOnly", 0, ["Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors", 1.0],
-                  properties=_models("Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors"))
-    clip = g.core("CLIPLoader", 0, ["qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_image", "default"],
-                  properties=_models("qwen_2.5_vl_7b_fp8_scaled.safetensors"))
-    vae = g.core("VAELoader", 0, ["qwen_image_vae.safetensors"], properties=_models("qwen_image_vae.safetensors"))
+    unet, clip, vae = loaders(g, "qwen_image_edit_2509_fp8_e4m3fn.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                              "qwen_image", "qwen_image_vae.safetensors")
+    lora = g.loader("LoraLoaderModelOnly", 0, "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors", 1.0)
     images = [g.core("LoadImage", 1, ["example.png", "image"], height=330, title=f"Image {i + 1}") for i in range(3)]
     scale = g.core("FluxKontextImageScale", 2)
     pos = g.core("TextEncodeQwenImageEditPlus", 2, ["The person in image 1 wears the hat from image 2 and holds the "
@@ -370,23 +409,189 @@ def calibrate(g: Graph) -> None:
     g.note(0, CALIBRATE_NOTE + "\n" + NODES_HELP, 640)
 
 
+# -- the families added in ComfyUI 0.29-0.30 (saved as 0.30.0) ---------------------------------------------
+NEW_FAMILY = ("Quality at lower keeps is not measured on this model yet: start at 0.5 and check yours with "
+              "`sparse_calibrate_keep` (swap its loaders and text encoder for this model's). The reference cache "
+              "(`cache` of Apply Sparse Context) works where the README's model table says so.")
+APPLY = [0.5, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0]  # Apply Sparse Context: keep 0.5, no cache
+
+
+def sample_edit(g: Graph, model: int, positive: int, negative: int, latent: tuple[int, int], vae: int, col: int,
+                sampler: list, prefix: str) -> None:
+    """KSampler (fixed seed: the notes compare with dense) on ``latent`` = (node, output), VAEDecode, SaveImage."""
+    ksampler = g.core("KSampler", col, sampler)
+    decode = g.core("VAEDecode", col + 1)
+    save = g.core("SaveImage", col + 1, [prefix], height=400)
+    g.wire((model, 0, ksampler, "model"), (positive, 0, ksampler, "positive"), (negative, 0, ksampler, "negative"),
+           (*latent, ksampler, "latent_image"), (ksampler, 0, decode, "samples"), (vae, 0, decode, "vae"),
+           (decode, 0, save, "images"))
+
+
+def bind(g: Graph, col: int, conditioning: tuple[int, int], selections: list[int]) -> int:
+    """Bind Sparse Selections on a text encoder's output that already holds the references."""
+    node = g.sparse("SparseContextBindSelections", col)
+    g.wire((conditioning[0], conditioning[1], node, "conditioning"),
+           *[(sel, 0, node, f"selection_{i + 1}") for i, sel in enumerate(selections)])
+    return node
+
+
+def mage_flow_edit(g: Graph) -> None:
+    unet, clip, vae = loaders(g, "mage_flow_edit_turbo_int8_convrot.safetensors", "qwen3vl_4b_bf16.safetensors", "mage",
+                              "mage_flow_vae_bf16.safetensors")
+    images = [g.core("LoadImage", 1, ["example.png", "image"], height=330, title=t)
+              for t in ("Image to edit", "Reference 2")]
+    encode = g.core("TextEncodeMageFlowEdit", 2, ["Put the hat from image 2 on the person in image 1.", "", 0, 0, 1])
+    edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
+    sal = g.sparse("SparseContextSaliencySelector", 2, [1.0, 1.0])
+    pos, neg = bind(g, 3, (encode, 0), [edge, sal]), bind(g, 3, (encode, 1), [edge, sal])
+    apply = g.sparse("SparseContextApply", 3, APPLY)
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
+    g.wire((clip, 0, encode, "clip"), (vae, 0, encode, "vae"), (images[0], 0, encode, "images.image_1"),
+           (images[1], 0, encode, "images.image_2"), (images[0], 0, edge, "image"), (images[1], 0, sal, "image"),
+           (unet, 0, apply, "model"), (images[0], 0, preview, "image"), (edge, 0, preview, "selection"))
+    sample_edit(g, apply, pos, neg, (encode, 2), vae, 4, [0, "fixed", 4, 1.0, "euler", "simple", 1.0],
+                "SparseContext_mage_flow_edit")
+    g.note(0, "# Mage-Flow-Edit, two images, Bind Sparse Selections\nTextEncodeMageFlowEdit encodes every image as a "
+              "reference itself and resizes each to the output size, so each reference has as many tokens as the "
+              "result: dropping pays off early. **Bind Sparse Selections** attaches one selection per image, in order "
+              "(Edge for the picture being edited, Saliency for the second), on positive and negative alike. "
+              + NEW_FAMILY + "\n\n" + COMPARE + "\n\n" + NODES_HELP, 660)
+
+
+def krea2_style_reference(g: Graph) -> None:
+    unet, clip, vae = loaders(g, "krea2_turbo_int8_convrot.safetensors", "qwen3vl_4b_fp8_scaled.safetensors", "krea2",
+                              "qwen_image_vae_krea2.safetensors")
+    lora = g.loader("LoraLoaderModelOnly", 0, "krea2_style_reference.safetensors", 1.0)
+    image = g.core("LoadImage", 1, ["example.png", "image"], height=330, title="Style reference")
+    scale = g.core("ImageScaleToTotalPixels", 1, ["lanczos", 1.0, 16])
+    text = g.core("CLIPTextEncode", 2, ["A white yeti with horns reading a book in a snowy forest."])
+    encode = g.core("VAEEncode", 2)
+    grid = g.sparse("SparseContextGridSelector", 2, [1.0])
+    ref = g.sparse("SparseContextReferenceLatent", 3)
+    method = g.core("FluxKontextMultiReferenceLatentMethod", 3, ["index_timestep_zero"])
+    zero = g.core("ConditioningZeroOut", 3)
+    shift = g.core("ModelSamplingFlux", 3, [1.15, 0.5, 1024, 1024])
+    apply = g.sparse("SparseContextApply", 3, APPLY)
+    latent = g.core("EmptyLatentImage", 3, [1024, 1024, 1])
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
+    g.wire((unet, 0, lora, "model"), (lora, 0, shift, "model"), (shift, 0, apply, "model"), (clip, 0, text, "clip"),
+           (image, 0, scale, "image"), (scale, 0, encode, "pixels"), (vae, 0, encode, "vae"), (scale, 0, grid, "image"),
+           (text, 0, ref, "conditioning"), (encode, 0, ref, "latent"), (grid, 0, ref, "selection"),
+           (ref, 0, method, "conditioning"), (text, 0, zero, "conditioning"), (scale, 0, preview, "image"),
+           (grid, 0, preview, "selection"))
+    sample_edit(g, apply, method, zero, (latent, 0), vae, 4, [0, "fixed", 8, 1.0, "euler", "simple", 1.0],
+                "SparseContext_krea2_style_reference")
+    g.note(0, "# Krea 2 Turbo, style reference (Ostris LoRA)\nKrea 2 uses a reference only when a node sets its "
+              "reference method: **Edit Model Reference Method** = `index_timestep_zero`, as the official template "
+              "does (the reference tokens run at t=0). A style is spread over the whole picture, so the reference keeps "
+              "an even **Grid** of its tokens (50 %). " + NEW_FAMILY + "\n\n" + COMPARE + "\n\n" + NODES_HELP, 620)
+
+
+def z_image_omni_edit(g: Graph) -> None:
+    unet, clip, vae = loaders(g, "z_image_bf16.safetensors", "qwen_3_4b.safetensors", "lumina2", "ae_z_image.safetensors")
+    image = g.core("LoadImage", 1, ["example.png", "image"], height=330, title="Image to edit")
+    prompts = ("Turn the jacket into bright red leather, keep everything else the same.", "")
+    pos, neg = [g.core("TextEncodeZImageOmni", 2, [t, True]) for t in prompts]
+    edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
+    bound = [bind(g, 3, (enc, 0), [edge]) for enc in (pos, neg)]
+    shift = g.core("ModelSamplingAuraFlow", 3, [3.0])
+    apply = g.sparse("SparseContextApply", 3, APPLY)
+    latent = g.core("EmptySD3LatentImage", 3, [1024, 1024, 1])
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
+    for enc in (pos, neg):
+        g.wire((clip, 0, enc, "clip"), (vae, 0, enc, "vae"), (image, 0, enc, "image1"))
+    g.wire((image, 0, edge, "image"), (unet, 0, shift, "model"), (shift, 0, apply, "model"),
+           (image, 0, preview, "image"), (edge, 0, preview, "selection"))
+    sample_edit(g, apply, bound[0], bound[1], (latent, 0), vae, 4, [0, "fixed", 25, 4.0, "res_multistep", "simple", 1.0],
+                "SparseContext_z_image_omni_edit")
+    g.note(0, "# Z-Image omni edit (core's experimental TextEncodeZImageOmni)\nThere is no official template for "
+              "Z-Image omni editing yet; this graph uses core's own **TextEncodeZImageOmni**, which encodes up to three "
+              "images (resized to about 1 MP) as references. Connect a SigLIP image encoder (CLIP Vision loader) to "
+              "`image_encoder` for the omni base weights. **Bind Sparse Selections** attaches the Edge selection to the "
+              "reference on positive and negative. " + NEW_FAMILY + "\n\n" + COMPARE + "\n\n" + NODES_HELP, 660)
+
+
+def joyimage_edit(g: Graph) -> None:
+    unet, clip, vae = loaders(g, "joyai_image_edit_int8_convrot.safetensors",
+                              "qwen3vl_8b_joyimage_edit_int8_convrot.safetensors", "joyimage", "wan_2.1_vae.safetensors")
+    image = g.core("LoadImage", 1, ["example.png", "image"], height=330, title="Image to edit")
+    scale = g.core("ImageScaleToTotalPixels", 1, ["lanczos", 1.0, 16])
+    size = g.core("GetImageSize", 1)
+    pos, neg = [g.core("TextEncodeJoyImageEdit", 2, [t]) for t in ("Change the background to a glacial scene.", "")]
+    edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
+    bound = [bind(g, 3, (enc, 0), [edge]) for enc in (pos, neg)]
+    norm = g.core("CFGNorm", 3, [1.0, False])
+    apply = g.sparse("SparseContextApply", 3, APPLY)
+    latent = g.core("EmptySD3LatentImage", 3, [1024, 1024, 1])
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
+    for enc in (pos, neg):
+        g.wire((clip, 0, enc, "clip"), (vae, 0, enc, "vae"), (scale, 0, enc, "images.image0"))
+    g.wire((image, 0, scale, "image"), (scale, 0, size, "image"), (scale, 0, edge, "image"), (unet, 0, norm, "model"),
+           (norm, 0, apply, "model"), (scale, 0, preview, "image"), (edge, 0, preview, "selection"))
+    g.wf.link_widget(size, 0, latent, "width")
+    g.wf.link_widget(size, 1, latent, "height")
+    sample_edit(g, apply, bound[0], bound[1], (latent, 0), vae, 4, [0, "fixed", 40, 4.0, "euler", "normal", 1.0],
+                "SparseContext_joyimage_edit")
+    g.note(0, "# JoyAI-Image-Edit, Edge selector\nTextEncodeJoyImageEdit encodes the image (scaled to 1 MP) as a "
+              "reference; **Bind Sparse Selections** attaches the Edge selection to it on positive and negative (CFG 4 "
+              "runs both). The result has the image's size (Get Image Size). An aligned edit copies every token it does "
+              "not change, so keep enough of them. " + NEW_FAMILY + "\n\n" + COMPARE + "\n\n" + NODES_HELP, 660)
+
+
+def longcat_image_edit(g: Graph) -> None:
+    unet, clip, vae = loaders(g, "longcat_image_edit_bf16.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+                              "longcat_image", "ae_z_image.safetensors")
+    image = g.core("LoadImage", 1, ["example.png", "image"], height=330, title="Image to edit")
+    scale = g.core("ImageScaleToTotalPixels", 1, ["lanczos", 1.0, 16])
+    encode = g.core("VAEEncode", 1)
+    pos, neg = [g.core("TextEncodeQwenImageEdit", 2, [t]) for t in ("Make it early morning, lit by the rising sun.", "")]
+    edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
+    conds = []
+    for enc in (pos, neg):
+        bound = bind(g, 3, (enc, 0), [edge])
+        method = g.core("FluxKontextMultiReferenceLatentMethod", 3, ["index"])
+        guidance = g.core("FluxGuidance", 3, [4.5])
+        g.wire((clip, 0, enc, "clip"), (vae, 0, enc, "vae"), (scale, 0, enc, "image"), (bound, 0, method, "conditioning"),
+               (method, 0, guidance, "conditioning"))
+        conds.append(guidance)
+    apply = g.sparse("SparseContextApply", 3, APPLY)
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
+    g.wire((image, 0, scale, "image"), (scale, 0, encode, "pixels"), (vae, 0, encode, "vae"), (scale, 0, edge, "image"),
+           (unet, 0, apply, "model"), (scale, 0, preview, "image"), (edge, 0, preview, "selection"))
+    sample_edit(g, apply, conds[0], conds[1], (encode, 0), vae, 4, [0, "fixed", 50, 4.5, "euler", "simple", 1.0],
+                "SparseContext_longcat_image_edit")
+    g.note(0, "# LongCat-Image-Edit, Edge selector\nWired as the official template: TextEncodeQwenImageEdit encodes the "
+              "image as a reference (positive and negative), the reference method `index`, FluxGuidance 4.5, CFG 4.5. "
+              "**Bind Sparse Selections** attaches the Edge selection to the reference on both. LongCat is a FLUX-class "
+              "model, so the reference cache works as for FLUX.1 Kontext. " + NEW_FAMILY + "\n\n" + COMPARE + "\n\n"
+              + NODES_HELP, 660)
+
+
+#: name -> (graph, the ComfyUI version that saves it: the oldest with all of its core nodes)
 WORKFLOWS = {
-    "sparse_kontext_edit_edge": kontext_edge,
-    "sparse_masked_edit": masked_edit,
-    "sparse_flux2_klein_multi_reference": klein_multi,
-    "sparse_qwen_image_edit_2509": qwen_2509,
-    "sparse_dense_vs_sparse": dense_vs_sparse,
-    "sparse_train_lora": train_lora,
-    "sparse_calibrate_keep": calibrate,
+    "sparse_kontext_edit_edge": (kontext_edge, "0.3.75"),
+    "sparse_masked_edit": (masked_edit, "0.3.75"),
+    "sparse_flux2_klein_multi_reference": (klein_multi, "0.3.75"),
+    "sparse_qwen_image_edit_2509": (qwen_2509, "0.3.75"),
+    "sparse_dense_vs_sparse": (dense_vs_sparse, "0.3.75"),
+    "sparse_train_lora": (train_lora, "0.3.75"),
+    "sparse_calibrate_keep": (calibrate, "0.3.75"),
+    "sparse_mage_flow_edit": (mage_flow_edit, "0.30.0"),
+    "sparse_krea2_style_reference": (krea2_style_reference, "0.30.0"),
+    "sparse_z_image_omni_edit": (z_image_omni_edit, "0.30.0"),
+    "sparse_joyimage_edit": (joyimage_edit, "0.30.0"),
+    "sparse_longcat_image_edit": (longcat_image_edit, "0.30.0"),
 }
 
 
-def build(object_info: dict) -> dict[str, tuple[dict, dict]]:
-    """name -> (UI workflow, API prompt)."""
+def build(object_info: dict, version: str) -> dict[str, tuple[dict, dict]]:
+    """name -> (UI workflow, API prompt) of the workflows ComfyUI ``version`` saves."""
     convert = _load_convert()
     out = {}
-    for name, make in WORKFLOWS.items():
-        g = Graph(convert, object_info)
+    for name, (make, saved_with) in WORKFLOWS.items():
+        if saved_with != version:
+            continue
+        g = Graph(convert, object_info, version)
         make(g)
         ui = g.wf.to_json()
         out[name] = (ui, convert.ui_to_api(ui, object_info))
@@ -395,14 +600,16 @@ def build(object_info: dict) -> dict[str, tuple[dict, dict]]:
 
 def main() -> None:
     load_harness()
-    from sc_harness.host import PINNED_VERSION, comfyui_version
+    from sc_harness.host import comfyui_version
     from sc_harness.server import ComfyServer
 
-    if not CORE_VERSION == PINNED_VERSION == comfyui_version():
-        raise SystemExit(f"build the workflows with ComfyUI {PINNED_VERSION} (unset COMFYUI_PATH), not {comfyui_version()}")
+    version = comfyui_version()
+    versions = sorted({v for _, v in WORKFLOWS.values()})
+    if version not in versions:
+        raise SystemExit(f"the workflows are saved with ComfyUI {' or '.join(versions)} (COMFYUI_PATH), not {version}")
     with ComfyServer(with_testpack=False) as server:
         info = server.object_info()
-    for name, (ui, api) in build(info).items():
+    for name, (ui, api) in build(info, version).items():
         (REPO / "workflows" / f"{name}.json").write_text(json.dumps(ui, indent=1) + "\n", encoding="utf-8")
         (REPO / "tests" / "workflows_api" / f"{name}.json").write_text(json.dumps(api, indent=1) + "\n", encoding="utf-8")
         print("wrote", name)

@@ -1,10 +1,11 @@
 """The shipped workflows: they load against the real server's node definitions, the API copies match
 them, the template browser lists them, and every one runs end to end (tiny models swapped in).
 
-The files are saved as ComfyUI 0.3.75 saves them (``scripts/build_workflows.py``). On that host they must
-match its node definitions exactly; on a newer host they must be what that host accepts from an older
-workflow, the way its frontend loads one (``test_browser.py`` checks the frontend does that): widgets a
-core node gained since keep their defaults, output slots it gained are added, inputs are matched by name.
+Each file is saved as the oldest ComfyUI with its core nodes saves it (``scripts/build_workflows.py``: 0.3.75,
+or 0.30.0 for the families added in 0.29-0.30). On that host it must match the node definitions exactly; on a
+newer host it must be what that host accepts from an older workflow, the way its frontend loads one
+(``test_browser.py`` checks the frontend does that): widgets a core node gained since keep their defaults,
+output slots it gained are added, inputs are matched by name. An older host skips it (it lacks the nodes).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from sc_harness.workflow_convert import (
     FRONTEND_ONLY,
     _inputs,
     combo_options,
+    grown_sockets,
+    needs_newer_host,
+    saved_with,
     socket_inputs,
     ui_to_api,
+    version_key,
     widget_slots,
     with_widget_defaults,
 )
@@ -34,6 +39,8 @@ NAMES = sorted(p.stem for p in UI_DIR.glob("*.json"))
 EXPECTED = {
     "sparse_kontext_edit_edge", "sparse_masked_edit", "sparse_flux2_klein_multi_reference",
     "sparse_qwen_image_edit_2509", "sparse_dense_vs_sparse", "sparse_train_lora", "sparse_calibrate_keep",
+    "sparse_mage_flow_edit", "sparse_krea2_style_reference", "sparse_z_image_omni_edit", "sparse_joyimage_edit",
+    "sparse_longcat_image_edit",
 }
 TRAINING = {"sparse_train_lora"}  # runs end to end in tests/test_training.py (it trains), not below
 FILE_WIDGETS = {"UNETLoader", "DualCLIPLoader", "CLIPLoader", "VAELoader", "LoraLoaderModelOnly", "LoadImage"}
@@ -55,14 +62,16 @@ def shipped_prompt(name: str, object_info: dict) -> dict:
     return with_widget_defaults(_load(API_DIR, name), object_info)
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(p) if p.isdigit() else 0 for p in text.split("."))
-
-
 def saved_with_older_core(node: dict, host: str) -> bool:
     """A core node the file says an older ComfyUI saved (``properties``: cnr_id comfy-core, ver)."""
     props = node.get("properties") or {}
-    return props.get("cnr_id") == "comfy-core" and _version(str(props.get("ver", host))) < _version(host)
+    return props.get("cnr_id") == "comfy-core" and version_key(str(props.get("ver", host))) < version_key(host)
+
+
+def on_hosts_with_its_nodes(names) -> list:
+    """``names`` as pytest params; one saved with a newer ComfyUI than this host is skipped, saying why."""
+    reasons = {n: needs_newer_host(_load(UI_DIR, n), comfyui_version()) for n in names}
+    return [pytest.param(n, marks=pytest.mark.skipif(reasons[n] is not None, reason=str(reasons[n]))) for n in names]
 
 
 def test_the_workflows_ship_in_both_formats():
@@ -122,8 +131,8 @@ def _problems(workflow: dict, info: dict, host: str = PINNED_VERSION) -> list[st
                 problems.append(f"{where}: {name}={value!r} is not BOOLEAN")
             elif k == "STRING" and not isinstance(value, str):
                 problems.append(f"{where}: {name}={value!r} is not STRING")
-        sockets = socket_inputs(spec)
         plain = [i for i in node["inputs"] if "widget" not in i]  # widget inputs driven by a link are checked below
+        sockets = socket_inputs(spec, grown_sockets(spec, [i["name"] for i in plain]))
         saved = [(i["name"], i["type"]) for i in plain]
         if older:
             gone = [n for n, t in saved if (n, t) not in [(sn, st) for sn, st, _ in sockets]]
@@ -164,7 +173,7 @@ def _overlaps(workflow: dict) -> list[tuple[int, int]]:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", on_hosts_with_its_nodes(NAMES))
 def test_ui_workflow_is_valid_for_the_real_server(name, object_info):
     workflow = _load(UI_DIR, name)
     assert _problems(workflow, object_info, comfyui_version()) == []
@@ -284,14 +293,14 @@ def _executable(prompt: dict) -> dict:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", on_hosts_with_its_nodes(NAMES))
 def test_api_copy_matches_the_ui_workflow(name, object_info):
-    """tests/workflows_api holds what the pinned host's frontend queues for each UI file, checked exactly there.
+    """tests/workflows_api holds what the saving host's frontend queues for each UI file, checked exactly there.
     On a newer host the UI file must give the same graph once the widgets added since take their defaults
     (``shipped_prompt``); node titles come from each host's display names, so they are compared on the
-    pinned host only (``test_browser.py`` checks them against each host's frontend)."""
+    saving host only (``test_browser.py`` checks them against each host's frontend)."""
     queued = ui_to_api(_load(UI_DIR, name), object_info)
-    if comfyui_version() == PINNED_VERSION:
+    if comfyui_version() == saved_with(_load(UI_DIR, name)):
         assert _load(API_DIR, name) == queued, (
             "tests/workflows_api is out of date: run `.venv/bin/python scripts/build_workflows.py`")
     else:
@@ -305,28 +314,46 @@ def test_template_browser_lists_the_pack_workflows(server):
 
 
 # -- end to end on tiny models -----------------------------------------------------------------------------
+#: UNETLoader file name -> tiny model family (most specific first)
+FAMILY_KEYS = (("mage_flow", "mage_flow"), ("krea2", "krea2"), ("z_image", "z_image_omni"), ("joyai", "joyimage_edit"),
+               ("longcat", "longcat_image_edit"), ("kontext", "flux1_kontext"), ("klein", "flux2_klein"),
+               ("qwen", "qwen_image_edit"))
+#: core text encoders that encode their images as references themselves (with a VAE)
+REFERENCE_ENCODERS = {"TextEncodeQwenImageEditPlus", "TextEncodeQwenImageEdit", "TextEncodeZImageOmni",
+                      "TextEncodeJoyImageEdit", "TextEncodeMageFlowEdit"}
+
+
 def family_of(prompt: dict) -> str:
     names = " ".join(str(n["inputs"].get("unet_name", "")) for n in prompt.values() if n["class_type"] == "UNETLoader")
-    for key, family in (("kontext", "flux1_kontext"), ("klein", "flux2_klein"), ("qwen", "qwen_image_edit")):
+    for key, family in FAMILY_KEYS:
         if key in names:
             return family
     raise AssertionError(f"no known model in {names!r}")
+
+
+def _image_inputs(inputs: dict) -> list[str]:
+    """A reference encoder's connected image inputs, in order (``image``, ``image1..3``, Autogrow ``images.*``)."""
+    return [k for k in inputs if (k == "image" or k.startswith(("image1", "image2", "image3", "images.")))
+            and isinstance(inputs[k], list)]
 
 
 def swap_for_tiny_models(prompt: dict) -> dict:
     """The shipped API prompt with real loaders, text encoders and VAE replaced by the test pack's tiny ones.
 
     UNETLoader -> SCTest_TinyModel of the workflow's family; LoRA loaders are bypassed (no tiny LoRA);
-    CLIPTextEncode -> SCTest_Conditioning; TextEncodeQwenImageEditPlus -> SCTest_Conditioning + one core
-    ReferenceLatent per connected image (what it does with a VAE); VAEEncode -> SCTest_Latent (256 px);
-    VAEDecode -> SCTest_LatentToImage; empty latents -> SCTest_Latent(empty); the loaders of CLIP and VAE
-    disappear. Samplers run 2 steps. Apply Sparse Context: bucket 1 (a tiny reference has fewer tokens than
-    one bucket of 64) and total_tokens scaled by tiny/real tokens (256/4096), so the kept SHARE is the
-    shipped one. Everything else (LoadImage, scalers, selectors, preview, guiders) runs as shipped.
+    CLIPTextEncode -> SCTest_Conditioning; a text encoder that encodes its images as references (Qwen-Image-Edit,
+    Z-Image omni, JoyImage-Edit, Mage-Flow-Edit) -> SCTest_Conditioning + one core ReferenceLatent per connected
+    image (what it does with a VAE), per conditioning output, and Mage-Flow-Edit's latent output ->
+    SCTest_Latent(empty); VAEEncode -> SCTest_Latent (256 px); VAEDecode -> SCTest_LatentToImage; empty latents ->
+    SCTest_Latent(empty); the loaders of CLIP and VAE disappear. Samplers run 2 steps. Apply Sparse Context:
+    bucket 1 (a tiny reference has fewer tokens than one bucket of 64) and total_tokens scaled by tiny/real tokens
+    (256/4096), so the kept SHARE is the shipped one. Everything else (LoadImage, scalers, selectors, preview,
+    guiders, reference methods) runs as shipped.
     """
     family = family_of(prompt)
     p = copy.deepcopy(prompt)
     seed = iter(range(100, 10_000))
+    rewire: dict[tuple[str, int], list] = {}  # (node, output) -> the output that replaces it
 
     def latent(empty: bool) -> dict:
         return {"class_type": "SCTest_Latent", "inputs": {"family": family, "seed": next(seed), "width": TINY_REF_PX,
@@ -334,6 +361,17 @@ def swap_for_tiny_models(prompt: dict) -> dict:
 
     def conditioning() -> dict:
         return {"class_type": "SCTest_Conditioning", "inputs": {"family": family, "seed": next(seed), "tokens": 8}}
+
+    def with_references(node_id: str, images: list[str]) -> list:
+        """Conditioning + one ReferenceLatent per image, chained; returns the chain's output."""
+        out = [f"{node_id}_cond", 0]
+        p[out[0]] = conditioning()
+        for k in images:
+            ref_id = f"{node_id}_{k}"
+            p[f"{ref_id}_latent"] = latent(False)
+            p[ref_id] = {"class_type": "ReferenceLatent", "inputs": {"conditioning": out, "latent": [f"{ref_id}_latent", 0]}}
+            out = [ref_id, 0]
+        return out
 
     bypass = {}
     for node_id, node in list(p.items()):
@@ -346,18 +384,15 @@ def swap_for_tiny_models(prompt: dict) -> dict:
             del p[node_id]
         elif kind == "CLIPTextEncode":
             p[node_id] = conditioning()
-        elif kind == "TextEncodeQwenImageEditPlus":
-            previous = [f"{node_id}_cond", 0]
-            p[previous[0]] = conditioning()
-            images = [k for k in ("image1", "image2", "image3") if k in inputs]
-            for j, k in enumerate(images):  # the last reference takes the encoder's id: its consumers stay wired
-                ref_id = node_id if j == len(images) - 1 else f"{node_id}_{k}"
-                p[f"{node_id}_{k}_latent"] = latent(False)
-                p[ref_id] = {"class_type": "ReferenceLatent",
-                             "inputs": {"conditioning": previous, "latent": [f"{node_id}_{k}_latent", 0]}}
-                previous = [ref_id, 0]
-            if not images:
-                p[node_id] = p.pop(previous[0])
+        elif kind in REFERENCE_ENCODERS:
+            del p[node_id]
+            images = _image_inputs(inputs)
+            outputs = 2 if kind == "TextEncodeMageFlowEdit" else 1  # positive and negative, both with the images
+            for out in range(outputs):
+                rewire[(node_id, out)] = with_references(f"{node_id}_{out}", images)
+            if kind == "TextEncodeMageFlowEdit":
+                p[f"{node_id}_latent"] = latent(True)
+                rewire[(node_id, 2)] = [f"{node_id}_latent", 0]
         elif kind == "VAEEncode":
             p[node_id] = latent(False)
         elif kind in ("EmptySD3LatentImage", "EmptyFlux2LatentImage", "EmptyLatentImage"):
@@ -378,6 +413,8 @@ def swap_for_tiny_models(prompt: dict) -> dict:
         for name, value in node["inputs"].items():
             while isinstance(value, list) and value[0] in bypass:
                 value = bypass[value[0]]
+            if isinstance(value, list) and (value[0], value[1]) in rewire:
+                value = rewire[(value[0], value[1])]
             node["inputs"][name] = value
     return p
 
@@ -415,14 +452,16 @@ def _kept(log: str) -> list[list[tuple[int, int]]]:
 
 
 @pytest.mark.server
-@pytest.mark.parametrize("name", sorted(EXPECTED - {"sparse_dense_vs_sparse", "sparse_calibrate_keep"} - TRAINING))
+@pytest.mark.parametrize("name", on_hosts_with_its_nodes(sorted(EXPECTED - {"sparse_dense_vs_sparse",
+                                                                            "sparse_calibrate_keep"} - TRAINING)))
 def test_shipped_workflow_runs_dense_and_sparse_on_tiny_models(server, object_info, name):
     _example_png(server.tmp / "input")
     sparse = swap_for_tiny_models(shipped_prompt(name, object_info))
     entry, log = _run(server, sparse)
     runs = _kept(log)
     assert runs, f"no SparseContext report in the server log:\n{log[-3000:]}"
-    n_refs = {"sparse_flux2_klein_multi_reference": 3, "sparse_qwen_image_edit_2509": 3}.get(name, 1)
+    n_refs = {"sparse_flux2_klein_multi_reference": 3, "sparse_qwen_image_edit_2509": 3,
+              "sparse_mage_flow_edit": 2}.get(name, 1)
     assert all(len(r) == n_refs for r in runs), runs
     assert all(0 < kept < total for r in runs for kept, total in r), f"no tokens dropped: {runs}"
     assert "Kept " in log and "Sampling took" in log  # the node's own report line (also sent to the UI)

@@ -20,7 +20,28 @@ from typing import Any
 
 FRONTEND_ONLY = {"Note", "MarkdownNote"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+#: A V3 input that grows sockets as they are connected (e.g. ``images`` of TextEncodeMageFlowEdit): the frontend
+#: shows the connected ones and one empty socket after them, named ``<input>.<template name>``.
+AUTOGROW = "COMFY_AUTOGROW_V3"
 MODE_NORMAL, MODE_MUTED, MODE_BYPASS = 0, 2, 4
+
+
+def version_key(text: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else 0 for p in text.split("."))
+
+
+def saved_with(workflow: dict) -> str:
+    """The ComfyUI version that saved a UI workflow: the newest ``ver`` its core nodes carry."""
+    return max((str(n["properties"]["ver"]) for n in workflow["nodes"]
+                if (n.get("properties") or {}).get("cnr_id") == "comfy-core"), key=version_key)
+
+
+def needs_newer_host(workflow: dict, host: str) -> str | None:
+    """Why ComfyUI ``host`` cannot load a workflow saved by a newer one (it lacks core nodes), or None."""
+    saved = saved_with(workflow)
+    if version_key(saved) <= version_key(host):
+        return None
+    return f"saved with ComfyUI {saved}: its core nodes for this model are not in ComfyUI {host}"
 
 
 def _inputs(info: dict) -> list[tuple[str, Any, dict, bool]]:
@@ -88,8 +109,29 @@ def widget_defaults(info: dict) -> dict[str, Any]:
     return {name: widget_default(kind, opts) for name, kind, opts, _ in _inputs(info) if is_widget(kind, opts)}
 
 
-def socket_inputs(info: dict) -> list[tuple[str, str, bool]]:
-    return [(n, k if isinstance(k, str) else "COMBO", o) for n, k, opts, o in _inputs(info) if not is_widget(k, opts)]
+def autogrow_sockets(name: str, options: dict) -> list[tuple[str, str]]:
+    """Every socket an Autogrow input can grow, in order: (``name.slot``, type)."""
+    template = options["template"]
+    slots = template.get("names") or [f"{template['prefix']}{i}" for i in range(template["max"])]
+    [(kind, *_)] = [v for section in template["input"].values() for v in section.values()]
+    return [(f"{name}.{slot}", kind) for slot in slots]
+
+
+def socket_inputs(info: dict, grown: dict[str, int] | None = None) -> list[tuple[str, str, bool]]:
+    """(name, type, optional) of the node's sockets; an Autogrow input shows its first ``grown[name]`` sockets
+    (default one: the empty socket a new node has). Grown sockets are optional."""
+    out = []
+    for n, k, opts, optional in _inputs(info):
+        if k == AUTOGROW:
+            out += [(s, t, True) for s, t in autogrow_sockets(n, opts)[: (grown or {}).get(n, 1)]]
+        elif not is_widget(k, opts):
+            out.append((n, k if isinstance(k, str) else "COMBO", optional))
+    return out
+
+
+def grown_sockets(info: dict, names: list[str]) -> dict[str, int]:
+    """How many sockets each Autogrow input of a saved node shows, from the node's input names."""
+    return {n: sum(x.startswith(n + ".") for x in names) for n, k, _, _ in _inputs(info) if k == AUTOGROW}
 
 
 class UIWorkflow:
@@ -151,12 +193,30 @@ class UIWorkflow:
         source, target = self.nodes[src - 1], self.nodes[dst - 1]
         if isinstance(out, str):
             out = [o["name"] for o in source["outputs"]].index(out)
+        self._grow(target, name)
         slot = [i["name"] for i in target["inputs"]].index(name)
         kind = source["outputs"][out]["type"]
         link_id = len(self.links) + 1
         self.links.append([link_id, src, out, dst, slot, kind])
         source["outputs"][out]["links"].append(link_id)
         target["inputs"][slot]["link"] = link_id
+        self._grow(target, name, empty_after=True)
+
+    def _grow(self, node: dict, name: str, empty_after: bool = False) -> None:
+        """Show the Autogrow sockets up to ``name`` (and, once it is connected, the next empty one), as the
+        frontend does; sockets after the group move down, so saved links are re-pointed in :meth:`to_json`."""
+        group = name.split(".")[0]
+        spec = {n: (k, o) for n, k, o, _ in _inputs(self.info[node["type"]])}.get(group)
+        if "." not in name or spec is None or spec[0] != AUTOGROW:
+            return
+        sockets = autogrow_sockets(group, spec[1])
+        names = [s for s, _ in sockets]
+        want = names.index(name) + (2 if empty_after else 1)
+        shown = [i for i, inp in enumerate(node["inputs"]) if inp["name"].startswith(group + ".")]
+        for s, t in sockets[len(shown):want]:
+            at = max(shown) + 1
+            node["inputs"].insert(at, {"name": s, "type": t, "link": None})
+            shown.append(at)
 
     def link_widget(self, src: int, out: int, dst: int, name: str) -> None:
         """Drive the widget ``name`` of ``dst`` from an output (the frontend's widget input): the link wins over
@@ -171,10 +231,13 @@ class UIWorkflow:
         for node in nodes:
             for out in node["outputs"]:
                 out["links"] = out["links"] or None
+        links = copy.deepcopy(self.links)
+        for link in links:  # the target slot as it is now (grown Autogrow sockets move later ones down)
+            link[4] = [i.get("link") for i in nodes[link[3] - 1]["inputs"]].index(link[0])
         return {
             "id": "00000000-0000-4000-8000-000000000000", "revision": 0,
             "last_node_id": len(nodes), "last_link_id": len(self.links),
-            "nodes": nodes, "links": copy.deepcopy(self.links), "groups": [], "config": {},
+            "nodes": nodes, "links": links, "groups": [], "config": {},
             "extra": {"ds": {"scale": 0.6, "offset": [80, 80]}}, "version": 0.4,
         }
 
