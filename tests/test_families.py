@@ -1,6 +1,7 @@
-"""The families added on their adapters (Mage-Flow, Krea 2, LongCat-Image-Edit, Z-Image omni, JoyImage-Edit), each against the masked-dense
-oracle on every host whose model detection has it (Mage-Flow's reference cache: tests/test_reference_cache.py); the
-adapter gate (subclasses, refused cache modes); and the README's model table, generated from the adapters."""
+"""The families added on their adapters (Mage-Flow, Krea 2, LongCat-Image-Edit, Z-Image omni and pixel space,
+JoyImage-Edit), each against the masked-dense oracle on every host whose model detection has it (Mage-Flow's
+reference cache: tests/test_reference_cache.py); the adapter gate (subclasses, refused cache modes); and the README's
+model table, generated from the adapters."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ CASES = [
 ]
 #: and the families whose references do not enter through process_img (their oracles are below)
 KEEP_ALL_CASES = [*CASES, pytest.param("z_image_omni", None, None, marks=_needs("z_image_omni"), id="z_image_omni"),
+                  pytest.param("z_image_pixel", None, None, marks=_needs("z_image_pixel"), id="z_image_pixel"),
                   pytest.param("joyimage_edit", None, None, marks=_needs("joyimage_edit"), id="joyimage_edit")]
 
 
@@ -127,15 +129,15 @@ def _padded(n: int) -> int:
     return -(-n // 32) * 32
 
 
-@_needs("z_image_omni")
-def test_z_image_omni_equals_the_masked_dense_oracle():
-    """Z-Image omni: [captions][SigLIP][references..., target], each image padded to 32 tokens with one pad token at
-    position 0 (at t=0 for references). The sparse run pads the kept tokens again; every reference pad token computes
-    the same values, so the oracle is the dense model with the dropped tokens and the surplus pad tokens hidden as keys,
-    in the image refiner (images only) and in the blocks (everything)."""
-    family = "z_image_omni"
+def _assert_z_image_equals_the_masked_dense_oracle(family: str) -> torch.Tensor:
+    """Z-Image's ``embed_all`` layout: [captions][SigLIP, omni only][references..., target], each image padded to 32
+    tokens with one pad token at position 0 (at t=0 for references). The sparse run pads the kept tokens again;
+    every reference pad token computes the same values, so the oracle is the dense model with the dropped tokens
+    and the surplus pad tokens hidden as keys, in the image refiner (images only) and in the blocks (everything).
+    Returns the sparse output."""
+    d = sc_testpack.SPECS[family].pixels_per_token
     base = sc_testpack.build_model_patcher(family, seed=11)
-    inputs = forward_inputs(family, 3, (128, 96), [(96, 96), (112, 80)])  # grids 6x6 and 5x7: 28 and 29 pads
+    inputs = forward_inputs(family, 3, (8 * d, 6 * d), [(6 * d, 6 * d), (7 * d, 5 * d)])  # grids 6x6, 5x7: 28, 29 pads
     probe = _KeepByLength()
     fwd = run_forward(apply_sparse_context(base, _config(0.3)), inputs, probe=probe)
     plans = fwd.plans
@@ -145,7 +147,7 @@ def test_z_image_omni_equals_the_masked_dense_oracle():
     target = _padded(6 * 8)  # the target: 6x8 tokens
     images_dense = sum(_padded(p.total) for p in plans) + target
     images_sparse = sum(_padded(p.kept) for p in plans) + target
-    front = max(dense_probe.lengths) - images_dense  # captions and SigLIP
+    front = max(dense_probe.lengths) - images_dense  # captions (and SigLIP)
     assert set(probe.lengths) - set(dense_probe.lengths) == {images_sparse, front + images_sparse}
 
     pads_sparse = sum(_padded(p.kept) - p.kept for p in plans)
@@ -165,6 +167,23 @@ def test_z_image_omni_equals_the_masked_dense_oracle():
     err = (fwd.out - oracle).abs().max().item()
     assert err < 1e-5, f"sparse differs from the masked dense oracle by {err}"
     assert (fwd.out - dense).abs().max().item() > 100 * max(err, 1e-7)
+    return fwd.out
+
+
+@_needs("z_image_omni")
+def test_z_image_omni_equals_the_masked_dense_oracle():
+    """Z-Image omni: references with caption pads and SigLIP pads before them (see the helper)."""
+    _assert_z_image_equals_the_masked_dense_oracle("z_image_omni")
+
+
+@_needs("z_image_pixel")
+def test_z_image_pixel_space_equals_the_masked_dense_oracle():
+    """Z-Image pixel space (core's ``NextDiTPixelSpace``, a subclass that inherits ``embed_all``): the references are
+    RGB patches, no SigLIP. Its decoder reads the target's hidden states at ``cap_size``, the joint length less the
+    target's: the target stays last in the thinned sequence, so the decoder reads the target's own tokens and the
+    output (RGB pixels, the target's shape) equals the oracle's."""
+    out = _assert_z_image_equals_the_masked_dense_oracle("z_image_pixel")
+    assert out.shape == (1, 3, 6 * 4, 8 * 4)
 
 
 @pytest.mark.parametrize("family,cache,refusal", [
@@ -172,6 +191,8 @@ def test_z_image_omni_equals_the_masked_dense_oracle():
                  marks=_needs("z_image_omni"), id="z_image_omni"),
     pytest.param("joyimage_edit", "reference_only", "JoyImage-Edit's joint order is", marks=_needs("joyimage_edit"),
                  id="joyimage_edit"),
+    pytest.param("z_image_pixel", "first_step", "NextDiTPixelSpace is a subclass", marks=_needs("z_image_pixel"),
+                 id="z_image_pixel"),
 ])
 def test_the_cache_is_refused_where_its_layout_does_not_hold(family, cache, refusal):
     base = sc_testpack.build_model_patcher(family, seed=5)

@@ -5,7 +5,9 @@ their RoPE frequencies (not ids), the image tokens padded to a multiple of ``pad
 pad token at position 0. The subsetter keeps the kept image tokens with their frequencies and pads them again the
 same way. The sequence is [captions][SigLIP][reference images..., target]: the target comes last, so the reference
 cache's [text, target, references] layout does not hold. Everything but the target and the main caption runs at
-t=0 (core's own slices follow the thinned lengths).
+t=0 (core's own slices follow the thinned lengths). Core's pixel-space subclass ``NextDiTPixelSpace`` (ComfyUI 0.16+)
+inherits ``embed_all``; its decoder reads the target's hidden states from the joint length less the target's, which
+still finds them with thinned references because the target stays last.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ Z_IMAGE = ZImageFamily(
     name="Z-Image omni",
     class_path="comfy.ldm.lumina.model.NextDiT",
     variants=(("Z-Image omni (TextEncodeZImageOmni)", "0.10.0",
-               "yes: every reference token (and its caption and SigLIP tokens)"),),
+               "yes: every reference token (and its caption and SigLIP tokens)"),
+              ("Z-Image pixel space (subclass `NextDiTPixelSpace`, ComfyUI 0.16+)", "0.30.0",
+               "yes: every reference token (and its caption tokens)")),
     hook="embed_all",
     positions="RoPE frequencies of ids (sequence index, row, col), padded to 32",
     cache_layout=False,

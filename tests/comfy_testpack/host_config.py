@@ -45,13 +45,27 @@ def _krea2_keys(features: int, channels: int, layers: int, txtlayers: int, txtdi
     return keys
 
 
-def _z_image_keys(cap_feat_dim: int, layers: int, siglip_feat_dim: int) -> dict[str, tuple[int, ...]]:
+def _z_image_keys(cap_feat_dim: int, layers: int, siglip_feat_dim: int | None) -> dict[str, tuple[int, ...]]:
     """Z-Image (omni): detection reads the 3840 width from the caption embedder (the tiny width is set by the
-    caller), the 32-token padding from ``cap_pad_token`` and the SigLIP width from its embedder."""
+    caller), the 32-token padding from ``cap_pad_token`` and the SigLIP width from its embedder (omni only)."""
     keys = {"cap_embedder.1.weight": (3840, cap_feat_dim), "noise_refiner.0.attention.k_norm.weight": (16,),
-            "cap_pad_token": (1, 3840), "siglip_embedder.0.weight": (siglip_feat_dim,)}
+            "cap_pad_token": (1, 3840)}
+    if siglip_feat_dim:
+        keys["siglip_embedder.0.weight"] = (siglip_feat_dim,)
     for i in range(layers):
         keys[f"layers.{i}.attention.k_norm.weight"] = (16,)
+    return keys
+
+
+def _z_image_pixel_keys(patch: int, hidden: int, res_blocks: int, max_freqs: int) -> dict[str, tuple[int, ...]]:
+    """Z-Image pixel space (``dec_net``): detection reads the patch size from the RGB patch embedder, the decoder's
+    width, depth and DCT frequencies from its layers."""
+    flat = 3 * patch * patch
+    keys = {"x_embedder.weight": (3840, flat), "dec_net.cond_embed.weight": (hidden, 3840),
+            "dec_net.final_layer.linear.weight": (flat, hidden),
+            "dec_net.input_embedder.embedder.0.weight": (hidden, flat + max_freqs ** 2)}
+    for i in range(res_blocks):
+        keys[f"dec_net.res_blocks.{i}.in_ln.weight"] = (hidden,)
     return keys
 
 
@@ -66,7 +80,7 @@ def _joyimage_keys(hidden: int, in_channels: int, head_dim: int, layers: int) ->
 
 def checkpoint_keys(image_model: str, sizes: dict) -> dict[str, torch.Tensor]:
     """Meta tensors under the key names of a real ``image_model`` checkpoint ("flux", "flux2", "qwen_image",
-    "mage_flow", "krea2"), shaped by ``sizes`` (the unet-config names: hidden_size, in_channels, depth, ...).
+    "mage_flow", "krea2", "lumina2", "zimage_pixel", "joyimage"), shaped by ``sizes`` (the unet-config names: hidden_size, in_channels, depth, ...).
     Mage-Flow is told from Qwen-Image by its text-norm (2560) and output (128) widths, as the host's detection does."""
     s = sizes
     if image_model in ("flux", "flux2"):
@@ -79,8 +93,11 @@ def checkpoint_keys(image_model: str, sizes: dict) -> dict[str, torch.Tensor]:
         patch = s.get("patch_size", 1)
         shapes = _qwen_keys(inner, s["in_channels"], s["joint_attention_dim"], s["num_layers"],
                             patch ** 2 * s["out_channels"])
-    elif image_model == "lumina2":
-        shapes = _z_image_keys(s["cap_feat_dim"], s["n_layers"], s["siglip_feat_dim"])
+    elif image_model in ("lumina2", "zimage_pixel"):
+        shapes = _z_image_keys(s["cap_feat_dim"], s["n_layers"], s.get("siglip_feat_dim"))
+        if image_model == "zimage_pixel":
+            shapes.update(_z_image_pixel_keys(s["patch_size"], s["decoder_hidden_size"], s["decoder_num_res_blocks"],
+                                              s["decoder_max_freqs"]))
     elif image_model == "joyimage":
         shapes = _joyimage_keys(s["hidden_size"], s["in_channels"], s["hidden_size"] // s["num_attention_heads"],
                                 s["num_layers"])

@@ -53,6 +53,13 @@ FAMILIES: dict[str, dict] = {
         image_model="lumina2", patch_size=2, in_channels=16, dim=256, n_layers=1, n_refiner_layers=1, n_heads=8,
         n_kv_heads=8, axes_dims=[8, 12, 12], cap_feat_dim=16, siglip_feat_dim=16,
     ),
+    # Z-Image pixel space (0.16+): core's NextDiTPixelSpace, a NextDiT subclass on RGB patches with a per-patch
+    # decoder; built without SigLIP (references enter through the omni path with caption pads only).
+    "z_image_pixel": dict(
+        image_model="zimage_pixel", patch_size=4, in_channels=3, dim=256, n_layers=1, n_refiner_layers=1, n_heads=8,
+        n_kv_heads=8, axes_dims=[8, 12, 12], cap_feat_dim=16, decoder_hidden_size=32, decoder_num_res_blocks=1,
+        decoder_max_freqs=2,
+    ),
     # JoyImage-Edit (0.29+): core fixes its RoPE axes to (16, 56, 56), so one 128-wide head; text width 4096.
     "joyimage_edit": dict(image_model="joyimage", in_channels=16, hidden_size=128, num_attention_heads=1, num_layers=1),
 }
@@ -63,6 +70,8 @@ EXPECTED_CONFIG = {"longcat_image_edit": "LongCatImage"}
 MODEL_CONFIG = {"z_image_omni": "ZImage"}
 #: A unet-config field only hosts with the family's reference path detect.
 HOST_FIELD = {"z_image_omni": "siglip_feat_dim"}
+#: The host feature a family's image model is (named when a host's detection lacks it).
+HOST_FEATURE = {"z_image_pixel": "Z-Image pixel space (comfy.ldm.lumina.model.NextDiTPixelSpace, ComfyUI 0.16+)"}
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,7 @@ SPECS = {
     "krea2": FamilySpec(16, 8, 32, None, True, timestep_arg="timesteps"),
     "longcat_image_edit": FamilySpec(16, 8, 3584, None, False, flux_conds=True),
     "z_image_omni": FamilySpec(16, 8, 16, None, False, timestep_arg="timesteps", num_tokens=True),
+    "z_image_pixel": FamilySpec(3, 1, 16, None, False, timestep_arg="timesteps", pixels_per_token=4, num_tokens=True),
     "joyimage_edit": FamilySpec(16, 8, 4096, None, True, target_arg="hidden_states"),
 }
 
@@ -111,7 +121,12 @@ def _model_config(family: str):
 
         if field not in (comfy.model_detection.detect_unet_config(keys, "") or {}):
             raise HostLacksModel(f"this ComfyUI's model detection reads no {field} ({base}'s reference path)")
-    config = host_model_config(keys, sizes, model_config=MODEL_CONFIG.get(base))
+    try:
+        config = host_model_config(keys, sizes, model_config=MODEL_CONFIG.get(base))
+    except HostLacksModel as err:
+        if base not in HOST_FEATURE:
+            raise
+        raise HostLacksModel(f"no {HOST_FEATURE[base]} in this ComfyUI: {err}") from err
     expected = EXPECTED_CONFIG.get(base)
     if expected is not None and type(config).__name__ != expected:
         raise HostLacksModel(f"this ComfyUI's model detection has no {expected} (it picks {type(config).__name__})")
