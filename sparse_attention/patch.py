@@ -449,12 +449,11 @@ def model_identity(patcher, model_options: dict) -> tuple[tuple, tuple]:
 
 
 def attention_width(diffusion_model: torch.nn.Module) -> int:
-    """Channels of one token's keys (heads x head size): Flux's ``hidden_size``, Qwen-Image's ``inner_dim``."""
-    for name in ("hidden_size", "inner_dim", "dim"):
-        value = getattr(diffusion_model, name, None)
-        if isinstance(value, int):
-            return value
-    return max(m.in_features for m in diffusion_model.modules() if isinstance(m, torch.nn.Linear))
+    """Channels of one token's keys (heads x head size), as the model's adapter reads them; else the widest linear
+    layer's input, an upper bound."""
+    match = match_family(diffusion_model)
+    width = match.family.token_width(diffusion_model) if match is not None else None
+    return width or max(m.in_features for m in diffusion_model.modules() if isinstance(m, torch.nn.Linear))
 
 
 def _text_tokens(entry: dict) -> int:

@@ -19,7 +19,7 @@ from sparse_context.selectors import Budget
 from sparse_context.sparse_attention import SparseContextConfig, apply_sparse_context
 
 #: the families added in ComfyUI 0.29-0.30 (and Z-Image omni, 0.10+), on the hosts whose detection has them
-NEWER_FAMILIES = ("mage_flow", "krea2", "longcat_image_edit", "z_image_omni", "joyimage_edit")
+NEWER_FAMILIES = ("mage_flow", "krea2", "longcat_image_edit", "z_image_omni", "z_image_pixel", "joyimage_edit")
 
 
 def sdpa(func, *args, **kwargs):

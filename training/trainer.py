@@ -192,7 +192,7 @@ class LoraTrainer:
         arch = self.architecture  # Krea 2 names its sizes features/heads, Z-Image dim/n_heads
         patch = match_family(dm).family.patch_size(dm)  # Krea 2's attribute is ``patch``
         tokens = sequence_tokens(example, text, patch, self.config.keep_ratios.largest())
-        hidden = int(arch.get("features") or attention_width(dm))  # Krea 2 keeps its width only in its config
+        hidden = attention_width(dm)
         heads = int(arch.get("num_heads") or arch.get("num_attention_heads") or arch.get("heads") or arch["n_heads"])
         lora_bytes = sum(p.numel() * p.element_size() for p in self.lora.parameters())
         return estimate_memory([(m, kind == "double_block") for kind, _, _, m in blocks(dm, self.arch)], hidden,

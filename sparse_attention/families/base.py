@@ -30,6 +30,8 @@ class ReferenceFamily:
         target_arg: the ``_forward`` argument that holds the target latent.
         context_arg: the ``_forward`` argument that holds the text tokens.
         packs: whether the model patchifies references inline (see ``joyimage``).
+        embed_attr: the patch-embedding submodule, whose output width is the token width, for a model that keeps
+            its width in no attribute (Krea 2's ``first``, JoyImage's ``img_in``).
     """
 
     name: str
@@ -43,6 +45,16 @@ class ReferenceFamily:
     target_arg: str = "x"
     context_arg: str = "context"
     packs: bool = False  # references are patchified inline: the wrapper passes strips of kept patches (JoyImage)
+    embed_attr: str = ""
+
+    def token_width(self, diffusion_model) -> int | None:
+        """Channels of one token in the blocks (heads x head size), or None where the model does not say."""
+        for name in ("hidden_size", "inner_dim", "dim"):
+            value = getattr(diffusion_model, name, None)
+            if isinstance(value, int):
+                return value
+        embed = getattr(diffusion_model, self.embed_attr, None) if self.embed_attr else None
+        return getattr(embed, "out_features", None) or getattr(embed, "out_channels", None)
 
     def patch_size(self, diffusion_model) -> int:
         """The model's patchify size (tokens per side of a latent cell block)."""

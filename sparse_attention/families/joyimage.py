@@ -50,4 +50,5 @@ JOYIMAGE = JoyImageFamily(
                   "cache and the attention rule expect",
     target_arg="hidden_states",
     packs=True,
+    embed_attr="img_in",
 )

@@ -17,4 +17,5 @@ KREA2 = NeedsMethod(
     cache_refusal="Krea 2's text-fusion transformer calls the same attention override before the image blocks, "
                   "so cached reference keys would be appended there too",
     patch_attr="patch",
+    embed_attr="first",
 )
