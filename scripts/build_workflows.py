@@ -417,14 +417,16 @@ APPLY = [0.5, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0]  # Apply Sparse C
 
 
 def sample_edit(g: Graph, model: int, positive: int, negative: int, latent: tuple[int, int], vae: int, col: int,
-                sampler: list, prefix: str) -> None:
-    """KSampler (fixed seed: the notes compare with dense) on ``latent`` = (node, output), VAEDecode, SaveImage."""
+                sampler: list, prefix: str, note: str, note_height: int) -> None:
+    """KSampler (fixed seed: the notes compare with dense) on ``latent`` = (node, output), VAEDecode, SaveImage,
+    and the workflow's note (``note``, then what every new-family note says)."""
     ksampler = g.core("KSampler", col, sampler)
     decode = g.core("VAEDecode", col + 1)
     save = g.core("SaveImage", col + 1, [prefix], height=400)
     g.wire((model, 0, ksampler, "model"), (positive, 0, ksampler, "positive"), (negative, 0, ksampler, "negative"),
            (*latent, ksampler, "latent_image"), (ksampler, 0, decode, "samples"), (vae, 0, decode, "vae"),
            (decode, 0, save, "images"))
+    g.note(0, note + " " + NEW_FAMILY + "\n\n" + COMPARE + "\n\n" + NODES_HELP, note_height)
 
 
 def bind(g: Graph, col: int, conditioning: tuple[int, int], selections: list[int]) -> int:
@@ -433,6 +435,28 @@ def bind(g: Graph, col: int, conditioning: tuple[int, int], selections: list[int
     g.wire((conditioning[0], conditioning[1], node, "conditioning"),
            *[(sel, 0, node, f"selection_{i + 1}") for i, sel in enumerate(selections)])
     return node
+
+
+def encoded_edit(g: Graph, encoder: str, prompts: tuple[str, str], image: int, image_input: str, clip: int,
+                 vae: int) -> tuple[int, int, int]:
+    """Positive and negative through a text encoder that encodes ``image`` as a reference itself, with one Edge
+    selection bound to it on both; returns (positive, negative, the selection)."""
+    edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
+    g.wire((image, 0, edge, "image"))
+    bound = []
+    for prompt in prompts:
+        enc = g.core(encoder, 2, [prompt] + ([True] if encoder == "TextEncodeZImageOmni" else []))
+        g.wire((clip, 0, enc, "clip"), (vae, 0, enc, "vae"), (image, 0, enc, image_input))
+        bound.append(bind(g, 3, (enc, 0), [edge]))
+    return bound[0], bound[1], edge
+
+
+def apply_and_preview(g: Graph, model: int, image: int, selection: int) -> int:
+    """Apply Sparse Context (keep 0.5) on ``model``, and the kept tokens of ``selection`` on ``image``."""
+    apply = g.sparse("SparseContextApply", 3, APPLY)
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
+    g.wire((model, 0, apply, "model"), (image, 0, preview, "image"), (selection, 0, preview, "selection"))
+    return apply
 
 
 def mage_flow_edit(g: Graph) -> None:
@@ -444,18 +468,15 @@ def mage_flow_edit(g: Graph) -> None:
     edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
     sal = g.sparse("SparseContextSaliencySelector", 2, [1.0, 1.0])
     pos, neg = bind(g, 3, (encode, 0), [edge, sal]), bind(g, 3, (encode, 1), [edge, sal])
-    apply = g.sparse("SparseContextApply", 3, APPLY)
-    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
+    apply = apply_and_preview(g, unet, images[0], edge)
     g.wire((clip, 0, encode, "clip"), (vae, 0, encode, "vae"), (images[0], 0, encode, "images.image_1"),
-           (images[1], 0, encode, "images.image_2"), (images[0], 0, edge, "image"), (images[1], 0, sal, "image"),
-           (unet, 0, apply, "model"), (images[0], 0, preview, "image"), (edge, 0, preview, "selection"))
+           (images[1], 0, encode, "images.image_2"), (images[0], 0, edge, "image"), (images[1], 0, sal, "image"))
     sample_edit(g, apply, pos, neg, (encode, 2), vae, 4, [0, "fixed", 4, 1.0, "euler", "simple", 1.0],
-                "SparseContext_mage_flow_edit")
-    g.note(0, "# Mage-Flow-Edit, two images, Bind Sparse Selections\nTextEncodeMageFlowEdit encodes every image as a "
-              "reference itself and resizes each to the output size, so each reference has as many tokens as the "
-              "result: dropping pays off early. **Bind Sparse Selections** attaches one selection per image, in order "
-              "(Edge for the picture being edited, Saliency for the second), on positive and negative alike. "
-              + NEW_FAMILY + "\n\n" + COMPARE + "\n\n" + NODES_HELP, 660)
+                "SparseContext_mage_flow_edit",
+                "# Mage-Flow-Edit, two images, Bind Sparse Selections\nTextEncodeMageFlowEdit encodes every image as a "
+                "reference itself and resizes each to the output size, so each reference has as many tokens as the "
+                "result: dropping pays off early. **Bind Sparse Selections** attaches one selection per image, in order "
+                "(Edge for the picture being edited, Saliency for the second), on positive and negative alike.", 660)
 
 
 def krea2_style_reference(g: Graph) -> None:
@@ -471,44 +492,36 @@ def krea2_style_reference(g: Graph) -> None:
     method = g.core("FluxKontextMultiReferenceLatentMethod", 3, ["index_timestep_zero"])
     zero = g.core("ConditioningZeroOut", 3)
     shift = g.core("ModelSamplingFlux", 3, [1.15, 0.5, 1024, 1024])
-    apply = g.sparse("SparseContextApply", 3, APPLY)
+    apply = apply_and_preview(g, shift, scale, grid)
     latent = g.core("EmptyLatentImage", 3, [1024, 1024, 1])
-    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
-    g.wire((unet, 0, lora, "model"), (lora, 0, shift, "model"), (shift, 0, apply, "model"), (clip, 0, text, "clip"),
-           (image, 0, scale, "image"), (scale, 0, encode, "pixels"), (vae, 0, encode, "vae"), (scale, 0, grid, "image"),
+    g.wire((unet, 0, lora, "model"), (lora, 0, shift, "model"), (clip, 0, text, "clip"), (image, 0, scale, "image"),
+           (scale, 0, encode, "pixels"), (vae, 0, encode, "vae"), (scale, 0, grid, "image"),
            (text, 0, ref, "conditioning"), (encode, 0, ref, "latent"), (grid, 0, ref, "selection"),
-           (ref, 0, method, "conditioning"), (text, 0, zero, "conditioning"), (scale, 0, preview, "image"),
-           (grid, 0, preview, "selection"))
+           (ref, 0, method, "conditioning"), (text, 0, zero, "conditioning"))
     sample_edit(g, apply, method, zero, (latent, 0), vae, 4, [0, "fixed", 8, 1.0, "euler", "simple", 1.0],
-                "SparseContext_krea2_style_reference")
-    g.note(0, "# Krea 2 Turbo, style reference (Ostris LoRA)\nKrea 2 uses a reference only when a node sets its "
-              "reference method: **Edit Model Reference Method** = `index_timestep_zero`, as the official template "
-              "does (the reference tokens run at t=0). A style is spread over the whole picture, so the reference keeps "
-              "an even **Grid** of its tokens (50 %). " + NEW_FAMILY + "\n\n" + COMPARE + "\n\n" + NODES_HELP, 620)
+                "SparseContext_krea2_style_reference",
+                "# Krea 2 Turbo, style reference (Ostris LoRA)\nKrea 2 uses a reference only when a node sets its "
+                "reference method: **Edit Model Reference Method** = `index_timestep_zero`, as the official template "
+                "does (the reference tokens run at t=0). A style is spread over the whole picture, so the reference keeps "
+                "an even **Grid** of its tokens (50 %).", 620)
 
 
 def z_image_omni_edit(g: Graph) -> None:
     unet, clip, vae = loaders(g, "z_image_bf16.safetensors", "qwen_3_4b.safetensors", "lumina2", "ae_z_image.safetensors")
     image = g.core("LoadImage", 1, ["example.png", "image"], height=330, title="Image to edit")
-    prompts = ("Turn the jacket into bright red leather, keep everything else the same.", "")
-    pos, neg = [g.core("TextEncodeZImageOmni", 2, [t, True]) for t in prompts]
-    edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
-    bound = [bind(g, 3, (enc, 0), [edge]) for enc in (pos, neg)]
+    pos, neg, edge = encoded_edit(g, "TextEncodeZImageOmni", ("Turn the jacket into bright red leather, keep "
+                                                               "everything else the same.", ""), image, "image1", clip, vae)
     shift = g.core("ModelSamplingAuraFlow", 3, [3.0])
-    apply = g.sparse("SparseContextApply", 3, APPLY)
+    apply = apply_and_preview(g, shift, image, edge)
     latent = g.core("EmptySD3LatentImage", 3, [1024, 1024, 1])
-    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
-    for enc in (pos, neg):
-        g.wire((clip, 0, enc, "clip"), (vae, 0, enc, "vae"), (image, 0, enc, "image1"))
-    g.wire((image, 0, edge, "image"), (unet, 0, shift, "model"), (shift, 0, apply, "model"),
-           (image, 0, preview, "image"), (edge, 0, preview, "selection"))
-    sample_edit(g, apply, bound[0], bound[1], (latent, 0), vae, 4, [0, "fixed", 25, 4.0, "res_multistep", "simple", 1.0],
-                "SparseContext_z_image_omni_edit")
-    g.note(0, "# Z-Image omni edit (core's experimental TextEncodeZImageOmni)\nThere is no official template for "
-              "Z-Image omni editing yet; this graph uses core's own **TextEncodeZImageOmni**, which encodes up to three "
-              "images (resized to about 1 MP) as references. Connect a SigLIP image encoder (CLIP Vision loader) to "
-              "`image_encoder` for the omni base weights. **Bind Sparse Selections** attaches the Edge selection to the "
-              "reference on positive and negative. " + NEW_FAMILY + "\n\n" + COMPARE + "\n\n" + NODES_HELP, 660)
+    g.wire((unet, 0, shift, "model"))
+    sample_edit(g, apply, pos, neg, (latent, 0), vae, 4, [0, "fixed", 25, 4.0, "res_multistep", "simple", 1.0],
+                "SparseContext_z_image_omni_edit",
+                "# Z-Image omni edit (core's experimental TextEncodeZImageOmni)\nThere is no official template for "
+                "Z-Image omni editing yet; this graph uses core's own **TextEncodeZImageOmni**, which encodes up to three "
+                "images (resized to about 1 MP) as references. Connect a SigLIP image encoder (CLIP Vision loader) to "
+                "`image_encoder` for the omni base weights. **Bind Sparse Selections** attaches the Edge selection to the "
+                "reference on positive and negative.", 660)
 
 
 def joyimage_edit(g: Graph) -> None:
@@ -517,25 +530,20 @@ def joyimage_edit(g: Graph) -> None:
     image = g.core("LoadImage", 1, ["example.png", "image"], height=330, title="Image to edit")
     scale = g.core("ImageScaleToTotalPixels", 1, ["lanczos", 1.0, 16])
     size = g.core("GetImageSize", 1)
-    pos, neg = [g.core("TextEncodeJoyImageEdit", 2, [t]) for t in ("Change the background to a glacial scene.", "")]
-    edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
-    bound = [bind(g, 3, (enc, 0), [edge]) for enc in (pos, neg)]
+    pos, neg, edge = encoded_edit(g, "TextEncodeJoyImageEdit", ("Change the background to a glacial scene.", ""), scale,
+                                  "images.image0", clip, vae)
     norm = g.core("CFGNorm", 3, [1.0, False])
-    apply = g.sparse("SparseContextApply", 3, APPLY)
+    apply = apply_and_preview(g, norm, scale, edge)
     latent = g.core("EmptySD3LatentImage", 3, [1024, 1024, 1])
-    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
-    for enc in (pos, neg):
-        g.wire((clip, 0, enc, "clip"), (vae, 0, enc, "vae"), (scale, 0, enc, "images.image0"))
-    g.wire((image, 0, scale, "image"), (scale, 0, size, "image"), (scale, 0, edge, "image"), (unet, 0, norm, "model"),
-           (norm, 0, apply, "model"), (scale, 0, preview, "image"), (edge, 0, preview, "selection"))
+    g.wire((image, 0, scale, "image"), (scale, 0, size, "image"), (unet, 0, norm, "model"))
     g.wf.link_widget(size, 0, latent, "width")
     g.wf.link_widget(size, 1, latent, "height")
-    sample_edit(g, apply, bound[0], bound[1], (latent, 0), vae, 4, [0, "fixed", 40, 4.0, "euler", "normal", 1.0],
-                "SparseContext_joyimage_edit")
-    g.note(0, "# JoyAI-Image-Edit, Edge selector\nTextEncodeJoyImageEdit encodes the image (scaled to 1 MP) as a "
-              "reference; **Bind Sparse Selections** attaches the Edge selection to it on positive and negative (CFG 4 "
-              "runs both). The result has the image's size (Get Image Size). An aligned edit copies every token it does "
-              "not change, so keep enough of them. " + NEW_FAMILY + "\n\n" + COMPARE + "\n\n" + NODES_HELP, 660)
+    sample_edit(g, apply, pos, neg, (latent, 0), vae, 4, [0, "fixed", 40, 4.0, "euler", "normal", 1.0],
+                "SparseContext_joyimage_edit",
+                "# JoyAI-Image-Edit, Edge selector\nTextEncodeJoyImageEdit encodes the image (scaled to 1 MP) as a "
+                "reference; **Bind Sparse Selections** attaches the Edge selection to it on positive and negative (CFG 4 "
+                "runs both). The result has the image's size (Get Image Size). An aligned edit copies every token it does "
+                "not change, so keep enough of them.", 660)
 
 
 def longcat_image_edit(g: Graph) -> None:
@@ -544,27 +552,22 @@ def longcat_image_edit(g: Graph) -> None:
     image = g.core("LoadImage", 1, ["example.png", "image"], height=330, title="Image to edit")
     scale = g.core("ImageScaleToTotalPixels", 1, ["lanczos", 1.0, 16])
     encode = g.core("VAEEncode", 1)
-    pos, neg = [g.core("TextEncodeQwenImageEdit", 2, [t]) for t in ("Make it early morning, lit by the rising sun.", "")]
-    edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
+    *bound, edge = encoded_edit(g, "TextEncodeQwenImageEdit", ("Make it early morning, lit by the rising sun.", ""),
+                                scale, "image", clip, vae)
     conds = []
-    for enc in (pos, neg):
-        bound = bind(g, 3, (enc, 0), [edge])
+    for cond in bound:  # the official template's reference method and guidance, on positive and negative
         method = g.core("FluxKontextMultiReferenceLatentMethod", 3, ["index"])
         guidance = g.core("FluxGuidance", 3, [4.5])
-        g.wire((clip, 0, enc, "clip"), (vae, 0, enc, "vae"), (scale, 0, enc, "image"), (bound, 0, method, "conditioning"),
-               (method, 0, guidance, "conditioning"))
+        g.wire((cond, 0, method, "conditioning"), (method, 0, guidance, "conditioning"))
         conds.append(guidance)
-    apply = g.sparse("SparseContextApply", 3, APPLY)
-    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
-    g.wire((image, 0, scale, "image"), (scale, 0, encode, "pixels"), (vae, 0, encode, "vae"), (scale, 0, edge, "image"),
-           (unet, 0, apply, "model"), (scale, 0, preview, "image"), (edge, 0, preview, "selection"))
+    apply = apply_and_preview(g, unet, scale, edge)
+    g.wire((image, 0, scale, "image"), (scale, 0, encode, "pixels"), (vae, 0, encode, "vae"))
     sample_edit(g, apply, conds[0], conds[1], (encode, 0), vae, 4, [0, "fixed", 50, 4.5, "euler", "simple", 1.0],
-                "SparseContext_longcat_image_edit")
-    g.note(0, "# LongCat-Image-Edit, Edge selector\nWired as the official template: TextEncodeQwenImageEdit encodes the "
-              "image as a reference (positive and negative), the reference method `index`, FluxGuidance 4.5, CFG 4.5. "
-              "**Bind Sparse Selections** attaches the Edge selection to the reference on both. LongCat is a FLUX-class "
-              "model, so the reference cache works as for FLUX.1 Kontext. " + NEW_FAMILY + "\n\n" + COMPARE + "\n\n"
-              + NODES_HELP, 660)
+                "SparseContext_longcat_image_edit",
+                "# LongCat-Image-Edit, Edge selector\nWired as the official template: TextEncodeQwenImageEdit encodes the "
+                "image as a reference (positive and negative), the reference method `index`, FluxGuidance 4.5, CFG 4.5. "
+                "**Bind Sparse Selections** attaches the Edge selection to the reference on both. LongCat is a FLUX-class "
+                "model, so the reference cache works as for FLUX.1 Kontext.", 660)
 
 
 #: name -> (graph, the ComfyUI version that saves it: the oldest with all of its core nodes)
