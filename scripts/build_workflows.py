@@ -142,6 +142,10 @@ class Graph:
     def note(self, col, text, height):
         return self.wf.add("MarkdownNote", col, [text], height=height)
 
+    def guide(self, text: str, height: int) -> int:
+        """The workflow's note: ``text``, then how to compare with dense and the nodes' help."""
+        return self.note(0, text + "\n\n" + COMPARE + "\n\n" + NODES_HELP, height)
+
     def wire(self, *edges):
         for src, out, dst, name in edges:
             self.wf.link(src, out, dst, name)
@@ -175,6 +179,24 @@ def kontext_edit(g: Graph, prompt: str, selection_col: int = 2) -> dict:
     return dict(unet=unet, clip=clip, vae=vae, image=image, scale=scale, text=text, encode=encode, zero=zero)
 
 
+APPLY = [0.5, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0]  # Apply Sparse Context: keep 0.5, no cache
+
+
+def apply_and_preview(g: Graph, model: int, image: int, selection: int, col: int = 3) -> int:
+    """Apply Sparse Context (keep 0.5) on ``model``, and the kept tokens of ``selection`` on ``image``."""
+    apply = g.sparse("SparseContextApply", col, APPLY)
+    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
+    g.wire((model, 0, apply, "model"), (image, 0, preview, "image"), (selection, 0, preview, "selection"))
+    return apply
+
+
+def sparse_reference(g: Graph, n: dict, selection: int) -> int:
+    """Sparse Reference Latent: the Kontext edit's encoded image as the reference of its prompt, with ``selection``."""
+    ref = g.sparse("SparseContextReferenceLatent", 3)
+    g.wire((n["text"], 0, ref, "conditioning"), (n["encode"], 0, ref, "latent"), (selection, 0, ref, "selection"))
+    return ref
+
+
 def sample_kontext(g: Graph, n: dict, model: int, positive: int, col: int, seed: int, prefix: str):
     # fixed seeds: every note tells the user to compare with dense at the same seed
     guidance = g.core("FluxGuidance", col, [2.5])
@@ -189,21 +211,22 @@ def sample_kontext(g: Graph, n: dict, model: int, positive: int, col: int, seed:
     return decode
 
 
+def sparse_kontext_run(g: Graph, n: dict, selection: int, prefix: str) -> None:
+    """The Kontext edit's reference with ``selection``, Apply Sparse Context (keep 0.5), preview, sampler, save."""
+    ref = sparse_reference(g, n, selection)
+    sample_kontext(g, n, apply_and_preview(g, n["unet"], n["scale"], selection, col=4), ref, 4, 0, prefix)
+
+
 def kontext_edge(g: Graph) -> None:
     n = kontext_edit(g, "Change the jacket to bright red leather, keep everything else the same.")
     budget = g.sparse("SparseContextBudget", 2, ["ratio", 0.5, 1024, 0.8, 0.05, 0.5, -1.0])
     edge = g.sparse("SparseContextEdgeSelector", 3, [0.1, 0.2, 1, 1.0])
-    ref = g.sparse("SparseContextReferenceLatent", 3)
-    apply = g.sparse("SparseContextApply", 4, [0.5, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
-    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
-    g.wire((n["scale"], 0, edge, "image"), (budget, 0, edge, "budget"), (n["text"], 0, ref, "conditioning"),
-           (n["encode"], 0, ref, "latent"), (edge, 0, ref, "selection"), (n["unet"], 0, apply, "model"),
-           (n["scale"], 0, preview, "image"), (edge, 0, preview, "selection"))
-    sample_kontext(g, n, apply, ref, 4, 0, "SparseContext_kontext_edge")
-    g.note(0, "# FLUX.1 Kontext edit, Edge selector\nThe reference keeps **50 %** of its tokens: the ones with the most "
-              "Canny edges plus an even floor (Sparse Budget coverage -1 = the edge selector's 25 % floor), so outlines, "
-              "faces and text stay sharp. An aligned edit copies every token it does not change, so it needs more "
-              "tokens than a subject: " + EDIT_EVIDENCE + "\n\n" + COMPARE + "\n\n" + NODES_HELP, 660)
+    g.wire((n["scale"], 0, edge, "image"), (budget, 0, edge, "budget"))
+    sparse_kontext_run(g, n, edge, "SparseContext_kontext_edge")
+    g.guide("# FLUX.1 Kontext edit, Edge selector\nThe reference keeps **50 %** of its tokens: the ones with the most "
+            "Canny edges plus an even floor (Sparse Budget coverage -1 = the edge selector's 25 % floor), so outlines, "
+            "faces and text stay sharp. An aligned edit copies every token it does not change, so it needs more "
+            "tokens than a subject: " + EDIT_EVIDENCE, 660)
 
 
 def masked_edit(g: Graph) -> None:
@@ -212,19 +235,14 @@ def masked_edit(g: Graph) -> None:
     edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
     combine = g.sparse("SparseContextCombineSelections", 3, [1.0, 0.5, 1.0, 1.0, "max", 1.0])
     budget = g.sparse("SparseContextBudget", 3, ["ratio", 0.5, 1024, 0.8, 0.05, 0.5, -1.0])
-    ref = g.sparse("SparseContextReferenceLatent", 3)
-    apply = g.sparse("SparseContextApply", 4, [0.5, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0])
-    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
     g.wire((n["image"], 1, mask, "mask"), (n["scale"], 0, edge, "image"), (mask, 0, combine, "selection_a"),
-           (edge, 0, combine, "selection_b"), (budget, 0, combine, "budget"), (n["text"], 0, ref, "conditioning"),
-           (n["encode"], 0, ref, "latent"), (combine, 0, ref, "selection"), (n["unet"], 0, apply, "model"),
-           (n["scale"], 0, preview, "image"), (combine, 0, preview, "selection"))
-    sample_kontext(g, n, apply, ref, 4, 0, "SparseContext_masked_edit")
-    g.note(0, "# Masked edit (spatially aligned), Mask selector\nPaint the region to edit on **Load Image** (right "
-              "click > Open in MaskEditor). The reference keeps every token of the painted region (grown by 1 token, "
-              "feathered over 2) first, then the strongest edges elsewhere at half weight (Combine, mode max), within "
-              "a 50 % budget. An empty mask stops with a clear message. Everything outside the mask is copied, so "
-              "keep enough of it: " + EDIT_EVIDENCE + "\n\n" + COMPARE + "\n\n" + NODES_HELP, 620)
+           (edge, 0, combine, "selection_b"), (budget, 0, combine, "budget"))
+    sparse_kontext_run(g, n, combine, "SparseContext_masked_edit")
+    g.guide("# Masked edit (spatially aligned), Mask selector\nPaint the region to edit on **Load Image** (right "
+            "click > Open in MaskEditor). The reference keeps every token of the painted region (grown by 1 token, "
+            "feathered over 2) first, then the strongest edges elsewhere at half weight (Combine, mode max), within "
+            "a 50 % budget. An empty mask stops with a clear message. Everything outside the mask is copied, so "
+            "keep enough of it: " + EDIT_EVIDENCE, 620)
 
 
 def klein_multi(g: Graph) -> None:
@@ -261,12 +279,12 @@ def klein_multi(g: Graph) -> None:
            (sched, 0, sampler, "sigmas"), (latent, 0, sampler, "latent_image"), (sampler, 0, decode, "samples"),
            (vae, 0, decode, "vae"), (decode, 0, save, "images"), (first_image, 0, preview, "image"),
            (first_sel, 0, preview, "selection"))
-    g.note(0, "# FLUX.2 [klein] 9B, three references, Saliency + one shared budget\nEach reference keeps its most "
-              "salient tokens (the subject, not the plain background). `total_tokens` = 3072 is ONE budget for all "
-              "three 1 MP references (3 x 4096 tokens -> 25 %), split by how much salient content each has "
-              "(`weight` on a selector gives it a bigger share). More references = bigger speed-up: attention grows "
-              "with the square of the sequence. Needs a ComfyUI with FLUX.2 klein support; the 4B model works the "
-              "same (use qwen_3_4b). " + MULTI_EVIDENCE + "\n\n" + COMPARE + "\n\n" + NODES_HELP, 660)
+    g.guide("# FLUX.2 [klein] 9B, three references, Saliency + one shared budget\nEach reference keeps its most "
+            "salient tokens (the subject, not the plain background). `total_tokens` = 3072 is ONE budget for all "
+            "three 1 MP references (3 x 4096 tokens -> 25 %), split by how much salient content each has "
+            "(`weight` on a selector gives it a bigger share). More references = bigger speed-up: attention grows "
+            "with the square of the sequence. Needs a ComfyUI with FLUX.2 klein support; the 4B model works the "
+            "same (use qwen_3_4b). " + MULTI_EVIDENCE, 660)
 
 
 def qwen_2509(g: Graph) -> None:
@@ -301,11 +319,11 @@ def qwen_2509(g: Graph) -> None:
         g.wire((clip, 0, enc, "clip"), (vae, 0, enc, "vae"), (scale, 0, enc, "image1"), (images[1], 0, enc, "image2"),
                (images[2], 0, enc, "image3"), (enc, 0, bind, "conditioning"), (edge, 0, bind, "selection_1"),
                (sal2, 0, bind, "selection_2"), (sal3, 0, bind, "selection_3"))
-    g.note(0, "# Qwen-Image-Edit-2509, three images, Bind Sparse Selections\nTextEncodeQwenImageEditPlus encodes "
-              "image1..3 as references itself, so **Bind Sparse Selections** attaches one selection per image, in "
-              "order: Edge for the picture being edited, Saliency for the two subject images; positive and negative "
-              "get the same binding. Each reference keeps 30 % (`keep_ratio`). Works with the 4-step Lightning LoRA "
-              "(LoRA weights are patched as usual). " + MULTI_EVIDENCE + "\n\n" + COMPARE + "\n\n" + NODES_HELP, 660)
+    g.guide("# Qwen-Image-Edit-2509, three images, Bind Sparse Selections\nTextEncodeQwenImageEditPlus encodes "
+            "image1..3 as references itself, so **Bind Sparse Selections** attaches one selection per image, in "
+            "order: Edge for the picture being edited, Saliency for the two subject images; positive and negative "
+            "get the same binding. Each reference keeps 30 % (`keep_ratio`). Works with the 4-step Lightning LoRA "
+            "(LoRA weights are patched as usual). " + MULTI_EVIDENCE, 660)
 
 
 def dense_vs_sparse(g: Graph) -> None:
@@ -413,7 +431,6 @@ def calibrate(g: Graph) -> None:
 NEW_FAMILY = ("Quality at lower keeps is not measured on this model yet: start at 0.5 and check yours with "
               "`sparse_calibrate_keep` (swap its loaders and text encoder for this model's). The reference cache "
               "(`cache` of Apply Sparse Context) works where the README's model table says so.")
-APPLY = [0.5, "grid", 0, 64, 0.0, 1.0, 0, True, "off", 4096.0]  # Apply Sparse Context: keep 0.5, no cache
 
 
 def sample_edit(g: Graph, model: int, positive: int, negative: int, latent: tuple[int, int], vae: int, col: int,
@@ -426,7 +443,7 @@ def sample_edit(g: Graph, model: int, positive: int, negative: int, latent: tupl
     g.wire((model, 0, ksampler, "model"), (positive, 0, ksampler, "positive"), (negative, 0, ksampler, "negative"),
            (*latent, ksampler, "latent_image"), (ksampler, 0, decode, "samples"), (vae, 0, decode, "vae"),
            (decode, 0, save, "images"))
-    g.note(0, note + " " + NEW_FAMILY + "\n\n" + COMPARE + "\n\n" + NODES_HELP, note_height)
+    g.guide(note + " " + NEW_FAMILY, note_height)
 
 
 def bind(g: Graph, col: int, conditioning: tuple[int, int], selections: list[int]) -> int:
@@ -449,14 +466,6 @@ def encoded_edit(g: Graph, encoder: str, prompts: tuple[str, str], image: int, i
         g.wire((clip, 0, enc, "clip"), (vae, 0, enc, "vae"), (image, 0, enc, image_input))
         bound.append(bind(g, 3, (enc, 0), [edge]))
     return bound[0], bound[1], edge
-
-
-def apply_and_preview(g: Graph, model: int, image: int, selection: int) -> int:
-    """Apply Sparse Context (keep 0.5) on ``model``, and the kept tokens of ``selection`` on ``image``."""
-    apply = g.sparse("SparseContextApply", 3, APPLY)
-    preview = g.sparse("SparseContextPreview", 1, [64, 1, 0, 0.5], height=380)
-    g.wire((model, 0, apply, "model"), (image, 0, preview, "image"), (selection, 0, preview, "selection"))
-    return apply
 
 
 def mage_flow_edit(g: Graph) -> None:
