@@ -46,7 +46,7 @@ def _on_host(family: str):
 
 @pytest.mark.parametrize("family", ["flux1_kontext", "flux2_klein", "qwen_image_edit",
                                     *map(_on_host, ["mage_flow", "krea2", "longcat_image_edit", "z_image_omni",
-                                                     "joyimage_edit"])])
+                                                     "z_image_pixel", "joyimage_edit"])])
 def test_recommended_keep_stays_within_the_threshold(family):
     model, positive, latent = _setup(family)
     _, _, report = _calibrate(model, positive, latent, 0.0)

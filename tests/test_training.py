@@ -321,23 +321,24 @@ def _on_host(family: str):
 
 
 LORA_FAMILY = {"flux2_klein": "flux2", "qwen_image_edit": "qwen_image", "mage_flow": "mage_flow", "krea2": "krea2",
-               "longcat_image_edit": "longcat_image", "z_image_omni": "z_image"}
+               "longcat_image_edit": "longcat_image", "z_image_omni": "z_image", "z_image_pixel": "z_image_pixel"}
 
 
 @pytest.mark.parametrize("family", ["flux2_klein", "qwen_image_edit", *map(_on_host, ["mage_flow", "krea2",
                                                                                       "longcat_image_edit",
-                                                                                      "z_image_omni"])])
+                                                                                      "z_image_omni", "z_image_pixel"])])
 def test_other_families_train_with_two_sparse_references(family, tmp_path):
     import sc_testpack
 
     tr = _training()
     mp = sc_testpack.build_model_patcher(family, 0)
     context, extra = sc_testpack.make_conditioning(family, 1)[0]
-    ref = sc_testpack.make_latent(family, 3, 64, 64)
+    d = sc_testpack.SPECS[family].pixels_per_token
+    ref = sc_testpack.make_latent(family, 3, 4 * d, 4 * d)  # 16 tokens, then 8
     method = "index" if family == "krea2" else None  # Krea 2 appends references only with a method
-    example = tr.TrainingExample(ref.flip(1).clone(), [ref, sc_testpack.make_latent(family, 4, 32, 64)], context,
+    example = tr.TrainingExample(ref.flip(1).clone(), [ref, sc_testpack.make_latent(family, 4, 2 * d, 4 * d)], context,
                                  extra["pooled_output"], reference_method=method)
-    hooked = family not in ("krea2", "z_image_omni")  # core has no block-replacement hook for these
+    hooked = family not in ("krea2", "z_image_omni", "z_image_pixel")  # core has no block-replacement hook for these
     if not hooked:
         with pytest.raises(ValueError, match="gradient_checkpointing: ComfyUI calls this model's transformer blocks"):
             tr.LoraTrainer(mp, tr.LoraConfig(rank=2, alpha=2.0, targets="attention"), tr.TrainConfig(steps=2))

@@ -10,6 +10,7 @@ FAMILIES = {
     "mage_flow": ("mage_flow", "Mage-Flow", "qwen_image"),  # Qwen-Image's blocks
     "krea2": ("krea2", "Krea 2", "krea2"),
     "lumina2": ("z_image", "Z-Image (omni)", "z_image"),
+    "zimage_pixel": ("z_image_pixel", "Z-Image pixel space", "z_image"),  # Z-Image's blocks, RGB patches
 }
 #: ``supported_models`` configs that share another's ``image_model`` but are another base model.
 _CONFIGS = {"LongCatImage": ("longcat_image", "LongCat-Image(-Edit)", "flux")}
