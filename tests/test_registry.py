@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -23,7 +24,7 @@ LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)[^)]*\)")
 
 
 def _comfy() -> str:
-    exe = Path(os.environ.get("VIRTUAL_ENV", Path(__file__).resolve().parents[1] / ".venv")) / "bin" / "comfy"
+    exe = Path(sys.executable).parent / "comfy"  # the venv running the tests (scripts/test.sh: $SPARSECONTEXT_VENV)
     found = str(exe) if exe.exists() else shutil.which("comfy")
     if found is None:
         pytest.fail("comfy-cli is not installed (requirements-dev.txt: comfy-cli)")
