@@ -5,8 +5,9 @@ there); options:
     --out demo_output                               where images, keep maps, comparison.png, timings.json go
     --model natural                                 (default) the natural-image model of experiments/natural, trained
                                                     here on photographs, on a held-out photo task:
-    --results experiments/natural/results_long      which results folder of that experiment to load (default: its
-                                                    results/); its files must be the ones its JSON records (sha256)
+    --results experiments/natural/results           which results folder of that experiment to load (default: the
+                                                    long run's results_long/ for natural, results/ for miniature);
+                                                    its files must be the ones its JSON records (sha256)
     --task subject --example 0 --repeats 10         subject (default: a global change), edit (a region), composition
                                                     (2-3 references: odd examples have 3); which held-out example
     --variant full_ft                               base | lora (+ the drop-robust LoRA) | full_ft (the drop-robust
@@ -63,9 +64,9 @@ from packload import load_harness  # scripts/ is on sys.path when this file runs
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY_OF_CONFIG = {"Flux": "flux1_kontext", "Flux2": "flux2_klein", "QwenImage": "qwen_image_edit"}
 #: The results folder each trained model loads by default (``--results`` picks another, e.g. the natural
-#: experiment's results_long/). Files: ``<experiment>_flux.safetensors`` (+ ``.json`` config), ``..._lora`` and,
+#: experiment's short run, results/). Files: ``<experiment>_flux.safetensors`` (+ ``.json`` config), ``..._lora`` and,
 #: natural only, ``..._full_ft`` (the drop-robust full fine-tune, its own weights and config).
-RESULTS = {"natural": ROOT / "experiments" / "natural" / "results",
+RESULTS = {"natural": ROOT / "experiments" / "natural" / "results_long",
            "miniature": ROOT / "experiments" / "miniature" / "results"}
 NATURAL_TASKS = ("subject", "edit", "composition")
 PANEL_PX = 256  # the smallest panel of the pictures the demo writes (nearest-neighbour upscaled)
@@ -448,8 +449,8 @@ def parse_args(argv: list[str] | None):
                     help="natural (default: trained on photographs) | miniature (trained on generated shapes) | tiny | "
                          "a small .safetensors (+ JSON) | a real FLUX.2 .safetensors")
     ap.add_argument("--results", type=Path, default=None,
-                    help="natural/miniature: the experiment's results folder to load (default: its results/, e.g. "
-                         "experiments/natural/results_long for the long run)")
+                    help="natural/miniature: the experiment's results folder to load (default: the natural "
+                         "experiment's long run, experiments/natural/results_long; the miniature's results/)")
     ap.add_argument("--task", default=None, choices=["subject", "edit", "composition", "multi"],
                     help="natural: subject (default), edit, composition; miniature: edit (default), subject, multi")
     ap.add_argument("--selector", default=None, choices=sorted(SELECTOR_NODES),

@@ -25,9 +25,9 @@ fi
 #   2. multi-reference: three references composed, same model and keep;
 #   3. where dropping hurts: an aligned edit at keep 0.25 with the untuned model, then what to do about it
 #      (the drop-robust fine-tune at keep 0.5).
-# The natural model the cases load: its results folder (model files + natural.json with their sha256, checked at
-# load). The long run's (experiments/natural/results_long) once its model files are committed.
-results="$repo/experiments/natural/results"
+# The natural model the cases load: the long run's results folder (model files + natural.json with their sha256,
+# checked at load), the better-trained of the experiment's two runs.
+results="$repo/experiments/natural/results_long"
 echo "[demo] The natural-image model of ${results#"$repo/"} (its natural.json has the measured quality per keep ratio)."
 "$PYTHON" "$repo/scripts/demo.py" --results "$results" --task subject --example 2 --variant full_ft --keep 0.5 \
   --out "$repo/demo_output/1_subject"
