@@ -10,6 +10,7 @@ import pytest
 import sc_testpack
 import torch
 from sc_harness.sampling import sample, with_references
+from sc_harness.skips import family_param
 from sparse_context.nodes.apply_node import SparseContextApply
 from sparse_context.nodes.calibrate_node import SparseContextCalibrate
 from sparse_context.nodes.calibration import KeepResult, parse_keeps, quality, recommend
@@ -39,13 +40,8 @@ def _psnrs(report: str) -> dict[float, float]:
     return {float(r.split()[1].rstrip(":")): float(r.split("PSNR ")[1].split()[0]) for r in rows}
 
 
-def _on_host(family: str):
-    lacks = sc_testpack.host_lacks(family)
-    return pytest.param(family, marks=pytest.mark.skipif(lacks is not None, reason=f"ComfyUI: {lacks}"))
-
-
 @pytest.mark.parametrize("family", ["flux1_kontext", "flux2_klein", "qwen_image_edit",
-                                    *map(_on_host, ["mage_flow", "krea2", "longcat_image_edit", "z_image_omni",
+                                    *map(family_param, ["mage_flow", "krea2", "longcat_image_edit", "z_image_omni",
                                                      "z_image_pixel", "joyimage_edit"])])
 def test_recommended_keep_stays_within_the_threshold(family):
     model, positive, latent = _setup(family)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import pytest
 import sc_testpack
 import torch
-from sc_harness.host import comfyui_version
 from sc_harness.sampling import sample, with_references
+from sc_harness.skips import family_param
 from sparse_context.selectors import Budget
 from sparse_context.sparse_attention import SparseContextConfig, apply_sparse_context
 
@@ -136,13 +136,8 @@ def test_keep_ratios_with_the_same_bucketed_count_share_one_graph():
     assert second.frames == 0 and second.graphs == 0, second
 
 
-def _needs(family: str):
-    lacks = sc_testpack.host_lacks(family)
-    return pytest.mark.skipif(lacks is not None, reason=f"ComfyUI {comfyui_version()}: {lacks}")
-
-
 @pytest.mark.parametrize("family", ["flux2_klein", "qwen_image_edit",
-                                    *[pytest.param(f, marks=_needs(f)) for f in NEWER_FAMILIES]])
+                                    *map(family_param, NEWER_FAMILIES)])
 def test_other_families_compile_clean(family):
     """Thinning adds no graph break and no graph to what the dense model compiles to (one graph for most; core's
     own breaks, e.g. in a fused-kernel path, stay as they are), compiled == eager, and no recompile next run."""

@@ -9,35 +9,27 @@ import pytest
 import sc_testpack
 import torch
 from sc_harness.forward import forward_inputs, run_forward
-from sc_harness.host import REPO, comfyui_version
+from sc_harness.host import REPO
 from sc_harness.oracle import AttentionProbe, joint_keep
 from sc_harness.sampling import sample, with_references
+from sc_harness.skips import needs_family
 from sparse_context.selectors import Budget
 from sparse_context.sparse_attention import PATCH_KEY, SparseContextConfig, apply_sparse_context
 from sparse_context.sparse_attention.families import FAMILIES, cache_refusal, match_family
 from sparse_context.sparse_attention.patch import ReferenceSubsetter
 
-HOST = comfyui_version()
-
-
-def _needs(family: str):
-    """Skip where this host's model detection does not have ``family`` (the message names what it reads instead)."""
-    lacks = sc_testpack.host_lacks(family)
-    return pytest.mark.skipif(lacks is not None, reason=f"ComfyUI {HOST}: {lacks}")
-
-
 # (family, reference method, extra transformer_options as the family's apply_model sets them)
 CASES = [
-    pytest.param("mage_flow", None, None, marks=_needs("mage_flow"), id="mage_flow"),
-    pytest.param("krea2", "index", None, marks=_needs("krea2"), id="krea2-index"),
-    pytest.param("krea2", "index_timestep_zero", None, marks=_needs("krea2"), id="krea2-index_timestep_zero"),
+    pytest.param("mage_flow", None, None, marks=needs_family("mage_flow"), id="mage_flow"),
+    pytest.param("krea2", "index", None, marks=needs_family("krea2"), id="krea2-index"),
+    pytest.param("krea2", "index_timestep_zero", None, marks=needs_family("krea2"), id="krea2-index_timestep_zero"),
     pytest.param("longcat_image_edit", None, {"rope_options": {"shift_t": 1.0, "shift_y": 8.0, "shift_x": 8.0}},
-                 marks=_needs("longcat_image_edit"), id="longcat_image_edit"),
+                 marks=needs_family("longcat_image_edit"), id="longcat_image_edit"),
 ]
 #: and the families whose references do not enter through process_img (their oracles are below)
-KEEP_ALL_CASES = [*CASES, pytest.param("z_image_omni", None, None, marks=_needs("z_image_omni"), id="z_image_omni"),
-                  pytest.param("z_image_pixel", None, None, marks=_needs("z_image_pixel"), id="z_image_pixel"),
-                  pytest.param("joyimage_edit", None, None, marks=_needs("joyimage_edit"), id="joyimage_edit")]
+KEEP_ALL_CASES = [*CASES, pytest.param("z_image_omni", None, None, marks=needs_family("z_image_omni"), id="z_image_omni"),
+                  pytest.param("z_image_pixel", None, None, marks=needs_family("z_image_pixel"), id="z_image_pixel"),
+                  pytest.param("joyimage_edit", None, None, marks=needs_family("joyimage_edit"), id="joyimage_edit")]
 
 
 def _config(ratio: float, **kw) -> SparseContextConfig:
@@ -82,7 +74,7 @@ def test_new_family_equals_the_masked_dense_oracle(family, method, options):
     assert torch.equal(fwd.ids[0], oracle.ids[0][:, keep]), "kept tokens lost their original position ids"
 
 
-@_needs("krea2")
+@needs_family("krea2")
 def test_krea2_timestep_zero_path_really_runs():
     """With ``index_timestep_zero`` the references run at t=0: the same kept tokens at the sampling timestep give
     another output (so the oracle case above compared the t=0 path)."""
@@ -91,7 +83,7 @@ def test_krea2_timestep_zero_path_really_runs():
     assert (t0 - at_t).abs().max().item() > 1e-4
 
 
-@_needs("krea2")
+@needs_family("krea2")
 def test_krea2_without_a_reference_method_ignores_references_and_thins_nothing(caplog):
     """Krea 2 appends references only when a method is set; without one nothing is planned and nothing warns."""
     with caplog.at_level("WARNING", logger="SparseContext"):
@@ -170,13 +162,13 @@ def _assert_z_image_equals_the_masked_dense_oracle(family: str) -> torch.Tensor:
     return fwd.out
 
 
-@_needs("z_image_omni")
+@needs_family("z_image_omni")
 def test_z_image_omni_equals_the_masked_dense_oracle():
     """Z-Image omni: references with caption pads and SigLIP pads before them (see the helper)."""
     _assert_z_image_equals_the_masked_dense_oracle("z_image_omni")
 
 
-@_needs("z_image_pixel")
+@needs_family("z_image_pixel")
 def test_z_image_pixel_space_equals_the_masked_dense_oracle():
     """Z-Image pixel space (core's ``NextDiTPixelSpace``, a subclass that inherits ``embed_all``): the references are
     RGB patches, no SigLIP. Its decoder reads the target's hidden states at ``cap_size``, the joint length less the
@@ -188,10 +180,10 @@ def test_z_image_pixel_space_equals_the_masked_dense_oracle():
 
 @pytest.mark.parametrize("family,cache,refusal", [
     pytest.param("z_image_omni", "first_step", "Z-Image omni puts its references before the target",
-                 marks=_needs("z_image_omni"), id="z_image_omni"),
-    pytest.param("joyimage_edit", "reference_only", "JoyImage-Edit's joint order is", marks=_needs("joyimage_edit"),
+                 marks=needs_family("z_image_omni"), id="z_image_omni"),
+    pytest.param("joyimage_edit", "reference_only", "JoyImage-Edit's joint order is", marks=needs_family("joyimage_edit"),
                  id="joyimage_edit"),
-    pytest.param("z_image_pixel", "first_step", "NextDiTPixelSpace is a subclass", marks=_needs("z_image_pixel"),
+    pytest.param("z_image_pixel", "first_step", "NextDiTPixelSpace is a subclass", marks=needs_family("z_image_pixel"),
                  id="z_image_pixel"),
 ])
 def test_the_cache_is_refused_where_its_layout_does_not_hold(family, cache, refusal):
@@ -200,7 +192,7 @@ def test_the_cache_is_refused_where_its_layout_does_not_hold(family, cache, refu
         apply_sparse_context(base, _config(0.5, cache=cache))
 
 
-@_needs("joyimage_edit")
+@needs_family("joyimage_edit")
 def test_joyimage_equals_the_masked_dense_oracle():
     """JoyImage-Edit patchifies [target, references] inline and orders the joint sequence [image, text]: the thinned
     references reach it as strips of their kept patches, their RoPE rows come from the true grids."""
@@ -244,7 +236,7 @@ def test_new_family_keep_all_is_bit_identical_in_a_sampling_run(family, method, 
     assert report is not None and all(r["kept"] < r["tokens"] for r in report["references"])
 
 
-@_needs("krea2")
+@needs_family("krea2")
 @pytest.mark.parametrize(("cache", "rule"), [("first_step", "random"), ("reference_only", "grid"), ("off", "attention")])
 def test_krea2_refuses_the_cache_and_attention_rule_at_apply_time(cache, rule):
     base = sc_testpack.build_model_patcher("krea2")

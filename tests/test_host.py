@@ -16,6 +16,7 @@ import torch
 from sc_harness.host import REPO, comfyui_path, comfyui_version
 from sc_harness.prompts import ksampler, tiny_latent
 from sc_harness.sampling import sample, with_references
+from sc_harness.skips import family_param
 
 FAMILIES = sorted(sc_testpack.FAMILIES)
 
@@ -54,13 +55,7 @@ def test_host_is_a_real_comfyui():
     assert comfyui_version().count(".") == 2
 
 
-def _on_host(family: str):
-    lacks = sc_testpack.host_lacks(family)
-    return pytest.param(family, marks=pytest.mark.skipif(lacks is not None, reason=f"ComfyUI {comfyui_version()}: "
-                                                                                   f"{lacks}"))
-
-
-@pytest.mark.parametrize("family", [_on_host(f) for f in FAMILIES])
+@pytest.mark.parametrize("family", [family_param(f) for f in FAMILIES])
 def test_tiny_model_samples_with_a_reference(family):
     model = sc_testpack.build_model_patcher(family, seed=1)
     ref = sc_testpack.make_latent(family, seed=2, width=64, height=48)

@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 from sc_harness.host import REPO
+from sc_harness.skips import family_param
 
 FAMILY = "flux1_kontext"
 API_WORKFLOW = REPO / "tests" / "workflows_api" / "sparse_train_lora.json"
@@ -313,18 +314,11 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def _on_host(family: str):
-    import sc_testpack
-
-    lacks = sc_testpack.host_lacks(family)
-    return pytest.param(family, marks=pytest.mark.skipif(lacks is not None, reason=f"ComfyUI: {lacks}"))
-
-
 LORA_FAMILY = {"flux2_klein": "flux2", "qwen_image_edit": "qwen_image", "mage_flow": "mage_flow", "krea2": "krea2",
                "longcat_image_edit": "longcat_image", "z_image_omni": "z_image", "z_image_pixel": "z_image_pixel"}
 
 
-@pytest.mark.parametrize("family", ["flux2_klein", "qwen_image_edit", *map(_on_host, ["mage_flow", "krea2",
+@pytest.mark.parametrize("family", ["flux2_klein", "qwen_image_edit", *map(family_param, ["mage_flow", "krea2",
                                                                                       "longcat_image_edit",
                                                                                       "z_image_omni", "z_image_pixel"])])
 def test_other_families_train_with_two_sparse_references(family, tmp_path):
