@@ -455,14 +455,15 @@ def bind(g: Graph, col: int, conditioning: tuple[int, int], selections: list[int
 
 
 def encoded_edit(g: Graph, encoder: str, prompts: tuple[str, str], image: int, image_input: str, clip: int,
-                 vae: int) -> tuple[int, int, int]:
-    """Positive and negative through a text encoder that encodes ``image`` as a reference itself, with one Edge
-    selection bound to it on both; returns (positive, negative, the selection)."""
+                 vae: int, widgets: tuple = ()) -> tuple[int, int, int]:
+    """Positive and negative through a text encoder that encodes ``image`` as a reference itself (``widgets``: its
+    widgets after the prompt), with one Edge selection bound to it on both; returns (positive, negative, the
+    selection)."""
     edge = g.sparse("SparseContextEdgeSelector", 2, [0.1, 0.2, 1, 1.0])
     g.wire((image, 0, edge, "image"))
     bound = []
     for prompt in prompts:
-        enc = g.core(encoder, 2, [prompt] + ([True] if encoder == "TextEncodeZImageOmni" else []))
+        enc = g.core(encoder, 2, [prompt, *widgets])
         g.wire((clip, 0, enc, "clip"), (vae, 0, enc, "vae"), (image, 0, enc, image_input))
         bound.append(bind(g, 3, (enc, 0), [edge]))
     return bound[0], bound[1], edge
@@ -519,7 +520,8 @@ def z_image_omni_edit(g: Graph) -> None:
     unet, clip, vae = loaders(g, "z_image_bf16.safetensors", "qwen_3_4b.safetensors", "lumina2", "ae_z_image.safetensors")
     image = g.core("LoadImage", 1, ["example.png", "image"], height=330, title="Image to edit")
     pos, neg, edge = encoded_edit(g, "TextEncodeZImageOmni", ("Turn the jacket into bright red leather, keep "
-                                                               "everything else the same.", ""), image, "image1", clip, vae)
+                                                               "everything else the same.", ""), image, "image1", clip, vae,
+                                  widgets=(True,))  # auto_resize_images
     shift = g.core("ModelSamplingAuraFlow", 3, [3.0])
     apply = apply_and_preview(g, shift, image, edge)
     latent = g.core("EmptySD3LatentImage", 3, [1024, 1024, 1])
