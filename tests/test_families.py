@@ -42,10 +42,10 @@ def _sizes(family: str) -> tuple[tuple[int, int], list[tuple[int, int]]]:
     return (8 * d, 6 * d), [(6 * d, 6 * d), (4 * d, 7 * d)]
 
 
-def _forward_case(family: str, method: str | None, options: dict | None, ratio: float = 0.3):
+def _forward_case(family: str, method: str | None, options: dict | None, ratio: float = 0.3, batch: int = 1):
     base = sc_testpack.build_model_patcher(family, seed=11)
     target, refs = _sizes(family)
-    inputs = forward_inputs(family, 3, target, refs)
+    inputs = forward_inputs(family, 3, target, refs, batch=batch)  # batch 2: each row its own references
     extra = {"ref_latents_method": method} if method else {}
     probe = AttentionProbe(blocks_only=True)
     sparse = run_forward(apply_sparse_context(base, _config(ratio)), inputs, probe=probe, ids_probe=True,
@@ -53,9 +53,10 @@ def _forward_case(family: str, method: str | None, options: dict | None, ratio: 
     return base, inputs, extra, probe, sparse
 
 
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize(("family", "method", "options"), CASES)
-def test_new_family_equals_the_masked_dense_oracle(family, method, options):
-    base, inputs, extra, probe, fwd = _forward_case(family, method, options)
+def test_new_family_equals_the_masked_dense_oracle(family, method, options, batch):
+    base, inputs, extra, probe, fwd = _forward_case(family, method, options, batch=batch)
     plans = fwd.plans
     text = inputs["context"].shape[1]
     n_target = fwd.ids[0].shape[1] - text - sum(p.kept for p in plans)
